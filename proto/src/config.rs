@@ -1,0 +1,404 @@
+//! The run configuration (`run.toml`). The coordinator reads it and hands it to every worker at
+//! Join, so there is one source of truth. Every field has a default so a config can be short.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config {path}: {field}: {message}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub data: DataSection,
+    pub model: ModelSection,
+    pub objectives: Objectives,
+    pub optim: OptimSection,
+    pub checkpoint: CheckpointSection,
+    pub eval: EvalSection,
+    pub cluster: ClusterSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// Name shown on the dashboard and in metrics.
+    pub name: String,
+    /// Where checkpoints, the journal, audit logs and TensorBoard events go (path or URL).
+    pub dir: String,
+    /// The one seed: model init, epoch plans, augmentation.
+    pub seed: u64,
+    /// Stop after this many optimizer steps (0 = run `epochs` whole epochs).
+    pub steps: u64,
+    /// Whole epochs to run when `steps` is 0.
+    pub epochs: u32,
+    /// Workers append the sample keys of every step to `<dir>/audit/` (exactly-once tests).
+    pub audit: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Dataset root (holds manifest.json): a path or an object-store URL.
+    pub root: String,
+    pub train_split: String,
+    pub val_split: String,
+    /// Blocks (row groups) whose samples are shuffled together in the epoch plan.
+    pub shuffle_window_blocks: u32,
+    /// Blocks a worker reads ahead of the step it trains.
+    pub prefetch_blocks: u32,
+    /// Threads decoding and augmenting images (0 = all cores).
+    pub decode_threads: u32,
+    /// RandomResizedCrop scale range (OpenCLIP's default 0.9..1.0).
+    pub crop_scale: [f64; 2],
+    /// Tokenizer: "clip" (CLIP BPE) or a path to a Hugging Face tokenizer.json.
+    pub tokenizer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// "tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", or "custom" (then every field below is used).
+    pub preset: String,
+    /// Overrides of the preset's shape; absent = the preset's value.
+    pub embed_dim: Option<i64>,
+    pub image_size: Option<i64>,
+    pub patch_size: Option<i64>,
+    pub vision_width: Option<i64>,
+    pub vision_layers: Option<i64>,
+    pub vision_heads: Option<i64>,
+    pub context_length: Option<i64>,
+    pub vocab_size: Option<i64>,
+    pub text_width: Option<i64>,
+    pub text_layers: Option<i64>,
+    pub text_heads: Option<i64>,
+    /// MAE decoder shape.
+    pub decoder_width: Option<i64>,
+    pub decoder_layers: Option<i64>,
+    pub decoder_heads: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Objectives {
+    /// Weight of the symmetric InfoNCE loss over the global batch (0 = off).
+    pub contrastive: f64,
+    /// Weight of text masked-language-modeling (0 = off).
+    pub mlm: f64,
+    /// Weight of image masked-autoencoding (0 = off).
+    pub mae: f64,
+    /// FLIP: fraction of image patches dropped in the contrastive pass.
+    pub patch_dropout: f64,
+    /// Fraction of text tokens chosen for MLM (80% mask / 10% random / 10% kept).
+    pub mlm_ratio: f64,
+    /// Fraction of patches masked for MAE.
+    pub mae_ratio: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    /// Samples per optimizer step across all workers; kept constant when the world size changes.
+    pub global_batch: u32,
+    /// Samples one worker puts through forward/backward at once (0 = global_batch / workers);
+    /// the rest of its share is reached by gradient accumulation.
+    pub micro_batch: u32,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub warmup_steps: u64,
+    /// Clip gradients by global norm (0 = off).
+    pub grad_clip: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Write a checkpoint every N steps (0 = only at the end).
+    pub every_steps: u64,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Zero-shot + retrieval eval on the val split every N steps (0 = only at the end).
+    pub every_steps: u64,
+    /// Class names and prompt templates (JSON); empty = derived from the dataset's `label` column.
+    pub classes: String,
+    /// Val samples used by the periodic eval (0 = all).
+    pub max_samples: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub heartbeat_interval_s: f64,
+    /// A worker silent this long is declared dead.
+    pub heartbeat_timeout_s: f64,
+    /// A collective that makes no progress this long reports its peer as failed.
+    pub collective_timeout_s: f64,
+    /// Collective backend: "ring" (TCP, CPU) or "nccl".
+    pub backend: String,
+    /// Gradient all-reduce bucket size in MiB.
+    pub bucket_mb: f64,
+    /// "fp32" or "bf16" on the wire.
+    pub allreduce_dtype: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            run: RunSection::default(),
+            data: DataSection::default(),
+            model: ModelSection::default(),
+            objectives: Objectives::default(),
+            optim: OptimSection::default(),
+            checkpoint: CheckpointSection::default(),
+            eval: EvalSection::default(),
+            cluster: ClusterSection::default(),
+        }
+    }
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            name: "ferroclip".into(),
+            dir: "runs/ferroclip".into(),
+            seed: 0,
+            steps: 0,
+            epochs: 1,
+            audit: false,
+        }
+    }
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            root: "data/synth".into(),
+            train_split: "train".into(),
+            val_split: "val".into(),
+            shuffle_window_blocks: 4,
+            prefetch_blocks: 4,
+            decode_threads: 0,
+            crop_scale: [0.9, 1.0],
+            tokenizer: "clip".into(),
+        }
+    }
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            preset: "tiny".into(),
+            embed_dim: None,
+            image_size: None,
+            patch_size: None,
+            vision_width: None,
+            vision_layers: None,
+            vision_heads: None,
+            context_length: None,
+            vocab_size: None,
+            text_width: None,
+            text_layers: None,
+            text_heads: None,
+            decoder_width: None,
+            decoder_layers: None,
+            decoder_heads: None,
+        }
+    }
+}
+
+impl Default for Objectives {
+    fn default() -> Self {
+        Self {
+            contrastive: 1.0,
+            mlm: 0.0,
+            mae: 0.0,
+            patch_dropout: 0.0,
+            mlm_ratio: 0.15,
+            mae_ratio: 0.75,
+        }
+    }
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            global_batch: 64,
+            micro_batch: 0,
+            lr: 5e-4,
+            weight_decay: 0.2,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            warmup_steps: 10,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            keep: 3,
+        }
+    }
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            classes: String::new(),
+            max_samples: 0,
+        }
+    }
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            min_workers: 1,
+            max_workers: 64,
+            heartbeat_interval_s: 1.0,
+            heartbeat_timeout_s: 5.0,
+            collective_timeout_s: 5.0,
+            backend: "ring".into(),
+            bucket_mb: 25.0,
+            allreduce_dtype: "fp32".into(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads and validates a config file; errors name the file and the field.
+    pub fn load(path: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: RunConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_string(),
+            source: Box::new(source),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising plain structs of numbers and strings cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            field,
+            message,
+        };
+        if self.optim.global_batch == 0 {
+            return Err(bad("optim.global_batch", "must be at least 1".into()));
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            return Err(bad("optim.lr", format!("must be > 0, got {}", self.optim.lr)));
+        }
+        for (field, v) in [
+            ("objectives.patch_dropout", self.objectives.patch_dropout),
+            ("objectives.mlm_ratio", self.objectives.mlm_ratio),
+            ("objectives.mae_ratio", self.objectives.mae_ratio),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(bad(field, format!("must be in [0, 1), got {v}")));
+            }
+        }
+        let o = &self.objectives;
+        if o.contrastive < 0.0 || o.mlm < 0.0 || o.mae < 0.0 {
+            return Err(bad("objectives", "weights must be >= 0".into()));
+        }
+        if o.contrastive + o.mlm + o.mae <= 0.0 {
+            return Err(bad("objectives", "at least one objective needs a weight > 0".into()));
+        }
+        if self.cluster.min_workers == 0 || self.cluster.min_workers > self.cluster.max_workers {
+            return Err(bad(
+                "cluster.min_workers",
+                format!(
+                    "need 1 <= min_workers ({}) <= max_workers ({})",
+                    self.cluster.min_workers, self.cluster.max_workers
+                ),
+            ));
+        }
+        if !matches!(self.cluster.backend.as_str(), "ring" | "nccl") {
+            return Err(bad("cluster.backend", format!("\"{}\" is not ring or nccl", self.cluster.backend)));
+        }
+        if !matches!(self.cluster.allreduce_dtype.as_str(), "fp32" | "bf16") {
+            return Err(bad(
+                "cluster.allreduce_dtype",
+                format!("\"{}\" is not fp32 or bf16", self.cluster.allreduce_dtype),
+            ));
+        }
+        if self.data.crop_scale[0] <= 0.0 || self.data.crop_scale[0] > self.data.crop_scale[1] || self.data.crop_scale[1] > 1.0 {
+            return Err(bad("data.crop_scale", format!("{:?} is not 0 < lo <= hi <= 1", self.data.crop_scale)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let cfg = RunConfig::default();
+        let back = RunConfig::parse(&cfg.to_toml(), "mem").expect("parse");
+        assert_eq!(cfg, back);
+    }
+
+    #[test]
+    fn unknown_field_names_the_field() {
+        let err = RunConfig::parse("[optim]\nglobal_bach = 3\n", "run.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("run.toml") && msg.contains("global_bach"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_values_are_rejected() {
+        let err = RunConfig::parse("[optim]\nglobal_batch = \"x\"\n", "a.toml").unwrap_err();
+        assert!(err.to_string().contains("global_batch"), "{err}");
+        let err = RunConfig::parse("[objectives]\ncontrastive = 0.0\n", "b.toml").unwrap_err();
+        assert!(err.to_string().contains("objectives"), "{err}");
+        let err = RunConfig::parse("[cluster]\nbackend = \"mpi\"\n", "c.toml").unwrap_err();
+        assert!(err.to_string().contains("cluster.backend"), "{err}");
+    }
+}

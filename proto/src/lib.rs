@@ -1,0 +1,11 @@
+//! The wire protocol between coordinator and workers, and the run configuration they share.
+
+pub mod config;
+
+/// Generated from `proto/ferroclip/v1/coordinator.proto`.
+pub mod v1 {
+    tonic::include_proto!("ferroclip.v1");
+}
+
+/// gRPC metadata key that carries the run token.
+pub const AUTH_HEADER: &str = "authorization";

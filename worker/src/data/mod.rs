@@ -1,0 +1,1 @@
+//! Blocks → decoded, augmented, tokenised batches (in progress).

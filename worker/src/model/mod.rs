@@ -1,0 +1,1 @@
+//! CLIP towers with OpenCLIP's shapes and parameter names (in progress).
