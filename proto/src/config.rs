@@ -23,7 +23,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     pub run: RunSection,
@@ -139,7 +139,7 @@ pub struct CheckpointSection {
     pub keep: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalSection {
     /// Zero-shot + retrieval eval on the val split every N steps (0 = only at the end).
@@ -155,6 +155,8 @@ pub struct EvalSection {
 pub struct ClusterSection {
     pub min_workers: u32,
     pub max_workers: u32,
+    /// Quiet time after the last join before a generation forms with fewer than max_workers.
+    pub settle_s: f64,
     pub heartbeat_interval_s: f64,
     /// A worker silent this long is declared dead.
     pub heartbeat_timeout_s: f64,
@@ -166,21 +168,6 @@ pub struct ClusterSection {
     pub bucket_mb: f64,
     /// "fp32" or "bf16" on the wire.
     pub allreduce_dtype: String,
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        Self {
-            run: RunSection::default(),
-            data: DataSection::default(),
-            model: ModelSection::default(),
-            objectives: Objectives::default(),
-            optim: OptimSection::default(),
-            checkpoint: CheckpointSection::default(),
-            eval: EvalSection::default(),
-            cluster: ClusterSection::default(),
-        }
-    }
 }
 
 impl Default for RunSection {
@@ -271,24 +258,15 @@ impl Default for CheckpointSection {
     }
 }
 
-impl Default for EvalSection {
-    fn default() -> Self {
-        Self {
-            every_steps: 0,
-            classes: String::new(),
-            max_samples: 0,
-        }
-    }
-}
-
 impl Default for ClusterSection {
     fn default() -> Self {
         Self {
             min_workers: 1,
             max_workers: 64,
+            settle_s: 2.0,
             heartbeat_interval_s: 1.0,
-            heartbeat_timeout_s: 5.0,
-            collective_timeout_s: 5.0,
+            heartbeat_timeout_s: 10.0,
+            collective_timeout_s: 30.0,
             backend: "ring".into(),
             bucket_mb: 25.0,
             allreduce_dtype: "fp32".into(),
@@ -331,7 +309,10 @@ impl RunConfig {
             return Err(bad("optim.global_batch", "must be at least 1".into()));
         }
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
-            return Err(bad("optim.lr", format!("must be > 0, got {}", self.optim.lr)));
+            return Err(bad(
+                "optim.lr",
+                format!("must be > 0, got {}", self.optim.lr),
+            ));
         }
         for (field, v) in [
             ("objectives.patch_dropout", self.objectives.patch_dropout),
@@ -347,7 +328,10 @@ impl RunConfig {
             return Err(bad("objectives", "weights must be >= 0".into()));
         }
         if o.contrastive + o.mlm + o.mae <= 0.0 {
-            return Err(bad("objectives", "at least one objective needs a weight > 0".into()));
+            return Err(bad(
+                "objectives",
+                "at least one objective needs a weight > 0".into(),
+            ));
         }
         if self.cluster.min_workers == 0 || self.cluster.min_workers > self.cluster.max_workers {
             return Err(bad(
@@ -359,7 +343,10 @@ impl RunConfig {
             ));
         }
         if !matches!(self.cluster.backend.as_str(), "ring" | "nccl") {
-            return Err(bad("cluster.backend", format!("\"{}\" is not ring or nccl", self.cluster.backend)));
+            return Err(bad(
+                "cluster.backend",
+                format!("\"{}\" is not ring or nccl", self.cluster.backend),
+            ));
         }
         if !matches!(self.cluster.allreduce_dtype.as_str(), "fp32" | "bf16") {
             return Err(bad(
@@ -367,8 +354,14 @@ impl RunConfig {
                 format!("\"{}\" is not fp32 or bf16", self.cluster.allreduce_dtype),
             ));
         }
-        if self.data.crop_scale[0] <= 0.0 || self.data.crop_scale[0] > self.data.crop_scale[1] || self.data.crop_scale[1] > 1.0 {
-            return Err(bad("data.crop_scale", format!("{:?} is not 0 < lo <= hi <= 1", self.data.crop_scale)));
+        if self.data.crop_scale[0] <= 0.0
+            || self.data.crop_scale[0] > self.data.crop_scale[1]
+            || self.data.crop_scale[1] > 1.0
+        {
+            return Err(bad(
+                "data.crop_scale",
+                format!("{:?} is not 0 < lo <= hi <= 1", self.data.crop_scale),
+            ));
         }
         Ok(())
     }
@@ -389,7 +382,10 @@ mod tests {
     fn unknown_field_names_the_field() {
         let err = RunConfig::parse("[optim]\nglobal_bach = 3\n", "run.toml").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("run.toml") && msg.contains("global_bach"), "{msg}");
+        assert!(
+            msg.contains("run.toml") && msg.contains("global_bach"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,0 +1,411 @@
+//! The sample ledger: which samples of the epoch plans each step uses, and which steps are
+//! committed. Exactly-once rests here: a step's samples leave the pool only when the step is
+//! committed; an abandoned step's samples go back at the committed cursors.
+//!
+//! Chunks (see `plan`) are leased to ranks within a generation, so a rank reads only its own
+//! blocks. Assignments are computed for all ranks of a step at once, which makes them a pure
+//! function of (committed state, pending steps, world size) and easy to journal.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{EpochPlan, SampleRef};
+
+/// A chunk of one epoch's plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ChunkId {
+    pub epoch: u32,
+    pub chunk: u32,
+}
+
+/// Where the data stands after some step: the part of the ledger that is journaled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataState {
+    /// The epoch whose fresh chunks are handed out next.
+    pub epoch: u32,
+    /// Chunks `< next_chunk` of `epoch` (and every chunk of earlier epochs) have been opened.
+    pub next_chunk: u32,
+    /// Opened chunks not yet fully used, with the offset of their next unused sample.
+    /// Serialised as a list: JSON maps need string keys.
+    #[serde(with = "open_chunks")]
+    pub open: BTreeMap<ChunkId, u32>,
+    /// Lease holders within the current generation (rank → chunks, oldest first).
+    pub leases: BTreeMap<u32, Vec<ChunkId>>,
+    /// Samples used by the steps up to this state.
+    pub consumed: u64,
+    /// Set when every epoch of the run is used up.
+    pub exhausted: bool,
+}
+
+/// A contiguous run of one chunk's sample order, fed by one rank in one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub chunk: ChunkId,
+    pub from: u32,
+    pub to: u32,
+}
+
+/// What one step feeds: per rank, spans in feed order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepAssignment {
+    pub step: u64,
+    pub ranks: Vec<Vec<Span>>,
+    /// The data state once this step is applied.
+    pub after: DataState,
+}
+
+impl StepAssignment {
+    pub fn rank_batches(&self) -> Vec<u32> {
+        self.ranks
+            .iter()
+            .map(|spans| spans.iter().map(|s| s.to - s.from).sum())
+            .collect()
+    }
+
+    pub fn total(&self) -> u32 {
+        self.rank_batches().iter().sum()
+    }
+}
+
+/// Sample ledger over the epoch plans of one dataset split.
+#[derive(Debug)]
+pub struct Ledger {
+    seed: u64,
+    window: u32,
+    block_rows: Vec<u32>,
+    /// Epochs of the run; `None` = endless (a step limit ends the run).
+    epochs: Option<u32>,
+    plans: BTreeMap<u32, EpochPlan>,
+    committed_step: u64,
+    committed: DataState,
+    pending: BTreeMap<u64, StepAssignment>,
+}
+
+impl Ledger {
+    pub fn new(seed: u64, window: u32, block_rows: Vec<u32>, epochs: Option<u32>) -> Self {
+        Self {
+            seed,
+            window,
+            block_rows,
+            epochs,
+            plans: BTreeMap::new(),
+            committed_step: 0,
+            committed: DataState::default(),
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Restores a journaled position.
+    pub fn restore(&mut self, committed_step: u64, state: DataState, pending: Vec<StepAssignment>) {
+        self.committed_step = committed_step;
+        self.committed = state;
+        self.pending = pending.into_iter().map(|a| (a.step, a)).collect();
+    }
+
+    pub fn committed_step(&self) -> u64 {
+        self.committed_step
+    }
+
+    pub fn committed_state(&self) -> &DataState {
+        &self.committed
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = &StepAssignment> {
+        self.pending.values()
+    }
+
+    pub fn assignment(&self, step: u64) -> Option<&StepAssignment> {
+        self.pending.get(&step)
+    }
+
+    /// Samples in one epoch.
+    pub fn epoch_len(&mut self) -> u64 {
+        self.plan(0).len()
+    }
+
+    fn plan(&mut self, epoch: u32) -> &EpochPlan {
+        let (seed, window) = (self.seed, self.window);
+        let rows = &self.block_rows;
+        self.plans
+            .entry(epoch)
+            .or_insert_with(|| EpochPlan::new(seed, epoch, rows, window))
+    }
+
+    /// The samples of a span, in feed order.
+    pub fn span_samples(&mut self, span: &Span) -> Vec<(u32, SampleRef)> {
+        let samples = self
+            .plan(span.chunk.epoch)
+            .chunk_samples(span.chunk.chunk as usize);
+        samples[span.from as usize..span.to as usize]
+            .iter()
+            .map(|s| (span.chunk.epoch, *s))
+            .collect()
+    }
+
+    pub fn chunk_rows(&mut self, id: ChunkId) -> u32 {
+        self.plan(id.epoch).chunks()[id.chunk as usize].rows
+    }
+
+    /// Assigns the next step (`committed_step + pending + 1`) for `world` ranks, `global_batch`
+    /// samples split evenly. Returns `None` when no sample is left.
+    pub fn assign_next(&mut self, world: u32, global_batch: u32) -> Option<&StepAssignment> {
+        let step = self.committed_step + self.pending.len() as u64 + 1;
+        let mut state = match self.pending.values().next_back() {
+            Some(last) => last.after.clone(),
+            None => self.committed.clone(),
+        };
+        let mut ranks = Vec::with_capacity(world as usize);
+        for rank in 0..world {
+            let want = global_batch / world + u32::from(rank < global_batch % world);
+            ranks.push(self.take(&mut state, rank, want));
+        }
+        let fed: u32 = ranks.iter().flatten().map(|s| s.to - s.from).sum();
+        if fed == 0 {
+            return None;
+        }
+        state.consumed += fed as u64;
+        let assignment = StepAssignment {
+            step,
+            ranks,
+            after: state,
+        };
+        self.pending.insert(step, assignment);
+        self.pending.get(&step)
+    }
+
+    /// Takes up to `want` samples for `rank`: from its leases first, then from the pool.
+    fn take(&mut self, state: &mut DataState, rank: u32, mut want: u32) -> Vec<Span> {
+        let mut spans = Vec::new();
+        while want > 0 {
+            let Some(id) = self.lease_for(state, rank) else {
+                break;
+            };
+            let rows = self.chunk_rows(id);
+            let from = state.open.get(&id).copied().unwrap_or(0);
+            let to = (from + want).min(rows);
+            spans.push(Span {
+                chunk: id,
+                from,
+                to,
+            });
+            want -= to - from;
+            if to == rows {
+                state.open.remove(&id);
+                if let Some(held) = state.leases.get_mut(&rank) {
+                    held.retain(|c| *c != id);
+                }
+            } else {
+                state.open.insert(id, to);
+            }
+        }
+        spans
+    }
+
+    /// The chunk `rank` reads next: its oldest lease, else an unleased open chunk, else a fresh one.
+    fn lease_for(&mut self, state: &mut DataState, rank: u32) -> Option<ChunkId> {
+        if let Some(id) = state.leases.get(&rank).and_then(|held| held.first()) {
+            return Some(*id);
+        }
+        let leased: Vec<ChunkId> = state.leases.values().flatten().copied().collect();
+        let free_open = state.open.keys().find(|id| !leased.contains(id)).copied();
+        let id = match free_open {
+            Some(id) => id,
+            None => self.open_fresh(state)?,
+        };
+        state.leases.entry(rank).or_default().push(id);
+        Some(id)
+    }
+
+    fn open_fresh(&mut self, state: &mut DataState) -> Option<ChunkId> {
+        loop {
+            if state.exhausted {
+                return None;
+            }
+            let chunks = self.plan(state.epoch).chunks().len() as u32;
+            if state.next_chunk < chunks {
+                let id = ChunkId {
+                    epoch: state.epoch,
+                    chunk: state.next_chunk,
+                };
+                state.next_chunk += 1;
+                if self.chunk_rows(id) == 0 {
+                    continue;
+                }
+                state.open.insert(id, 0);
+                return Some(id);
+            }
+            let next = state.epoch + 1;
+            if self.epochs.is_some_and(|e| next >= e) || self.plan(next).is_empty() {
+                state.exhausted = true;
+                return None;
+            }
+            state.epoch = next;
+            state.next_chunk = 0;
+        }
+    }
+
+    /// Step `step` was applied by every rank: it becomes part of the committed history.
+    /// Steps must commit in order; committing an earlier pending step first is implied.
+    pub fn commit(&mut self, step: u64) -> bool {
+        if step <= self.committed_step || !self.pending.contains_key(&step) {
+            return false;
+        }
+        let later = self.pending.split_off(&(step + 1));
+        let done = std::mem::replace(&mut self.pending, later);
+        if let Some((s, last)) = done.into_iter().next_back() {
+            self.committed_step = s;
+            self.committed = last.after;
+        }
+        true
+    }
+
+    /// A generation ended: pending steps up to `applied` were applied by a surviving rank and
+    /// are committed; later ones are abandoned and their samples return to the pool. Leases
+    /// are dropped so the next generation re-leases open chunks.
+    pub fn regroup(&mut self, applied: u64) {
+        if applied > self.committed_step {
+            let upto = self.pending.keys().copied().filter(|s| *s <= applied).max();
+            if let Some(s) = upto {
+                self.commit(s);
+            }
+        }
+        self.pending.clear();
+        self.committed.leases.clear();
+    }
+
+    /// Rolls the whole data position back to a journaled one (resume from a checkpoint).
+    pub fn rollback(&mut self, step: u64, mut state: DataState) {
+        state.leases.clear();
+        self.committed_step = step;
+        self.committed = state;
+        self.pending.clear();
+    }
+}
+
+mod open_chunks {
+    use super::ChunkId;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<ChunkId, u32>, s: S) -> Result<S::Ok, S::Error> {
+        let list: Vec<(ChunkId, u32)> = map.iter().map(|(k, v)| (*k, *v)).collect();
+        list.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<ChunkId, u32>, D::Error> {
+        let list: Vec<(ChunkId, u32)> = Vec::deserialize(d)?;
+        Ok(list.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn used(ledger: &mut Ledger, a: &StepAssignment) -> Vec<(u32, SampleRef)> {
+        a.ranks
+            .iter()
+            .flatten()
+            .flat_map(|s| ledger.span_samples(s))
+            .collect()
+    }
+
+    fn run_epoch(world: u32, batch: u32) -> Vec<(u32, SampleRef)> {
+        let rows = vec![5, 9, 0, 13, 7, 7, 2];
+        let mut l = Ledger::new(3, 2, rows, Some(1));
+        let mut all = Vec::new();
+        while let Some(a) = l.assign_next(world, batch).cloned() {
+            all.extend(used(&mut l, &a));
+            assert!(l.commit(a.step));
+        }
+        all
+    }
+
+    #[test]
+    fn an_epoch_uses_each_sample_once_whatever_the_world_size() {
+        let total = 5 + 9 + 13 + 7 + 7 + 2;
+        for world in 1..=5 {
+            let mut all = run_epoch(world, 8);
+            assert_eq!(all.len(), total, "world {world}");
+            all.sort();
+            all.dedup();
+            assert_eq!(all.len(), total, "duplicates with world {world}");
+        }
+    }
+
+    #[test]
+    fn global_batch_is_split_evenly() {
+        let mut l = Ledger::new(0, 1, vec![100; 4], None);
+        let a = l.assign_next(3, 10).cloned().expect("step");
+        assert_eq!(a.rank_batches(), vec![4, 3, 3]);
+        assert_eq!(a.step, 1);
+    }
+
+    #[test]
+    fn abandoned_steps_return_their_samples() {
+        let rows = vec![6; 6];
+        let mut l = Ledger::new(1, 2, rows, Some(1));
+        let mut seen: HashMap<(u32, SampleRef), u32> = HashMap::new();
+        // Step 1 commits; steps 2 and 3 are assigned, then the generation ends having applied 2.
+        let a1 = l.assign_next(3, 6).cloned().expect("1");
+        l.commit(1);
+        for s in used(&mut l, &a1) {
+            *seen.entry(s).or_default() += 1;
+        }
+        let a2 = l.assign_next(3, 6).cloned().expect("2");
+        let _a3 = l.assign_next(3, 6).cloned().expect("3");
+        l.regroup(2);
+        assert_eq!(l.committed_step(), 2);
+        for s in used(&mut l, &a2) {
+            *seen.entry(s).or_default() += 1;
+        }
+        // Two ranks now; step 3 is re-assigned from the pool.
+        while let Some(a) = l.assign_next(2, 5).cloned() {
+            for s in used(&mut l, &a) {
+                *seen.entry(s).or_default() += 1;
+            }
+            l.commit(a.step);
+        }
+        assert_eq!(seen.len(), 36);
+        assert!(seen.values().all(|&n| n == 1), "{seen:?}");
+    }
+
+    #[test]
+    fn steps_span_epochs_and_the_last_one_may_be_partial() {
+        let mut l = Ledger::new(0, 1, vec![10], Some(2));
+        let mut sizes = Vec::new();
+        while let Some(a) = l.assign_next(2, 6).cloned() {
+            sizes.push(a.total());
+            l.commit(a.step);
+        }
+        assert_eq!(sizes, vec![6, 6, 6, 2]);
+        assert!(l.committed_state().exhausted);
+    }
+
+    #[test]
+    fn ranks_keep_their_chunks_within_a_generation() {
+        let mut l = Ledger::new(0, 1, vec![100; 4], None);
+        let a = l.assign_next(2, 8).cloned().expect("1");
+        let b = l.assign_next(2, 8).cloned().expect("2");
+        for r in 0..2 {
+            assert_eq!(
+                a.ranks[r][0].chunk, b.ranks[r][0].chunk,
+                "rank {r} changed chunk"
+            );
+            assert_eq!(a.ranks[r][0].to, b.ranks[r][0].from);
+        }
+    }
+
+    #[test]
+    fn state_survives_json() {
+        let mut l = Ledger::new(0, 2, vec![7; 5], None);
+        let a = l.assign_next(2, 5).cloned().expect("1");
+        let text = serde_json::to_string(&a).expect("ser");
+        let back: StepAssignment = serde_json::from_str(&text).expect("de");
+        assert_eq!(a, back);
+    }
+}

@@ -1,0 +1,361 @@
+//! Membership: who is in the current generation, who waits to join, and when a new generation
+//! forms. Pure bookkeeping over an explicit clock so it is easy to test.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// What a worker says about itself when it joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    pub host: String,
+    pub device: String,
+    pub collective_addr: String,
+    /// Newest step whose optimizer update this worker applied (0 = none).
+    pub last_applied: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub info: WorkerInfo,
+    pub rank: u32,
+    pub last_seen: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Collecting joins for the next generation.
+    Forming,
+    Training,
+    /// The data is used up: members write the last checkpoint and leave.
+    Finishing,
+    Finished,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub min_workers: u32,
+    pub max_workers: u32,
+    /// Quiet time after the last join before a generation forms below max_workers.
+    pub settle: Duration,
+    /// How long to wait for a previous member to come back before forming without it.
+    pub rejoin_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Membership {
+    limits: Limits,
+    generation: u64,
+    phase: Phase,
+    members: Vec<Member>,
+    waiting: Vec<WorkerInfo>,
+    /// Previous members we still wait for, with a deadline.
+    expected: BTreeMap<String, Instant>,
+    last_arrival: Option<Instant>,
+    /// A joiner waits: end the generation at the next step boundary.
+    pub regroup_requested: bool,
+}
+
+impl Membership {
+    pub fn new(limits: Limits, generation: u64) -> Self {
+        Self {
+            limits,
+            generation,
+            phase: Phase::Forming,
+            members: Vec::new(),
+            waiting: Vec::new(),
+            expected: BTreeMap::new(),
+            last_arrival: None,
+            regroup_requested: false,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn waiting(&self) -> &[WorkerInfo] {
+        &self.waiting
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.members.len() as u32
+    }
+
+    /// The member `worker_id` of generation `generation`, if that pair is current.
+    pub fn current(&self, worker_id: &str, generation: u64) -> Option<&Member> {
+        if generation != self.generation
+            || !matches!(self.phase, Phase::Training | Phase::Finishing)
+        {
+            return None;
+        }
+        self.members.iter().find(|m| m.info.worker_id == worker_id)
+    }
+
+    pub fn touch(&mut self, worker_id: &str, now: Instant) {
+        if let Some(m) = self
+            .members
+            .iter_mut()
+            .find(|m| m.info.worker_id == worker_id)
+        {
+            m.last_seen = now;
+        }
+    }
+
+    /// A worker asks to join. Returns true if this ended the current generation.
+    pub fn join(&mut self, info: WorkerInfo, now: Instant) -> bool {
+        let was_member = self
+            .members
+            .iter()
+            .any(|m| m.info.worker_id == info.worker_id);
+        self.waiting.retain(|w| w.worker_id != info.worker_id);
+        self.expected.remove(&info.worker_id);
+        self.waiting.push(info.clone());
+        self.last_arrival = Some(now);
+        match self.phase {
+            Phase::Training if was_member => {
+                // A member re-joining has left its generation (its collective failed).
+                self.end_generation(None, now);
+                true
+            }
+            Phase::Training => {
+                self.regroup_requested = self.members.len() < self.limits.max_workers as usize;
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends the generation: every member except `dead` is expected back.
+    pub fn end_generation(&mut self, dead: Option<&str>, now: Instant) {
+        if self.phase != Phase::Training {
+            if let Some(d) = dead {
+                self.expected.remove(d);
+                self.waiting.retain(|w| w.worker_id != d);
+            }
+            return;
+        }
+        let deadline = now + self.limits.rejoin_timeout;
+        for m in &self.members {
+            let id = &m.info.worker_id;
+            if Some(id.as_str()) != dead && !self.waiting.iter().any(|w| &w.worker_id == id) {
+                self.expected.insert(id.clone(), deadline);
+            }
+        }
+        if let Some(d) = dead {
+            self.waiting.retain(|w| w.worker_id != d);
+        }
+        self.phase = Phase::Forming;
+        self.regroup_requested = false;
+    }
+
+    /// A worker leaves for good.
+    pub fn leave(&mut self, worker_id: &str, now: Instant) {
+        match self.phase {
+            Phase::Training => self.end_generation(Some(worker_id), now),
+            Phase::Finishing | Phase::Finished => {
+                self.members.retain(|m| m.info.worker_id != worker_id);
+                if self.members.is_empty() {
+                    self.phase = Phase::Finished;
+                }
+            }
+            Phase::Forming => {
+                self.waiting.retain(|w| w.worker_id != worker_id);
+                self.expected.remove(worker_id);
+            }
+        }
+    }
+
+    /// Members silent for longer than `timeout`.
+    pub fn silent(&self, timeout: Duration, now: Instant) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| now.duration_since(m.last_seen) > timeout)
+            .map(|m| m.info.worker_id.clone())
+            .collect()
+    }
+
+    /// Forms the next generation if its conditions hold. Returns the new members.
+    pub fn try_form(&mut self, now: Instant) -> Option<&[Member]> {
+        if self.phase != Phase::Forming {
+            return None;
+        }
+        self.expected.retain(|_, deadline| *deadline > now);
+        let n = self.waiting.len() as u32;
+        if n < self.limits.min_workers || !self.expected.is_empty() {
+            return None;
+        }
+        let settled = self
+            .last_arrival
+            .is_none_or(|t| now.duration_since(t) >= self.limits.settle);
+        let survivors_back = !self.members.is_empty()
+            && self
+                .members
+                .iter()
+                .any(|m| self.waiting.iter().any(|w| w.worker_id == m.info.worker_id));
+        if n < self.limits.max_workers && !settled && !survivors_back {
+            return None;
+        }
+        // Survivors keep their relative order; joiners follow in arrival order.
+        let old_rank = |id: &str| {
+            self.members
+                .iter()
+                .find(|m| m.info.worker_id == id)
+                .map(|m| m.rank)
+                .unwrap_or(u32::MAX)
+        };
+        let mut next: Vec<(u32, usize, WorkerInfo)> = self
+            .waiting
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (old_rank(&w.worker_id), i, w.clone()))
+            .collect();
+        next.sort_by_key(|(r, i, _)| (*r, *i));
+        let take = next.len().min(self.limits.max_workers as usize);
+        let admitted: Vec<WorkerInfo> = next.drain(..take).map(|(_, _, w)| w).collect();
+        self.waiting = next.into_iter().map(|(_, _, w)| w).collect();
+        self.members = admitted
+            .into_iter()
+            .enumerate()
+            .map(|(rank, info)| Member {
+                info,
+                rank: rank as u32,
+                last_seen: now,
+            })
+            .collect();
+        self.generation += 1;
+        self.phase = Phase::Training;
+        self.regroup_requested =
+            !self.waiting.is_empty() && self.members.len() < self.limits.max_workers as usize;
+        Some(&self.members)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, applied: u64) -> WorkerInfo {
+        WorkerInfo {
+            worker_id: id.into(),
+            host: "h".into(),
+            device: "cpu".into(),
+            collective_addr: format!("{id}:1"),
+            last_applied: applied,
+        }
+    }
+
+    fn limits(min: u32, max: u32) -> Limits {
+        Limits {
+            min_workers: min,
+            max_workers: max,
+            settle: Duration::from_secs(2),
+            rejoin_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn forms_at_max_at_once_and_below_max_after_settling() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(limits(1, 2), 0);
+        m.join(info("a", 0), t0);
+        assert!(m.try_form(t0).is_none(), "must settle first");
+        assert!(m.try_form(t0 + Duration::from_secs(3)).is_some());
+        assert_eq!(m.generation(), 1);
+
+        let mut m = Membership::new(limits(1, 2), 0);
+        m.join(info("a", 0), t0);
+        m.join(info("b", 0), t0);
+        let members = m.try_form(t0).expect("full");
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[1].info.worker_id, "b");
+    }
+
+    #[test]
+    fn waits_for_min_workers() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(limits(2, 4), 0);
+        m.join(info("a", 0), t0);
+        assert!(m.try_form(t0 + Duration::from_secs(60)).is_none());
+        m.join(info("b", 0), t0 + Duration::from_secs(61));
+        assert!(m.try_form(t0 + Duration::from_secs(64)).is_some());
+    }
+
+    #[test]
+    fn a_death_regroups_survivors_in_their_old_order() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(limits(1, 3), 0);
+        for id in ["a", "b", "c"] {
+            m.join(info(id, 0), t0);
+        }
+        m.try_form(t0).expect("formed");
+        m.end_generation(Some("b"), t0);
+        assert_eq!(m.phase(), Phase::Forming);
+        m.join(info("c", 7), t0);
+        assert!(m.try_form(t0).is_none(), "a is still expected");
+        m.join(info("a", 7), t0);
+        let members = m.try_form(t0).expect("formed");
+        let ids: Vec<_> = members.iter().map(|m| m.info.worker_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(m.generation(), 2);
+    }
+
+    #[test]
+    fn an_expected_member_that_never_returns_is_dropped_after_the_timeout() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(limits(1, 3), 0);
+        m.join(info("a", 0), t0);
+        m.join(info("b", 0), t0);
+        m.try_form(t0 + Duration::from_secs(3)).expect("formed");
+        m.end_generation(None, t0 + Duration::from_secs(4));
+        m.join(info("a", 1), t0 + Duration::from_secs(4));
+        assert!(m.try_form(t0 + Duration::from_secs(5)).is_none());
+        let members = m.try_form(t0 + Duration::from_secs(10)).expect("b dropped");
+        assert_eq!(members.len(), 1);
+    }
+
+    #[test]
+    fn a_joiner_during_training_requests_a_regroup_and_is_admitted() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(limits(1, 3), 0);
+        m.join(info("a", 0), t0);
+        m.join(info("b", 0), t0);
+        m.try_form(t0 + Duration::from_secs(3)).expect("formed");
+        assert!(!m.join(info("c", 0), t0 + Duration::from_secs(4)));
+        assert!(m.regroup_requested);
+        assert_eq!(m.phase(), Phase::Training);
+        m.end_generation(None, t0 + Duration::from_secs(4));
+        m.join(info("a", 5), t0 + Duration::from_secs(4));
+        m.join(info("b", 5), t0 + Duration::from_secs(4));
+        let ids: Vec<_> = m
+            .try_form(t0 + Duration::from_secs(4))
+            .expect("formed")
+            .iter()
+            .map(|m| m.info.worker_id.clone())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn stale_generation_is_not_current() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(limits(1, 1), 0);
+        m.join(info("a", 0), t0);
+        m.try_form(t0).expect("formed");
+        assert!(m.current("a", 1).is_some());
+        assert!(m.current("a", 0).is_none());
+        assert!(m.current("zz", 1).is_none());
+    }
+}
