@@ -3,6 +3,14 @@
 
 use tch::Tensor;
 
+pub mod buckets;
+mod pipe;
+pub mod ring;
+mod wire;
+
+pub use buckets::GradBuckets;
+pub use ring::{RingCollective, RingOptions, WireDtype};
+
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
     #[error("peer rank {peer} did not answer within {timeout_s:.1}s during {op}")]

@@ -1,0 +1,158 @@
+//! Gradient all-reduce in flat buckets, as DDP does it: one collective per ~25 MB instead of one
+//! per parameter (hundreds of small messages would be latency-bound).
+
+use tch::{Device, Kind, Tensor};
+
+use super::{Collective, CollectiveError, Result};
+
+/// DDP's default bucket size.
+pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
+
+/// One parameter's place in a bucket.
+struct Member {
+    param: Tensor,
+    offset: i64,
+    numel: i64,
+}
+
+struct Bucket {
+    /// Allocated once and reused every step.
+    flat: Tensor,
+    members: Vec<Member>,
+}
+
+pub struct GradBuckets {
+    buckets: Vec<Bucket>,
+}
+
+fn invalid(message: String) -> CollectiveError {
+    CollectiveError::Invalid {
+        op: "all_reduce_grads",
+        message,
+    }
+}
+
+fn tch_err(e: tch::TchError) -> CollectiveError {
+    invalid(e.to_string())
+}
+
+impl GradBuckets {
+    /// Group the parameters that require grad into buckets of about `bucket_bytes`, starting
+    /// from the last registered (their grads are ready first in backward). A parameter larger
+    /// than `bucket_bytes` gets a bucket of its own. All parameters must be f32 on one device.
+    pub fn new(params: &[Tensor], bucket_bytes: usize) -> Result<Self> {
+        let mut device: Option<Device> = None;
+        let mut buckets = Vec::new();
+        let mut members: Vec<Member> = Vec::new();
+        let mut filled: i64 = 0;
+        let limit = (bucket_bytes / 4).max(1) as i64;
+        for (i, p) in params.iter().enumerate().rev() {
+            if !p.defined() || !p.requires_grad() {
+                continue;
+            }
+            let kind = p.f_kind().map_err(tch_err)?;
+            if kind != Kind::Float {
+                return Err(invalid(format!("parameter {i} is {kind:?}, not f32")));
+            }
+            match device {
+                None => device = Some(p.device()),
+                Some(d) if d != p.device() => {
+                    return Err(invalid(format!(
+                        "parameter {i} is on {:?}, the others on {d:?}",
+                        p.device()
+                    )));
+                }
+                Some(_) => {}
+            }
+            let numel = p.numel() as i64;
+            if filled > 0 && filled + numel > limit {
+                buckets.push(Bucket::new(std::mem::take(&mut members), filled, device)?);
+                filled = 0;
+            }
+            members.push(Member {
+                param: p.shallow_clone(),
+                offset: filled,
+                numel,
+            });
+            filled += numel;
+        }
+        if !members.is_empty() {
+            buckets.push(Bucket::new(members, filled, device)?);
+        }
+        Ok(GradBuckets { buckets })
+    }
+
+    /// Elements per bucket, in all-reduce order.
+    pub fn bucket_sizes(&self) -> Vec<usize> {
+        self.buckets.iter().map(|b| b.flat.numel()).collect()
+    }
+
+    /// Replace every parameter's grad by its sum over the ranks of `coll`. A parameter with no
+    /// grad counts as zeros and gets a grad (every rank must end with the same grads).
+    pub fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<()> {
+        for bucket in &mut self.buckets {
+            bucket.pack()?;
+            coll.all_reduce_sum(&mut bucket.flat)?;
+            bucket.unpack()?;
+        }
+        Ok(())
+    }
+}
+
+impl Bucket {
+    fn new(members: Vec<Member>, numel: i64, device: Option<Device>) -> Result<Self> {
+        let device = device.unwrap_or(Device::Cpu);
+        let flat = Tensor::f_zeros([numel], (Kind::Float, device)).map_err(tch_err)?;
+        Ok(Bucket { flat, members })
+    }
+
+    fn pack(&mut self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for m in &self.members {
+            let mut dst = self.flat.f_narrow(0, m.offset, m.numel).map_err(tch_err)?;
+            let grad = m.param.grad();
+            if grad.defined() {
+                dst.f_copy_(&grad.f_reshape([-1]).map_err(tch_err)?)
+                    .map_err(tch_err)?;
+            } else {
+                let _ = dst.f_zero_().map_err(tch_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn unpack(&mut self) -> Result<()> {
+        for m in &self.members {
+            let mut grad = m.param.grad();
+            if !grad.defined() {
+                grad = materialize_grad(&m.param)?;
+            }
+            let _guard = tch::no_grad_guard();
+            let src = self
+                .flat
+                .f_narrow(0, m.offset, m.numel)
+                .and_then(|s| s.f_view(grad.size().as_slice()))
+                .map_err(tch_err)?;
+            grad.f_copy_(&src).map_err(tch_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// tch cannot assign `.grad`; a backward pass through `sum(p * 0)` makes autograd create a
+/// zero grad that we then overwrite in place.
+fn materialize_grad(param: &Tensor) -> Result<Tensor> {
+    tch::with_grad(|| {
+        param
+            .f_mul_scalar(0.0)
+            .and_then(|z| z.f_sum(Kind::Float))
+            .and_then(|s| s.f_backward())
+    })
+    .map_err(tch_err)?;
+    let grad = param.grad();
+    if grad.defined() {
+        Ok(grad)
+    } else {
+        Err(invalid("could not create a grad for a parameter".into()))
+    }
+}

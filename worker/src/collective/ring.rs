@@ -1,0 +1,743 @@
+//! The TCP ring: every rank sends to its right neighbour and receives from its left one.
+//!
+//! All-reduce is the bandwidth-optimal ring (reduce-scatter, then all-gather), each rank sending
+//! 2(n−1)/n of the buffer; all-gather and broadcast stream around the same ring. Blocking
+//! std::net sockets with SO_RCVTIMEO/SO_SNDTIMEO give the timeouts; see `pipe` for the engine.
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use super::pipe::{self, Codec, Link, INLINE_BYTES};
+use super::wire::{self, Header, Hello, Op, Reply, Verdict};
+use super::{Collective, CollectiveError, Result};
+
+/// Number format of all-reduce payloads on the wire (accumulation is always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireDtype {
+    #[default]
+    F32,
+    /// Half the bytes; values are rounded to bf16 at every hop and all ranks end bit-identical.
+    Bf16,
+}
+
+#[derive(Debug, Clone)]
+pub struct RingOptions {
+    /// A peer silent for this long (or a write stuck this long) fails the operation; also the
+    /// deadline for forming the ring in `connect`.
+    pub timeout: Duration,
+    /// Pipelining unit: the buffer moves in chunks of about this many bytes.
+    pub chunk_bytes: usize,
+    pub dtype: WireDtype,
+    /// Membership generation: only neighbours of the same generation are accepted.
+    pub generation: u64,
+}
+
+impl Default for RingOptions {
+    fn default() -> Self {
+        RingOptions {
+            timeout: Duration::from_secs(60),
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            dtype: WireDtype::F32,
+            generation: 0,
+        }
+    }
+}
+
+/// Measured in bench/README-allreduce.md: large enough to amortise syscalls, small enough
+/// to stay in L2 while a chunk is reduced and forwarded.
+pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Socket buffer size asked of the kernel (capped by net.core.{r,w}mem_max).
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+struct Links {
+    left: TcpStream,
+    right: TcpStream,
+}
+
+pub struct RingCollective {
+    rank: usize,
+    world_size: usize,
+    opts: RingOptions,
+    /// `None` when the world size is 1.
+    links: Option<Links>,
+    /// Operation counter, checked against the left neighbour's at every operation.
+    seq: u32,
+    /// Set by the first error: the ring is then unusable (a new generation builds a new one).
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for RingCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingCollective")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("generation", &self.opts.generation)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+fn invalid(op: &'static str, message: impl Into<String>) -> CollectiveError {
+    CollectiveError::Invalid {
+        op,
+        message: message.into(),
+    }
+}
+
+impl RingCollective {
+    /// Form the ring: connect to the right neighbour, accept the left one on `listener` (the
+    /// address this rank advertised as `peers[rank]`). Fails with `Timeout` naming a neighbour
+    /// that does not show up within `opts.timeout`, and with `Invalid` when the right neighbour
+    /// refuses us (another generation, rank or world size).
+    pub fn connect(
+        rank: usize,
+        peers: &[String],
+        listener: TcpListener,
+        opts: RingOptions,
+    ) -> Result<Self> {
+        const OP: &str = "connect";
+        let world_size = peers.len();
+        if world_size == 0 {
+            return Err(invalid(OP, "the peer list is empty"));
+        }
+        if rank >= world_size {
+            return Err(invalid(
+                OP,
+                format!("rank {rank} is outside a world of {world_size}"),
+            ));
+        }
+        if opts.timeout.is_zero() {
+            return Err(invalid(OP, "the timeout must be positive"));
+        }
+        if opts.chunk_bytes < 8 {
+            return Err(invalid(
+                OP,
+                format!("chunk_bytes {} is below 8", opts.chunk_bytes),
+            ));
+        }
+        let mut ring = RingCollective {
+            rank,
+            world_size,
+            opts,
+            links: None,
+            seq: 0,
+            broken: None,
+        };
+        if world_size == 1 {
+            return Ok(ring);
+        }
+        let left = (rank + world_size - 1) % world_size;
+        let right = (rank + 1) % world_size;
+        let right_addr = resolve(&peers[right], right)?;
+        let hello = Hello {
+            generation: ring.opts.generation,
+            rank: rank as u64,
+            world_size: world_size as u64,
+        };
+        let deadline = Instant::now() + ring.opts.timeout;
+        let timeout = ring.opts.timeout;
+        let _ = socket2::SockRef::from(&listener).set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+        let cancel = AtomicBool::new(false);
+        let (right_stream, left_stream) = thread::scope(|s| {
+            let acceptor =
+                s.spawn(|| accept_left(&listener, hello, left, deadline, timeout, &cancel));
+            let connected = connect_right(right_addr, hello, right, deadline, timeout);
+            if connected.is_err() {
+                cancel.store(true, Ordering::SeqCst);
+            }
+            let accepted = acceptor
+                .join()
+                .unwrap_or_else(|_| Err(invalid(OP, "the accept thread panicked")));
+            (connected, accepted)
+        });
+        let right_stream = right_stream?;
+        let left_stream = left_stream?;
+        for (s, peer) in [(&left_stream, left), (&right_stream, right)] {
+            configure(s, timeout).map_err(|e| wire::link_error(e, peer, OP, timeout))?;
+        }
+        ring.links = Some(Links {
+            left: left_stream,
+            right: right_stream,
+        });
+        tracing::debug!(
+            rank,
+            world_size,
+            generation = ring.opts.generation,
+            "ring formed"
+        );
+        Ok(ring)
+    }
+
+    pub fn options(&self) -> &RingOptions {
+        &self.opts
+    }
+
+    fn left(&self) -> usize {
+        (self.rank + self.world_size - 1) % self.world_size
+    }
+
+    fn right(&self) -> usize {
+        (self.rank + 1) % self.world_size
+    }
+
+    /// Run one operation: refuse if broken, exchange and check headers, run `body`, and poison
+    /// the ring on any error (closing the sockets tells the neighbours at once).
+    fn operate<R>(
+        &mut self,
+        op: Op,
+        a: u64,
+        b: u64,
+        body: impl FnOnce(&Link<'_>, &RingOptions) -> Result<R>,
+    ) -> Result<R> {
+        if let Some(why) = &self.broken {
+            return Err(invalid(
+                op.name(),
+                format!("the ring is unusable after an earlier error: {why}"),
+            ));
+        }
+        let Some(links) = &self.links else {
+            return Err(invalid(op.name(), "no links (world size 1)"));
+        };
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let link = Link {
+            left: &links.left,
+            right: &links.right,
+            left_rank: self.left(),
+            right_rank: self.right(),
+            timeout: self.opts.timeout,
+            op: op.name(),
+        };
+        let out = exchange_header(&link, Header::new(op, seq, a, b))
+            .and_then(|()| body(&link, &self.opts));
+        if let Err(e) = &out {
+            let _ = links.left.shutdown(Shutdown::Both);
+            let _ = links.right.shutdown(Shutdown::Both);
+            self.broken = Some(e.to_string());
+            tracing::warn!(rank = self.rank, error = %e, "ring collective failed");
+        }
+        out
+    }
+
+    /// Sum `data` across ranks in place.
+    pub fn all_reduce_f32(&mut self, data: &mut [f32]) -> Result<()> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let dtype_code = match self.opts.dtype {
+            WireDtype::F32 => 0,
+            WireDtype::Bf16 => 1,
+        };
+        let (rank, n) = (self.rank, self.world_size);
+        self.operate(
+            Op::AllReduce,
+            data.len() as u64,
+            dtype_code,
+            |link, opts| {
+                if data.is_empty() {
+                    return Ok(());
+                }
+                let codec = match opts.dtype {
+                    WireDtype::F32 => Codec::Raw,
+                    WireDtype::Bf16 => Codec::Bf16,
+                };
+                let threaded = data.len() * 4 > INLINE_BYTES;
+                let seg_bytes: Vec<usize> =
+                    (0..n).map(|i| segment_len(data.len(), n, i) * 4).collect();
+                // Chunks hold whole f32s.
+                let chunk = (opts.chunk_bytes / 4).max(1) * 4;
+                let (chunks, segs) = cut(bytemuck::cast_slice_mut(data), &seg_bytes, chunk);
+                pipe::run(link, codec, chunks, threaded, |p| {
+                    // Reduce-scatter: at step s send segment r−s, receive and add segment r−s−1.
+                    // Each received chunk is forwarded at once (it is what step s+1 sends); after the
+                    // last step this rank owns segment r+1, fully reduced.
+                    for id in segs[rank].clone() {
+                        p.send(id)?;
+                    }
+                    for s in 0..n - 1 {
+                        let seg = (rank + 2 * n - s - 1) % n;
+                        for id in segs[seg].clone() {
+                            p.recv_add(id)?;
+                            if s == n - 2 {
+                                p.round_for_wire(id)?;
+                            }
+                            p.send(id)?;
+                        }
+                    }
+                    // All-gather: at step s receive segment r−s, forward it unless it is the last.
+                    for s in 0..n - 1 {
+                        let seg = (rank + n - s) % n;
+                        for id in segs[seg].clone() {
+                            p.recv_store(id)?;
+                            if s < n - 2 {
+                                p.send(id)?;
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            },
+        )
+    }
+
+    /// Every rank's `rows` rows of `row_bytes` bytes each (`mine`), concatenated in rank
+    /// order; returns the bytes and the total row count. `key` must be equal on all ranks
+    /// (it identifies the row type).
+    pub fn all_gather_rows(
+        &mut self,
+        mine: &[u8],
+        rows: usize,
+        row_bytes: usize,
+        key: u64,
+    ) -> Result<(Vec<u8>, usize)> {
+        if rows.checked_mul(row_bytes) != Some(mine.len()) {
+            return Err(invalid(
+                "all_gather",
+                format!(
+                    "{} bytes are not {rows} rows of {row_bytes} bytes",
+                    mine.len()
+                ),
+            ));
+        }
+        if self.world_size == 1 {
+            return Ok((mine.to_vec(), rows));
+        }
+        let (rank, n) = (self.rank, self.world_size);
+        self.operate(Op::AllGather, key, row_bytes as u64, |link, opts| {
+            // Row counts first (8 bytes per rank), then the rows.
+            let mut counts = vec![0u8; 8 * n];
+            counts[8 * rank..8 * rank + 8].copy_from_slice(&(rows as u64).to_le_bytes());
+            ring_gather(link, rank, n, &mut counts, &vec![8; n], 8)?;
+            let counts: Vec<usize> = counts
+                .chunks_exact(8)
+                .map(|b| {
+                    let mut x = [0u8; 8];
+                    x.copy_from_slice(b);
+                    u64::from_le_bytes(x) as usize
+                })
+                .collect();
+            let total_rows: usize = counts.iter().sum();
+            let sizes: Vec<usize> = counts.iter().map(|c| c * row_bytes).collect();
+            let mut out = vec![0u8; total_rows * row_bytes];
+            let start: usize = sizes[..rank].iter().sum();
+            out[start..start + mine.len()].copy_from_slice(mine);
+            ring_gather(link, rank, n, &mut out, &sizes, opts.chunk_bytes)?;
+            Ok((out, total_rows))
+        })
+    }
+
+    /// Overwrite `data` everywhere with root's `data` (same length on every rank).
+    pub fn broadcast_bytes(&mut self, data: &mut [u8], root: usize) -> Result<()> {
+        if root >= self.world_size {
+            return Err(invalid(
+                "broadcast",
+                format!("root {root} is outside a world of {}", self.world_size),
+            ));
+        }
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let (rank, n) = (self.rank, self.world_size);
+        self.operate(
+            Op::Broadcast,
+            data.len() as u64,
+            root as u64,
+            |link, opts| {
+                let threaded = data.len() > INLINE_BYTES;
+                let total = data.len();
+                let (chunks, _) = cut(data, &[total], opts.chunk_bytes);
+                let count = chunks.len();
+                let forwards = (rank + 1) % n != root;
+                pipe::run(link, Codec::Raw, chunks, threaded, |p| {
+                    for id in 0..count {
+                        if rank != root {
+                            p.recv_store(id)?;
+                        }
+                        if rank == root || forwards {
+                            p.send(id)?;
+                        }
+                    }
+                    Ok(())
+                })
+            },
+        )
+    }
+}
+
+/// Ring all-gather of variable-size blocks of `buf` (block i belongs to rank i; this rank's
+/// block is already in place). At step s, send block r−s and receive block r−s−1.
+fn ring_gather(
+    link: &Link<'_>,
+    rank: usize,
+    n: usize,
+    buf: &mut [u8],
+    sizes: &[usize],
+    chunk_bytes: usize,
+) -> Result<()> {
+    if sizes.len() != n || sizes.iter().sum::<usize>() != buf.len() {
+        return Err(invalid(link.op, "block sizes do not match the buffer"));
+    }
+    let threaded = buf.len() > INLINE_BYTES;
+    let (chunks, blocks) = cut(buf, sizes, chunk_bytes);
+    pipe::run(link, Codec::Raw, chunks, threaded, |p| {
+        for id in blocks[rank].clone() {
+            p.send(id)?;
+        }
+        for s in 0..n - 1 {
+            let block = (rank + 2 * n - s - 1) % n;
+            for id in blocks[block].clone() {
+                p.recv_store(id)?;
+                if s < n - 2 {
+                    p.send(id)?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Length of segment `i` when `len` items are split in `n` nearly equal parts.
+fn segment_len(len: usize, n: usize, i: usize) -> usize {
+    len / n + usize::from(i < len % n)
+}
+
+/// Cut `buf` into consecutive parts of `part_bytes` and each part into chunks of at most
+/// `chunk_bytes`. Returns the chunks and, per part, the range of its chunk ids.
+fn cut<'a>(
+    mut buf: &'a mut [u8],
+    part_bytes: &[usize],
+    chunk_bytes: usize,
+) -> (Vec<&'a mut [u8]>, Vec<std::ops::Range<usize>>) {
+    let mut chunks = Vec::new();
+    let mut parts = Vec::with_capacity(part_bytes.len());
+    for &len in part_bytes {
+        let len = len.min(buf.len());
+        let (mut part, rest) = std::mem::take(&mut buf).split_at_mut(len);
+        buf = rest;
+        let start = chunks.len();
+        while !part.is_empty() {
+            let k = part.len().min(chunk_bytes);
+            let (c, rest) = std::mem::take(&mut part).split_at_mut(k);
+            chunks.push(c);
+            part = rest;
+        }
+        parts.push(start..chunks.len());
+    }
+    (chunks, parts)
+}
+
+fn exchange_header(link: &Link<'_>, ours: Header) -> Result<()> {
+    wire::write_all(link.right, &ours.encode()).map_err(|e| link.write_err(e))?;
+    let mut b = [0u8; Header::LEN];
+    wire::read_exact(link.left, &mut b).map_err(|e| link.read_err(e))?;
+    let theirs = Header::decode(&b);
+    if theirs != ours {
+        return Err(invalid(
+            link.op,
+            format!(
+                "out of step with rank {}: it sent {} (op {}, #{}, args {}, {}) but this rank is at {} #{} (args {}, {})",
+                link.left_rank,
+                op_name(theirs.op),
+                theirs.op,
+                theirs.seq,
+                theirs.a,
+                theirs.b,
+                link.op,
+                ours.seq,
+                ours.a,
+                ours.b
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn op_name(code: u32) -> &'static str {
+    [Op::AllReduce, Op::AllGather, Op::Broadcast, Op::Barrier]
+        .into_iter()
+        .find(|op| *op as u32 == code)
+        .map_or("an unknown operation", Op::name)
+}
+
+fn resolve(addr: &str, rank: usize) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            invalid(
+                "connect",
+                format!("peer rank {rank}: cannot resolve {addr:?}"),
+            )
+        })
+}
+
+fn configure(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let sock = socket2::SockRef::from(s);
+    // Best effort: the kernel caps these; failing to raise them is not an error.
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    Ok(())
+}
+
+fn remaining(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+/// Dial the right neighbour until it answers our hello or the deadline passes. Connection
+/// refusals are retried: the neighbour may still be starting.
+fn connect_right(
+    addr: SocketAddr,
+    hello: Hello,
+    right: usize,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    const OP: &str = "connect";
+    let mut last_err: Option<std::io::Error> = None;
+    while let Some(left_time) = remaining(deadline) {
+        match try_hello(addr, hello, left_time) {
+            Ok((stream, reply)) => {
+                if reply.verdict == Verdict::Accepted {
+                    return Ok(stream);
+                }
+                return Err(invalid(
+                    OP,
+                    format!(
+                        "rank {right} at {addr} refused this rank ({:?}): it is at generation {} expecting rank {} of {}, this rank is {} of {} at generation {}",
+                        reply.verdict,
+                        reply.generation,
+                        reply.expected_rank,
+                        reply.world_size,
+                        hello.rank,
+                        hello.world_size,
+                        hello.generation
+                    ),
+                ));
+            }
+            Err(e) => {
+                last_err = Some(e);
+                thread::sleep(
+                    Duration::from_millis(20).min(remaining(deadline).unwrap_or_default()),
+                );
+            }
+        }
+    }
+    tracing::debug!(right, error = ?last_err, "could not reach the right neighbour");
+    Err(CollectiveError::Timeout {
+        peer: right,
+        op: OP,
+        timeout_s: timeout.as_secs_f64(),
+    })
+}
+
+fn try_hello(
+    addr: SocketAddr,
+    hello: Hello,
+    time: Duration,
+) -> std::io::Result<(TcpStream, Reply)> {
+    let stream = TcpStream::connect_timeout(&addr, time)?;
+    let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(time))?;
+    stream.set_write_timeout(Some(time))?;
+    wire::write_all(&stream, &hello.encode())?;
+    let mut b = [0u8; Reply::LEN];
+    wire::read_exact(&stream, &mut b)?;
+    let reply = Reply::decode(&b).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed handshake reply")
+    })?;
+    Ok((stream, reply))
+}
+
+/// Accept connections until one carries the expected hello; refuse (and keep waiting past)
+/// stale generations, wrong ranks and strangers.
+fn accept_left(
+    listener: &TcpListener,
+    ours: Hello,
+    left: usize,
+    deadline: Instant,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<TcpStream> {
+    const OP: &str = "connect";
+    let timed_out = || CollectiveError::Timeout {
+        peer: left,
+        op: OP,
+        timeout_s: timeout.as_secs_f64(),
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| wire::link_error(e, left, OP, timeout))?;
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(timed_out());
+        }
+        let Some(left_time) = remaining(deadline) else {
+            return Err(timed_out());
+        };
+        match listener.accept() {
+            Ok((stream, from)) => match greet(&stream, ours, left, left_time) {
+                Ok(true) => return Ok(stream),
+                Ok(false) => tracing::warn!(%from, "refused a ring connection"),
+                Err(e) => tracing::warn!(%from, error = %e, "bad ring handshake"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(wire::link_error(e, left, OP, timeout)),
+        }
+    }
+}
+
+/// Read a hello, answer it; true if accepted.
+fn greet(stream: &TcpStream, ours: Hello, left: usize, time: Duration) -> std::io::Result<bool> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(time))?;
+    stream.set_write_timeout(Some(time))?;
+    let mut b = [0u8; Hello::LEN];
+    wire::read_exact(stream, &mut b)?;
+    let reply = wire::judge(Hello::decode(&b), ours, left as u64);
+    wire::write_all(stream, &reply.encode())?;
+    Ok(reply.verdict == Verdict::Accepted)
+}
+
+/// A CPU f32 tensor's elements, checked.
+fn f32_data<'t>(t: &'t mut Tensor, op: &'static str) -> Result<&'t mut [f32]> {
+    check_cpu(t, op)?;
+    let kind = t.f_kind().map_err(|e| invalid(op, e.to_string()))?;
+    if kind != Kind::Float {
+        return Err(invalid(op, format!("needs an f32 tensor, got {kind:?}")));
+    }
+    if !t.is_contiguous() {
+        return Err(invalid(op, "needs a contiguous tensor"));
+    }
+    let n = t.numel();
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: a defined, contiguous CPU f32 tensor with n > 0 elements owns n f32s from
+    // data_ptr (storage offset included); `&mut Tensor` keeps them ours for 't.
+    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) })
+}
+
+/// A contiguous CPU tensor's bytes, checked.
+fn tensor_bytes<'t>(t: &'t mut Tensor, op: &'static str) -> Result<&'t mut [u8]> {
+    check_cpu(t, op)?;
+    let kind = t.f_kind().map_err(|e| invalid(op, e.to_string()))?;
+    if !t.is_contiguous() {
+        return Err(invalid(op, "needs a contiguous tensor"));
+    }
+    let n = t.numel() * kind.elt_size_in_bytes();
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: as in f32_data, for n bytes.
+    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, n) })
+}
+
+fn check_cpu(t: &Tensor, op: &'static str) -> Result<()> {
+    if !t.defined() {
+        return Err(invalid(op, "the tensor is undefined"));
+    }
+    if t.device() != Device::Cpu {
+        return Err(invalid(
+            op,
+            format!("the TCP ring needs CPU tensors, got {:?}", t.device()),
+        ));
+    }
+    Ok(())
+}
+
+/// Identifies (dtype, trailing dims) so ranks gathering different row shapes fail loudly.
+fn row_key(kind: Kind, rows_shape: &[i64]) -> u64 {
+    // FNV-1a over the dtype code and the dims.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in std::iter::once(kind as i64).chain(rows_shape.iter().copied()) {
+        for b in x.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Collective for RingCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
+        if !t.is_contiguous() && t.defined() {
+            let mut c = t.contiguous();
+            self.all_reduce_sum(&mut c)?;
+            return t
+                .f_copy_(&c)
+                .map_err(|e| invalid("all_reduce", e.to_string()));
+        }
+        let data = f32_data(t, "all_reduce")?;
+        self.all_reduce_f32(data)
+    }
+
+    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
+        const OP: &str = "all_gather";
+        check_cpu(t, OP)?;
+        let size = t.size();
+        if size.is_empty() {
+            return Err(invalid(OP, "needs a tensor with at least one dimension"));
+        }
+        let kind = t.f_kind().map_err(|e| invalid(OP, e.to_string()))?;
+        let mut mine = t.contiguous();
+        let key = row_key(kind, &size[1..]);
+        let row_bytes = size[1..].iter().product::<i64>() as usize * kind.elt_size_in_bytes();
+        let (gathered, rows) = {
+            let bytes = tensor_bytes(&mut mine, OP)?;
+            self.all_gather_rows(bytes, size[0] as usize, row_bytes, key)?
+        };
+        let mut shape = size.clone();
+        shape[0] = rows as i64;
+        Tensor::f_from_data_size(&gathered, &shape, kind).map_err(|e| invalid(OP, e.to_string()))
+    }
+
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
+        const OP: &str = "broadcast";
+        if !t.is_contiguous() && t.defined() {
+            let mut c = t.contiguous();
+            self.broadcast(&mut c, root)?;
+            return t.f_copy_(&c).map_err(|e| invalid(OP, e.to_string()));
+        }
+        let bytes = tensor_bytes(t, OP)?;
+        self.broadcast_bytes(bytes, root)
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let n = self.world_size;
+        // The header exchange proves the left neighbour arrived; after n−2 more token passes
+        // every rank has heard (transitively) from every other.
+        self.operate(Op::Barrier, 0, 0, |link, _| {
+            for _ in 0..n.saturating_sub(2) {
+                wire::write_all(link.right, &[1u8]).map_err(|e| link.write_err(e))?;
+                let mut b = [0u8; 1];
+                wire::read_exact(link.left, &mut b).map_err(|e| link.read_err(e))?;
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,308 @@
+//! What travels on a ring link: the connection handshake, the per-operation header, and the
+//! f32 ⇄ bf16 codec. All integers are little-endian.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use super::CollectiveError;
+
+#[cfg(target_endian = "big")]
+compile_error!("the ring reinterprets f32 buffers as little-endian bytes");
+
+/// First bytes of every connection: refuses strangers (a port reused by something else).
+const MAGIC: [u8; 8] = *b"FCRING01";
+
+/// Sent by the connecting rank to its right neighbour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hello {
+    pub generation: u64,
+    pub rank: u64,
+    pub world_size: u64,
+}
+
+impl Hello {
+    pub const LEN: usize = 32;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        b[16..24].copy_from_slice(&self.rank.to_le_bytes());
+        b[24..32].copy_from_slice(&self.world_size.to_le_bytes());
+        b
+    }
+
+    /// `None` when the magic is wrong.
+    pub fn decode(b: &[u8; Self::LEN]) -> Option<Self> {
+        if b[..8] != MAGIC {
+            return None;
+        }
+        Some(Hello {
+            generation: u64_at(b, 8),
+            rank: u64_at(b, 16),
+            world_size: u64_at(b, 24),
+        })
+    }
+}
+
+/// The acceptor's answer to a [`Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Accepted,
+    WrongGeneration,
+    WrongRank,
+    WrongWorldSize,
+    BadMagic,
+}
+
+/// Verdict plus the acceptor's own (generation, expected rank, world size), for the error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reply {
+    pub verdict: Verdict,
+    pub generation: u64,
+    pub expected_rank: u64,
+    pub world_size: u64,
+}
+
+impl Reply {
+    pub const LEN: usize = 32;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let code: u64 = match self.verdict {
+            Verdict::Accepted => 0,
+            Verdict::WrongGeneration => 1,
+            Verdict::WrongRank => 2,
+            Verdict::WrongWorldSize => 3,
+            Verdict::BadMagic => 4,
+        };
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&code.to_le_bytes());
+        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        b[16..24].copy_from_slice(&self.expected_rank.to_le_bytes());
+        b[24..32].copy_from_slice(&self.world_size.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; Self::LEN]) -> Option<Self> {
+        let verdict = match u64_at(b, 0) {
+            0 => Verdict::Accepted,
+            1 => Verdict::WrongGeneration,
+            2 => Verdict::WrongRank,
+            3 => Verdict::WrongWorldSize,
+            4 => Verdict::BadMagic,
+            _ => return None,
+        };
+        Some(Reply {
+            verdict,
+            generation: u64_at(b, 8),
+            expected_rank: u64_at(b, 16),
+            world_size: u64_at(b, 24),
+        })
+    }
+}
+
+/// Judge a connecting neighbour against what this rank expects.
+pub(crate) fn judge(hello: Option<Hello>, ours: Hello, expected_left: u64) -> Reply {
+    let verdict = match hello {
+        None => Verdict::BadMagic,
+        Some(h) if h.generation != ours.generation => Verdict::WrongGeneration,
+        Some(h) if h.world_size != ours.world_size => Verdict::WrongWorldSize,
+        Some(h) if h.rank != expected_left => Verdict::WrongRank,
+        Some(_) => Verdict::Accepted,
+    };
+    Reply {
+        verdict,
+        generation: ours.generation,
+        expected_rank: expected_left,
+        world_size: ours.world_size,
+    }
+}
+
+/// Operations, so that two ranks calling different collectives fail loudly instead of
+/// exchanging garbage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    AllReduce = 1,
+    AllGather = 2,
+    Broadcast = 3,
+    Barrier = 4,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all_reduce",
+            Op::AllGather => "all_gather",
+            Op::Broadcast => "broadcast",
+            Op::Barrier => "barrier",
+        }
+    }
+}
+
+/// Sent to the right neighbour at the start of every operation; the receiver checks it equals
+/// its own (same op, same sequence number, same arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub op: u32,
+    pub seq: u32,
+    pub a: u64,
+    pub b: u64,
+}
+
+impl Header {
+    pub const LEN: usize = 24;
+
+    pub fn new(op: Op, seq: u32, a: u64, b: u64) -> Self {
+        Header {
+            op: op as u32,
+            seq,
+            a,
+            b,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..4].copy_from_slice(&self.op.to_le_bytes());
+        b[4..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..16].copy_from_slice(&self.a.to_le_bytes());
+        b[16..24].copy_from_slice(&self.b.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; Self::LEN]) -> Self {
+        let mut op = [0u8; 4];
+        op.copy_from_slice(&b[..4]);
+        let mut seq = [0u8; 4];
+        seq.copy_from_slice(&b[4..8]);
+        Header {
+            op: u32::from_le_bytes(op),
+            seq: u32::from_le_bytes(seq),
+            a: u64_at(b, 8),
+            b: u64_at(b, 16),
+        }
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// Turn an I/O error on the link to `peer` into the collective error that names it.
+pub(crate) fn link_error(
+    e: io::Error,
+    peer: usize,
+    op: &'static str,
+    timeout: Duration,
+) -> CollectiveError {
+    match e.kind() {
+        // SO_RCVTIMEO / SO_SNDTIMEO expiry shows up as EAGAIN (WouldBlock) on Linux.
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CollectiveError::Timeout {
+            peer,
+            op,
+            timeout_s: timeout.as_secs_f64(),
+        },
+        _ => CollectiveError::Io {
+            peer,
+            op,
+            source: e,
+        },
+    }
+}
+
+pub(crate) fn write_all(mut s: &TcpStream, b: &[u8]) -> io::Result<()> {
+    s.write_all(b)
+}
+
+pub(crate) fn read_exact(mut s: &TcpStream, b: &mut [u8]) -> io::Result<()> {
+    s.read_exact(b)
+}
+
+/// f32 → bf16 bits, round to nearest even (what torch does).
+pub(crate) fn encode_bf16(src: &[f32], dst: &mut [u16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = half::bf16::from_f32(*s).to_bits();
+    }
+}
+
+/// bf16 bits → f32 is exact: the bits are the high half of an f32.
+#[inline]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+pub(crate) fn add_bf16(dst: &mut [f32], src: &[u16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += bf16_to_f32(*s);
+    }
+}
+
+pub(crate) fn store_bf16(dst: &mut [f32], src: &[u16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = bf16_to_f32(*s);
+    }
+}
+
+pub(crate) fn add_f32(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += *s;
+    }
+}
+
+/// Round in place to what a bf16 round trip gives, so the owner of a segment ends with the
+/// same values the other ranks decode from the wire.
+pub(crate) fn round_to_bf16(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = half::bf16::from_f32(*v).to_f32();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_and_reply_round_trip() {
+        let h = Hello {
+            generation: 7,
+            rank: 3,
+            world_size: 5,
+        };
+        assert_eq!(Hello::decode(&h.encode()), Some(h));
+        let mut bad = h.encode();
+        bad[0] = b'X';
+        assert_eq!(Hello::decode(&bad), None);
+        let r = judge(Some(h), Hello { rank: 4, ..h }, 3);
+        assert_eq!(r.verdict, Verdict::Accepted);
+        assert_eq!(Reply::decode(&r.encode()), Some(r));
+        let stale = judge(Some(Hello { generation: 6, ..h }), h, 3);
+        assert_eq!(stale.verdict, Verdict::WrongGeneration);
+        assert_eq!(judge(Some(h), h, 2).verdict, Verdict::WrongRank);
+        assert_eq!(judge(None, h, 2).verdict, Verdict::BadMagic);
+    }
+
+    #[test]
+    fn bf16_codec_rounds_to_nearest_and_decodes_exactly() {
+        let src = [1.0f32, -2.5, 1.0 + 1.0 / 256.0, 3.0e-3, 65504.0];
+        let mut bits = [0u16; 5];
+        encode_bf16(&src, &mut bits);
+        let mut back = [0f32; 5];
+        store_bf16(&mut back, &bits);
+        assert_eq!(back[0], 1.0);
+        assert_eq!(back[1], -2.5);
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: ties go to even (1.0).
+        assert_eq!(back[2], 1.0);
+        for (a, b) in src.iter().zip(back) {
+            assert!((a - b).abs() <= a.abs() / 128.0, "{a} vs {b}");
+        }
+        let mut rounded = src;
+        round_to_bf16(&mut rounded);
+        assert_eq!(rounded, back);
+        let mut acc = [1.0f32; 5];
+        add_bf16(&mut acc, &bits);
+        assert_eq!(acc[0], 2.0);
+    }
+}
