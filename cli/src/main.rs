@@ -1,12 +1,20 @@
 //! `ferroclip`: the control plane and data tools. Never links libtorch.
 
+mod coordinator;
 mod k8s;
+mod status;
+mod store_args;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferroclip", version, about = "Multimodal pretraining control plane and data tools")]
+#[command(
+    name = "ferroclip",
+    version,
+    about = "Multimodal pretraining control plane and data tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,6 +24,12 @@ struct Cli {
 enum Command {
     /// Build, inspect, verify and preview dataset shards.
     Shards(ferroclip_shards::cli::ShardsArgs),
+    /// Serve one run: membership, data plan, step commits, checkpoints, metrics.
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Train on this machine: an in-process coordinator plus N worker processes.
+    Train(train::TrainArgs),
+    /// Summary of a running coordinator.
+    Status(status::StatusArgs),
     /// Kubernetes manifests for a run.
     K8s(k8s::K8sArgs),
     /// Check a run configuration file and print it with every default filled in.
@@ -35,6 +49,9 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Shards(args) => ferroclip_shards::cli::run(args).await?,
+        Command::Coordinator(args) => coordinator::run(args).await?,
+        Command::Train(args) => train::run(args).await?,
+        Command::Status(args) => status::run(args).await?,
         Command::K8s(args) => k8s::run(args)?,
         Command::Config { file } => {
             let cfg = ferroclip_proto::config::RunConfig::load(&file)?;

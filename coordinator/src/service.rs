@@ -20,16 +20,24 @@ pub struct Shared {
     pub journal: Journal,
     token: String,
     pub rejected: AtomicU64,
+    /// How to reach object stores (deleting old checkpoints).
+    pub store: ferroclip_shards::StoreOptions,
 }
 
 impl Shared {
-    pub fn new(run: Run, journal: Journal, token: String) -> Arc<Self> {
+    pub fn new(
+        run: Run,
+        journal: Journal,
+        token: String,
+        store: ferroclip_shards::StoreOptions,
+    ) -> Arc<Self> {
         Arc::new(Self {
             run: Mutex::new(run),
             formed: Notify::new(),
             journal,
             token,
             rejected: AtomicU64::new(0),
+            store,
         })
     }
 
@@ -222,7 +230,7 @@ impl Coordinator for CoordinatorService {
             let old = run.prune_checkpoints();
             self.shared.save(&run).await?;
             drop(run);
-            let _ = old; // TODO(server): delete_checkpoints
+            crate::delete_checkpoints(old, &self.shared.store).await;
         }
         Ok(Response::new(v1::CommitStepResponse { committed }))
     }
@@ -253,7 +261,7 @@ impl Coordinator for CoordinatorService {
             let old = run.prune_checkpoints();
             self.shared.save(&run).await?;
             drop(run);
-            let _ = old; // TODO(server): delete_checkpoints
+            crate::delete_checkpoints(old, &self.shared.store).await;
         }
         Ok(Response::new(v1::CommitCheckpointResponse {}))
     }

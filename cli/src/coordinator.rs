@@ -1,0 +1,87 @@
+//! `ferroclip coordinator`: serve one run until it finishes (or forever, for dashboards).
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferroclip_proto::config::RunConfig;
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// The run configuration (run.toml).
+    #[arg(long)]
+    pub config: String,
+    /// gRPC listen address for workers.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address (probes, /metrics, dashboard).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    /// Journal directory URL (default: <run.dir>/journal).
+    #[arg(long)]
+    pub journal: Option<String>,
+    /// Continue the run from its journal if one exists.
+    #[arg(long)]
+    pub resume: bool,
+    /// Exit once the run is finished (default: keep serving the dashboard).
+    #[arg(long)]
+    pub exit_when_done: bool,
+    #[command(flatten)]
+    pub store: crate::store_args::StoreArgs,
+}
+
+/// The run token: a shared secret every RPC and page must present.
+#[derive(Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// File holding the run token (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "FERROCLIP_TOKEN_FILE")]
+    pub token_file: Option<String>,
+    /// The run token itself (prefer --token-file; visible in process lists).
+    #[arg(long, env = "FERROCLIP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl TokenArgs {
+    pub fn resolve(&self) -> Result<String> {
+        let token = match (&self.token_file, &self.token) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading the run token file {path}"))?
+                .trim()
+                .to_string(),
+            (None, Some(t)) => t.trim().to_string(),
+            (None, None) => anyhow::bail!("no run token: pass --token-file or set FERROCLIP_TOKEN"),
+        };
+        if token.len() < 8 {
+            anyhow::bail!(
+                "the run token is too short ({} characters; use at least 8)",
+                token.len()
+            );
+        }
+        Ok(token)
+    }
+}
+
+pub async fn run(args: CoordinatorArgs) -> Result<()> {
+    let config = RunConfig::load(&args.config)?;
+    let handle = ferroclip_coordinator::serve(ferroclip_coordinator::ServeOptions {
+        config,
+        grpc_addr: args.grpc_addr,
+        http_addr: Some(args.http_addr),
+        token: args.token.resolve()?,
+        journal: args.journal,
+        resume: args.resume,
+        store: args.store.options(),
+    })
+    .await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = handle.finished(), if args.exit_when_done => tracing::info!("run finished"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: journaling and exiting"),
+        _ = term.recv() => tracing::info!("SIGTERM: journaling and exiting"),
+        _ = std::future::pending::<()>(), if !args.exit_when_done => {}
+    }
+    handle.shutdown().await;
+    Ok(())
+}

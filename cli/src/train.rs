@@ -1,0 +1,183 @@
+//! `ferroclip train --workers N`: the local launcher. Runs the coordinator in this process and
+//! N `ferroclip-worker` processes on this machine, shows progress, and stops cleanly on Ctrl-C
+//! (the run finishes its step, rank 0 writes a checkpoint, everyone leaves).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ferroclip_proto::config::RunConfig;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::process::{Child, Command};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// The run configuration (run.toml).
+    #[arg(long)]
+    pub config: String,
+    /// Worker processes to start on this machine.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// Continue the run in run.dir from its journal and latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// HTTP address of the dashboard and /metrics (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http_addr: std::net::SocketAddr,
+    /// Path of the ferroclip-worker binary (default: beside this binary, then PATH).
+    #[arg(long, env = "FERROCLIP_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+    /// Libtorch threads per worker (default: cores / workers).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub store: crate::store_args::StoreArgs,
+}
+
+fn worker_binary(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let beside = std::env::current_exe()?.with_file_name("ferroclip-worker");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    Ok(PathBuf::from("ferroclip-worker"))
+}
+
+fn random_token() -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..32)
+        .map(|_| format!("{:x}", rng.gen_range(0..16u8)))
+        .collect()
+}
+
+pub async fn run(args: TrainArgs) -> Result<()> {
+    let mut config = RunConfig::load(&args.config)?;
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    // Locally we know how many workers come: form the first generation as soon as they are in.
+    config.cluster.max_workers = config.cluster.max_workers.max(args.workers);
+    let token = random_token();
+    let handle = ferroclip_coordinator::serve(ferroclip_coordinator::ServeOptions {
+        config: config.clone(),
+        grpc_addr: "127.0.0.1:0".parse()?,
+        http_addr: Some(args.http_addr),
+        token: token.clone(),
+        journal: None,
+        resume: args.resume,
+        store: args.store.options(),
+    })
+    .await?;
+    let url = format!("http://{}", handle.grpc_addr);
+    if let Some(http) = handle.http_addr {
+        eprintln!("dashboard: http://{http}/?token={token}");
+    }
+    let bin = worker_binary(args.worker_bin.clone())?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = args
+        .threads
+        .unwrap_or((cores / args.workers as usize).max(1));
+    let mut children: Vec<Child> = Vec::new();
+    for i in 0..args.workers {
+        let child = Command::new(&bin)
+            .args(["join", "--coordinator", &url, "--device", "cpu"])
+            .args(["--threads", &threads.to_string()])
+            .args(["--worker-id", &format!("local-{i}")])
+            .env("FERROCLIP_TOKEN", &token)
+            // Own process group: a terminal's Ctrl-C reaches only the launcher, which then
+            // stops the run in order.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting worker {} ({})", i, bin.display()))?;
+        children.push(child);
+    }
+
+    let bar = ProgressBar::new(config.run.steps.max(1));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} {wide_bar} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                bar.println("interrupted: finishing the step, writing a checkpoint, stopping");
+                handle.shared.run.lock().await.request_stop();
+            }
+        }
+        let (step, msg, finished, total) = {
+            let run = handle.shared.run.lock().await;
+            let s = run.status();
+            let m = |k: &str| s.metrics.iter().find(|m| m.name == k).map(|m| m.value);
+            let msg = format!(
+                "loss {:.4}  {:.0} samples/s  {} workers  gen {}",
+                m("loss/total").unwrap_or(f64::NAN),
+                m("samples_per_s").unwrap_or(0.0),
+                s.workers.len(),
+                s.generation
+            );
+            (s.step, msg, run.finished(), run.total_steps())
+        };
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(step);
+        bar.set_message(msg);
+        if finished {
+            break;
+        }
+        let mut all_exited = true;
+        for c in children.iter_mut() {
+            if c.try_wait()?.is_none() {
+                all_exited = false;
+            }
+        }
+        if all_exited {
+            bar.abandon();
+            handle.shutdown().await;
+            bail!("every worker exited before the run finished (see their logs above)");
+        }
+    }
+    bar.finish();
+    for mut c in children {
+        let status = tokio::time::timeout(Duration::from_secs(30), c.wait()).await;
+        if !matches!(status, Ok(Ok(s)) if s.success()) {
+            tracing::warn!("a worker did not exit cleanly: {status:?}");
+        }
+    }
+    let summary = {
+        let run = handle.shared.run.lock().await;
+        let s = run.status();
+        (
+            s.step,
+            s.last_checkpoint.clone(),
+            run.history.back().cloned(),
+        )
+    };
+    handle.shutdown().await;
+    println!("finished at step {}", summary.0);
+    if let Some(last) = summary.2 {
+        for (k, v) in &last.metrics {
+            if k.starts_with("loss/") {
+                println!("  {k} = {v:.4}");
+            }
+        }
+    }
+    if summary.1.is_empty() {
+        println!("no checkpoint was recorded");
+    } else {
+        println!("checkpoint: {}", summary.1);
+    }
+    Ok(())
+}
