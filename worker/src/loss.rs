@@ -6,12 +6,20 @@ use tch::{Kind, Reduction, Tensor};
 /// OpenCLIP's local contrastive loss: this rank's `n` rows, starting at `offset` of the gathered
 /// features, against every gathered column. `img`, `txt`: [G, E] normalised; `logit_scale`: the
 /// log of the temperature's inverse. Symmetric: (CE(image→text) + CE(text→image)) / 2.
-pub fn contrastive(img: &Tensor, txt: &Tensor, logit_scale: &Tensor, offset: i64, n: i64) -> Tensor {
+pub fn contrastive(
+    img: &Tensor,
+    txt: &Tensor,
+    logit_scale: &Tensor,
+    offset: i64,
+    n: i64,
+) -> Tensor {
     let scale = logit_scale.exp();
     let labels = Tensor::arange_start(offset, offset + n, (Kind::Int64, img.device()));
     let per_image = img.narrow(0, offset, n).matmul(&txt.tr()) * &scale;
     let per_text = txt.narrow(0, offset, n).matmul(&img.tr()) * &scale;
-    let ce = |logits: &Tensor| logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0);
+    let ce = |logits: &Tensor| {
+        logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0)
+    };
     (ce(&per_image) + ce(&per_text)) / 2.0
 }
 
@@ -22,7 +30,9 @@ pub fn mae(pred: &Tensor, images: &Tensor, hidden: &Tensor, patch: i64) -> Tenso
     let mean = target.mean_dim(&[-1i64][..], true, pred.kind());
     let var = target.var_dim(&[-1i64][..], true, true);
     let target = (target - mean) / (var + 1e-6).sqrt();
-    let per_patch = (pred - target).square().mean_dim(&[-1i64][..], false, pred.kind());
+    let per_patch = (pred - target)
+        .square()
+        .mean_dim(&[-1i64][..], false, pred.kind());
     let hidden = hidden.to_kind(pred.kind());
     (per_patch * &hidden).sum(pred.kind()) / hidden.sum(pred.kind()).clamp_min(1.0)
 }

@@ -15,7 +15,10 @@ pub struct AdamWConfig {
 /// OpenCLIP excludes gains, biases and the logit scale from weight decay; the issue adds
 /// embeddings (token, positional, class) and the MAE/MLM learned vectors.
 pub fn decays(name: &str, shape: &[i64]) -> bool {
-    !(shape.len() < 2 || name.contains("embedding") || name.contains("pos_embed") || name == "logit_scale")
+    !(shape.len() < 2
+        || name.contains("embedding")
+        || name.contains("pos_embed")
+        || name == "logit_scale")
 }
 
 #[derive(Debug)]
@@ -46,7 +49,11 @@ impl AdamW {
                 decay: decays(name, &p.size()),
             })
             .collect();
-        Self { cfg, slots, steps: 0 }
+        Self {
+            cfg,
+            slots,
+            steps: 0,
+        }
     }
 
     /// One update with learning rate `lr` from the gradients currently in the parameters.
@@ -77,7 +84,11 @@ impl AdamW {
 
     /// exp_avg then exp_avg_sq of every parameter, in parameter order (sharing storage).
     pub fn state_tensors(&self) -> Vec<Tensor> {
-        let mut v: Vec<Tensor> = self.slots.iter().map(|s| s.exp_avg.shallow_clone()).collect();
+        let mut v: Vec<Tensor> = self
+            .slots
+            .iter()
+            .map(|s| s.exp_avg.shallow_clone())
+            .collect();
         v.extend(self.slots.iter().map(|s| s.exp_avg_sq.shallow_clone()));
         v
     }
@@ -98,12 +109,22 @@ pub fn cosine_lr(base: f64, step: u64, warmup: u64, total: u64) -> f64 {
 /// clip_grad_norm_, eps 1e-6). Returns the norm before clipping.
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     tch::no_grad(|| {
-        let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .collect();
         if grads.is_empty() {
             return 0.0;
         }
-        let sq: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double)).collect();
-        let total = Tensor::stack(&sq, 0).sum(Kind::Double).sqrt().double_value(&[]);
+        let sq: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
+            .collect();
+        let total = Tensor::stack(&sq, 0)
+            .sum(Kind::Double)
+            .sqrt()
+            .double_value(&[]);
         if max_norm > 0.0 {
             let coef = max_norm / (total + 1e-6);
             if coef < 1.0 {

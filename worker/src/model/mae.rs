@@ -18,12 +18,32 @@ pub struct MaeDecoder {
 
 impl MaeDecoder {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(p: &mut Params, s: &Scope, enc_width: i64, num_patches: i64, patch: i64, width: i64, layers: i64, heads: i64) -> Self {
+    pub fn new(
+        p: &mut Params,
+        s: &Scope,
+        enc_width: i64,
+        num_patches: i64,
+        patch: i64,
+        width: i64,
+        layers: i64,
+        heads: i64,
+    ) -> Self {
         let std = (width as f64).powf(-0.5);
         Self {
-            decoder_embed: Linear::new(p, &s.sub("decoder_embed"), enc_width, width, (enc_width as f64).powf(-0.5)),
+            decoder_embed: Linear::new(
+                p,
+                &s.sub("decoder_embed"),
+                enc_width,
+                width,
+                (enc_width as f64).powf(-0.5),
+            ),
             mask_token: p.normal(s.name("mask_token"), &[width], 0.02, s.kind),
-            decoder_pos_embed: p.normal(s.name("decoder_pos_embed"), &[num_patches + 1, width], std, s.kind),
+            decoder_pos_embed: p.normal(
+                s.name("decoder_pos_embed"),
+                &[num_patches + 1, width],
+                std,
+                s.kind,
+            ),
             decoder: Transformer::new(p, &s.sub("decoder"), width, layers, heads),
             decoder_norm: LayerNorm::new(p, &s.sub("decoder_norm"), width),
             decoder_pred: Linear::new(p, &s.sub("decoder_pred"), width, patch * patch * 3, std),
@@ -40,7 +60,9 @@ impl MaeDecoder {
         let shuffled = Tensor::cat(&[x.narrow(1, 1, k1 - 1), masked], 1);
         let patches = shuffled.gather(1, &restore.unsqueeze(-1).expand([b, g, w], false), false);
         let x = Tensor::cat(&[x.narrow(1, 0, 1), patches], 1) + &self.decoder_pos_embed;
-        let x = self.decoder_norm.forward(&self.decoder.forward(&x, Attend::All));
+        let x = self
+            .decoder_norm
+            .forward(&self.decoder.forward(&x, Attend::All));
         self.decoder_pred.forward(&x.narrow(1, 1, g))
     }
 }

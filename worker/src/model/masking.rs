@@ -34,7 +34,11 @@ pub struct MaeMask {
 
 pub fn mae_mask(rng: &mut impl Rng, b: i64, g: i64, ratio: f64) -> MaeMask {
     let k = kept(g, ratio);
-    let (mut keep, mut restore, mut hidden) = (Vec::new(), vec![0i64; (b * g) as usize], vec![0f32; (b * g) as usize]);
+    let (mut keep, mut restore, mut hidden) = (
+        Vec::new(),
+        vec![0i64; (b * g) as usize],
+        vec![0f32; (b * g) as usize],
+    );
     let mut perm: Vec<i64> = (0..g).collect();
     for row in 0..b as usize {
         perm.shuffle(rng);
@@ -71,7 +75,14 @@ pub struct MlmMask {
 /// Chooses `ratio` of the tokens strictly between start-of-text (position 0) and end-of-text (the
 /// highest id of the row); of those 80% masked, 10% random (ids below the two special tokens at
 /// the top of the vocabulary), 10% kept.
-pub fn mlm_mask(rng: &mut impl Rng, tokens: &[i64], b: i64, n: i64, ratio: f64, vocab: i64) -> MlmMask {
+pub fn mlm_mask(
+    rng: &mut impl Rng,
+    tokens: &[i64],
+    b: i64,
+    n: i64,
+    ratio: f64,
+    vocab: i64,
+) -> MlmMask {
     let mut input = tokens.to_vec();
     let mut replace = vec![false; tokens.len()];
     let mut chosen = vec![false; tokens.len()];

@@ -22,7 +22,10 @@ pub enum ModelError {
     #[error("model.preset: unknown preset \"{0}\" (tiny, ViT-B-32, ViT-B-16, ViT-L-14, custom)")]
     UnknownPreset(String),
     #[error("model.{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("state dict {origin}: {message}")]
     StateDict { origin: String, message: String },
 }
@@ -87,7 +90,11 @@ impl ModelConfig {
 
     /// The preset named in `[model]` with its overrides applied; "custom" starts from `tiny`.
     pub fn from_section(m: &ModelSection) -> Result<Self, ModelError> {
-        let base = if m.preset == "custom" { "tiny" } else { m.preset.as_str() };
+        let base = if m.preset == "custom" {
+            "tiny"
+        } else {
+            m.preset.as_str()
+        };
         let mut c = Self::preset(base)?;
         let set = |dst: &mut i64, v: Option<i64>| {
             if let Some(v) = v {
@@ -134,12 +141,18 @@ impl ModelConfig {
             }
         }
         if self.vocab_size < 3 {
-            return bad("vocab_size", format!("must be at least 3, got {}", self.vocab_size));
+            return bad(
+                "vocab_size",
+                format!("must be at least 3, got {}", self.vocab_size),
+            );
         }
         if self.image_size % self.patch_size != 0 {
             return bad(
                 "patch_size",
-                format!("{} does not divide image_size {}", self.patch_size, self.image_size),
+                format!(
+                    "{} does not divide image_size {}",
+                    self.patch_size, self.image_size
+                ),
             );
         }
         for (field, w, h) in [
@@ -180,7 +193,12 @@ pub fn is_extra_key(name: &str) -> bool {
 impl Clip {
     /// Initialises from `seed` (libtorch's global CPU generator), in `kind` (Float for training;
     /// Double for gradient checks).
-    pub fn new(config: &ModelConfig, heads: Heads, seed: i64, kind: Kind) -> Result<Self, ModelError> {
+    pub fn new(
+        config: &ModelConfig,
+        heads: Heads,
+        seed: i64,
+        kind: Kind,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
         let c = config;
         tch::manual_seed(seed);
@@ -265,8 +283,14 @@ impl Clip {
     /// Copies values in by name. Every OpenCLIP key must be present with the right shape;
     /// extra keys in `tensors` (e.g. OpenCLIP's `attn_mask` buffers) are ignored; our own
     /// `mae.`/`mlm.` keys are copied when present and must all be present if `need_extras`.
-    pub fn load_state_dict(&self, tensors: &[(String, Tensor)], origin: &str, need_extras: bool) -> Result<(), ModelError> {
-        let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    pub fn load_state_dict(
+        &self,
+        tensors: &[(String, Tensor)],
+        origin: &str,
+        need_extras: bool,
+    ) -> Result<(), ModelError> {
+        let by_name: HashMap<&str, &Tensor> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let err = |message: String| ModelError::StateDict {
             origin: origin.to_string(),
             message,
@@ -279,16 +303,32 @@ impl Clip {
         }
         if !missing.is_empty() {
             let shown: Vec<_> = missing.iter().take(5).cloned().collect();
-            return Err(err(format!("{} missing keys, e.g. {}", missing.len(), shown.join(", "))));
+            return Err(err(format!(
+                "{} missing keys, e.g. {}",
+                missing.len(),
+                shown.join(", ")
+            )));
         }
         tch::no_grad(|| {
             for (name, p) in self.params.iter() {
-                let Some(src) = by_name.get(name.as_str()) else { continue };
+                let Some(src) = by_name.get(name.as_str()) else {
+                    continue;
+                };
                 if src.size() != p.size() {
-                    return Err(err(format!("{name}: shape {:?} in file, model expects {:?}", src.size(), p.size())));
+                    return Err(err(format!(
+                        "{name}: shape {:?} in file, model expects {:?}",
+                        src.size(),
+                        p.size()
+                    )));
                 }
-                if !matches!(src.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
-                    return Err(err(format!("{name}: dtype {:?} is not a float type", src.kind())));
+                if !matches!(
+                    src.kind(),
+                    Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+                ) {
+                    return Err(err(format!(
+                        "{name}: dtype {:?} is not a float type",
+                        src.kind()
+                    )));
                 }
                 p.detach().copy_(src);
             }

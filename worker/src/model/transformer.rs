@@ -37,7 +37,12 @@ impl Block {
         let mlp = s.sub("mlp");
         Self {
             ln_1: LayerNorm::new(p, &s.sub("ln_1"), width),
-            in_proj_weight: p.normal(attn.name("in_proj_weight"), &[3 * width, width], attn_std, s.kind),
+            in_proj_weight: p.normal(
+                attn.name("in_proj_weight"),
+                &[3 * width, width],
+                attn_std,
+                s.kind,
+            ),
             in_proj_bias: p.constant(attn.name("in_proj_bias"), &[3 * width], 0.0, s.kind),
             out_proj: Linear::new(p, &attn.sub("out_proj"), width, width, proj_std),
             ln_2: LayerNorm::new(p, &s.sub("ln_2"), width),
@@ -67,7 +72,9 @@ impl Block {
             .transpose(1, 2)
             .reshape([b, n, w]);
         let x = x + self.out_proj.forward(&a);
-        let h = self.c_proj.forward(&self.c_fc.forward(&self.ln_2.forward(&x)).gelu("none"));
+        let h = self
+            .c_proj
+            .forward(&self.c_fc.forward(&self.ln_2.forward(&x)).gelu("none"));
         x + h
     }
 }

@@ -34,9 +34,19 @@ impl VisionTower {
         let scale = (width as f64).powf(-0.5);
         let k = s.kind;
         Self {
-            conv1: p.normal(s.name("conv1.weight"), &[width, 3, patch, patch], (3.0 * (patch * patch) as f64).powf(-0.5), k),
+            conv1: p.normal(
+                s.name("conv1.weight"),
+                &[width, 3, patch, patch],
+                (3.0 * (patch * patch) as f64).powf(-0.5),
+                k,
+            ),
             class_embedding: p.normal(s.name("class_embedding"), &[width], scale, k),
-            positional_embedding: p.normal(s.name("positional_embedding"), &[grid * grid + 1, width], scale, k),
+            positional_embedding: p.normal(
+                s.name("positional_embedding"),
+                &[grid * grid + 1, width],
+                scale,
+                k,
+            ),
             ln_pre: LayerNorm::new(p, &s.sub("ln_pre"), width),
             transformer: Transformer::new(p, &s.sub("transformer"), width, layers, heads),
             ln_post: LayerNorm::new(p, &s.sub("ln_post"), width),
@@ -50,10 +60,19 @@ impl VisionTower {
     fn patches(&self, images: &Tensor) -> Tensor {
         let x = images
             .to_kind(self.conv1.kind())
-            .conv2d(&self.conv1, None::<Tensor>, [self.patch, self.patch], [0, 0], [1, 1], 1)
+            .conv2d(
+                &self.conv1,
+                None::<Tensor>,
+                [self.patch, self.patch],
+                [0, 0],
+                [1, 1],
+                1,
+            )
             .flatten(2, -1)
             .transpose(1, 2);
-        x + self.positional_embedding.narrow(0, 1, self.positional_embedding.size()[0] - 1)
+        x + self
+            .positional_embedding
+            .narrow(0, 1, self.positional_embedding.size()[0] - 1)
     }
 
     /// Runs the encoder on the class token plus the patches listed in `keep` ([B, K] indices;
@@ -68,9 +87,11 @@ impl VisionTower {
             }
             None => x,
         };
-        let cls = (&self.class_embedding + self.positional_embedding.get(0)).expand([b, 1, w], false);
+        let cls =
+            (&self.class_embedding + self.positional_embedding.get(0)).expand([b, 1, w], false);
         let x = Tensor::cat(&[cls, x], 1);
-        self.transformer.forward(&self.ln_pre.forward(&x), Attend::All)
+        self.transformer
+            .forward(&self.ln_pre.forward(&x), Attend::All)
     }
 
     /// Image embedding [B, E] (not normalised), from the class token.
