@@ -73,6 +73,8 @@ pub struct Run {
     pub block_count: u32,
     /// Ctrl-C / SIGTERM: end the run at the next step boundary.
     stop_requested: bool,
+    /// Ranks of the current generation (members who leave a finishing run still count).
+    generation_world: usize,
 }
 
 fn unix_now() -> f64 {
@@ -119,6 +121,7 @@ impl Run {
             epoch_len,
             block_count,
             stop_requested: false,
+            generation_world: 0,
         }
     }
 
@@ -270,6 +273,7 @@ impl Run {
     fn on_formed(&mut self) {
         let members: Vec<Member> = self.members.members().to_vec();
         let generation = self.members.generation();
+        self.generation_world = members.len();
         self.counters.generations += 1;
         self.reports.clear();
         self.rank_metrics.clear();
@@ -522,7 +526,7 @@ impl Run {
             .entry(req.step)
             .or_default()
             .extend(req.metrics.iter().cloned());
-        let world = self.members.world_size() as usize;
+        let world = self.generation_world;
         let all = self.reports.get(&req.step).map(|r| r.len()).unwrap_or(0) == world;
         if !all || !self.ledger.commit(req.step) {
             return Ok(false);

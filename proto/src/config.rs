@@ -117,9 +117,6 @@ pub struct Objectives {
 pub struct OptimSection {
     /// Samples per optimizer step across all workers; kept constant when the world size changes.
     pub global_batch: u32,
-    /// Samples one worker puts through forward/backward at once (0 = global_batch / workers);
-    /// the rest of its share is reached by gradient accumulation.
-    pub micro_batch: u32,
     pub lr: f64,
     pub weight_decay: f64,
     pub beta1: f64,
@@ -237,7 +234,6 @@ impl Default for OptimSection {
     fn default() -> Self {
         Self {
             global_batch: 64,
-            micro_batch: 0,
             lr: 5e-4,
             weight_decay: 0.2,
             beta1: 0.9,

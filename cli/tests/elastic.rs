@@ -1,0 +1,324 @@
+//! Elastic, exactly-once training with real processes: a `ferroclip coordinator`, three
+//! `ferroclip-worker join` processes over real TCP, one SIGKILLed mid-epoch and a new one joining
+//! later. The workers' own audit logs must show every sample of the epoch's plan in exactly one
+//! applied update, and the survivors' parameters identical at every step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "elastic-test-token";
+
+fn bin(name: &str) -> PathBuf {
+    // Cargo puts every binary of the workspace beside this one.
+    let me = PathBuf::from(env!("CARGO_BIN_EXE_ferroclip"));
+    me.with_file_name(name)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn synth(dir: &Path, rows: u32) -> String {
+    let out = dir.join("data");
+    let status = Command::new(bin("ferroclip"))
+        .args([
+            "shards",
+            "synth",
+            "--rows",
+            &rows.to_string(),
+            "--seed",
+            "3",
+            "--image-size",
+            "16",
+        ])
+        .args([
+            "--rows-per-row-group",
+            "20",
+            "--val-fraction",
+            "0.1",
+            "--no-progress",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .expect("run shards synth");
+    assert!(status.success());
+    out.to_string_lossy().to_string()
+}
+
+fn write_config(dir: &Path, data: &str, extra: &str) -> PathBuf {
+    let path = dir.join("run.toml");
+    let text = format!(
+        r#"
+[run]
+dir = "{run}"
+seed = 7
+steps = 0
+epochs = 1
+audit = true
+[data]
+root = "{data}"
+decode_threads = 1
+prefetch_blocks = 2
+[model]
+preset = "custom"
+embed_dim = 32
+image_size = 16
+patch_size = 4
+vision_width = 32
+vision_layers = 1
+vision_heads = 2
+context_length = 16
+text_width = 32
+text_layers = 1
+text_heads = 2
+[optim]
+global_batch = 24
+lr = 1e-3
+warmup_steps = 2
+[cluster]
+min_workers = 1
+max_workers = 4
+settle_s = 1.0
+heartbeat_interval_s = 0.3
+heartbeat_timeout_s = 3.0
+collective_timeout_s = 5.0
+{extra}
+"#,
+        run = dir.join("run").display(),
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn coordinator(config: &Path, grpc: u16, http: u16, resume: bool) -> Proc {
+    let mut c = Command::new(bin("ferroclip"));
+    c.args(["coordinator", "--config"])
+        .arg(config)
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .env("FERROCLIP_TOKEN", TOKEN)
+        .stdin(Stdio::null());
+    if resume {
+        c.arg("--resume");
+    }
+    Proc(c.spawn().expect("start coordinator"))
+}
+
+fn worker(grpc: u16, id: &str) -> Proc {
+    Proc(
+        Command::new(bin("ferroclip-worker"))
+            .args(["join", "--coordinator", &format!("http://127.0.0.1:{grpc}")])
+            .args(["--device", "cpu", "--threads", "1", "--worker-id", id])
+            .args(["--advertise-host", "127.0.0.1"])
+            .env("FERROCLIP_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start worker"),
+    )
+}
+
+/// The coordinator's /api/status as JSON (None while it is not up).
+fn status(http: u16) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect(("127.0.0.1", http)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let req = format!("GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let body = out.split("\r\n\r\n").nth(1)?;
+    serde_json::from_str(body).ok()
+}
+
+fn wait_until(
+    http: u16,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = status(http) {
+            if pred(&s) {
+                return s;
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {what}: {:?}",
+            status(http)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn step_of(s: &serde_json::Value) -> u64 {
+    s["step"].as_u64().unwrap_or(0)
+}
+
+/// Every train key of the dataset.
+fn train_keys(data: &str) -> Vec<String> {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let ds = ferroclip_shards::Dataset::open(data, &Default::default())
+            .await
+            .expect("open");
+        let mut keys = Vec::new();
+        for b in ds.blocks("train").expect("blocks") {
+            for s in ds.read_block("train", b.index).await.expect("block") {
+                keys.push(s.key);
+            }
+        }
+        keys
+    })
+}
+
+/// From the audit logs: keys used by applied updates, and per-step parameter checksums.
+fn audit(run: &Path) -> (Vec<String>, BTreeMap<u64, Vec<f64>>) {
+    let mut fed: HashMap<(u64, u64), Vec<String>> = HashMap::new();
+    let mut applied: BTreeMap<(u64, u64), Vec<f64>> = BTreeMap::new();
+    for entry in std::fs::read_dir(run.join("audit")).expect("audit dir") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read audit");
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue; // a torn last line of a killed worker
+            };
+            let key = (
+                v["generation"].as_u64().unwrap_or(0),
+                v["step"].as_u64().unwrap_or(0),
+            );
+            match v["event"].as_str() {
+                Some("fed") => fed.entry(key).or_default().extend(
+                    v["keys"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| k.as_str().map(String::from)),
+                ),
+                Some("applied") => applied
+                    .entry(key)
+                    .or_default()
+                    .push(v["checksum"].as_f64().unwrap_or(f64::NAN)),
+                _ => {}
+            }
+        }
+    }
+    let mut used = Vec::new();
+    let mut sums: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for (key, checks) in applied {
+        used.extend(fed.get(&key).cloned().unwrap_or_default());
+        sums.entry(key.1).or_default().extend(checks);
+    }
+    (used, sums)
+}
+
+fn assert_exactly_once(data: &str, run: &Path) {
+    let mut expected = train_keys(data);
+    let (mut used, sums) = audit(run);
+    expected.sort();
+    used.sort();
+    let dup: Vec<_> = used
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0].clone())
+        .collect();
+    assert!(dup.is_empty(), "samples used twice: {dup:?}");
+    assert_eq!(used.len(), expected.len(), "samples used vs planned");
+    assert_eq!(used, expected);
+    for (step, checks) in sums {
+        assert!(
+            checks.windows(2).all(|w| w[0] == w[1]),
+            "workers disagree on the parameters after step {step}: {checks:?}"
+        );
+    }
+}
+
+#[test]
+fn exactly_once_across_a_sigkill_and_a_join() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 600);
+    let cfg = write_config(tmp.path(), &data, "");
+    let (grpc, http) = (free_port(), free_port());
+    let _coord = coordinator(&cfg, grpc, http, false);
+    let _a = worker(grpc, "w-a");
+    let mut b = worker(grpc, "w-b");
+    let _c = worker(grpc, "w-c");
+    let s = wait_until(http, "3 workers at step 3", Duration::from_secs(120), |s| {
+        step_of(s) >= 3 && s["workers"].as_array().map(|w| w.len()) == Some(3)
+    });
+    // SIGKILL one worker mid-epoch.
+    b.0.kill().expect("kill");
+    let killed_at = Instant::now();
+    let before = step_of(&s);
+    let s = wait_until(
+        http,
+        "a step after the kill",
+        Duration::from_secs(60),
+        |s| step_of(s) > before + 1 && s["counters"]["recoveries"].as_u64().unwrap_or(0) >= 1,
+    );
+    eprintln!(
+        "recovered {:.1}s after SIGKILL (step {})",
+        killed_at.elapsed().as_secs_f64(),
+        step_of(&s)
+    );
+    // A new worker joins later and gets the state by broadcast.
+    let after = step_of(&s);
+    let _d = worker(grpc, "w-d");
+    wait_until(http, "the joiner at work", Duration::from_secs(60), |s| {
+        step_of(s) > after && s["workers"].as_array().map(|w| w.len()) == Some(3)
+    });
+    wait_until(
+        http,
+        "the end of the epoch",
+        Duration::from_secs(240),
+        |s| s["state"] == "finished",
+    );
+    assert_exactly_once(&data, &tmp.path().join("run"));
+}
+
+#[test]
+fn a_sigkilled_coordinator_resumes_and_the_run_finishes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 400);
+    let cfg = write_config(tmp.path(), &data, "");
+    let (grpc, http) = (free_port(), free_port());
+    let mut coord = coordinator(&cfg, grpc, http, false);
+    let _a = worker(grpc, "w-a");
+    let _b = worker(grpc, "w-b");
+    let s = wait_until(http, "step 3", Duration::from_secs(120), |s| {
+        step_of(s) >= 3
+    });
+    coord.0.kill().expect("kill coordinator");
+    let _ = coord.0.wait();
+    let _coord = coordinator(&cfg, grpc, http, true);
+    let s2 = wait_until(
+        http,
+        "progress after the restart",
+        Duration::from_secs(90),
+        |x| step_of(x) > step_of(&s) + 1,
+    );
+    assert!(step_of(&s2) > step_of(&s));
+    wait_until(
+        http,
+        "the end of the epoch",
+        Duration::from_secs(240),
+        |s| s["state"] == "finished",
+    );
+    assert_exactly_once(&data, &tmp.path().join("run"));
+}

@@ -1,0 +1,108 @@
+//! `ferroclip-worker join …`: flags of the distributed worker.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::JoinOptions;
+
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// Coordinator gRPC URL, e.g. http://ferroclip-coordinator:50051.
+    #[arg(long)]
+    pub coordinator: String,
+    /// File holding the run token (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "FERROCLIP_TOKEN_FILE")]
+    pub token_file: Option<String>,
+    /// The run token itself (prefer --token-file).
+    #[arg(long, env = "FERROCLIP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// "cpu" or "cuda:N".
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Port peers connect to for the collective ring (0 = any free port).
+    #[arg(long, default_value_t = 0)]
+    pub collective_port: u16,
+    /// Host peers use to reach this worker (default: $POD_IP, else this host's name).
+    #[arg(long, env = "POD_IP")]
+    pub advertise_host: Option<String>,
+    /// Stable id of this worker process (default: host-pid).
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// Libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// S3-compatible endpoint for the dataset and run directory.
+    #[arg(long, env = "FERROCLIP_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Allow plain-HTTP object-store endpoints.
+    #[arg(long)]
+    pub allow_http: bool,
+}
+
+pub fn run(args: JoinArgs) -> Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let token = match (&args.token_file, &args.token) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the run token file {path}"))?
+            .trim()
+            .to_string(),
+        (None, Some(t)) => t.trim().to_string(),
+        (None, None) => anyhow::bail!("no run token: pass --token-file or set FERROCLIP_TOKEN"),
+    };
+    let device = match args.device.as_str() {
+        "cpu" => tch::Device::Cpu,
+        other => anyhow::bail!("device {other:?} is not supported by this build (use cpu)"),
+    };
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n.max(1));
+    }
+    let host = super::hostname();
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook_flag(&stop)?;
+    super::run(JoinOptions {
+        coordinator: args.coordinator,
+        token,
+        worker_id: args
+            .worker_id
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        device,
+        device_name: args.device,
+        collective_port: args.collective_port,
+        advertise_host: args.advertise_host.unwrap_or(host),
+        store: ferroclip_shards::StoreOptions {
+            s3_endpoint: args.s3_endpoint,
+            allow_http: args.allow_http,
+        },
+        stop,
+    })
+}
+
+/// SIGTERM sets `stop`: the worker finishes or abandons its step, leaves, and exits 0.
+fn signal_hook_flag(stop: &Arc<AtomicBool>) -> Result<()> {
+    let flag = stop.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("sigterm".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                if let Ok(mut s) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    s.recv().await;
+                    tracing::info!("SIGTERM: leaving the run after this step");
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })?;
+    Ok(())
+}

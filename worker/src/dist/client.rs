@@ -1,0 +1,159 @@
+//! The worker's side of `ferroclip.v1`: a gRPC client that adds the run token to every call and
+//! retries with backoff while the coordinator is unreachable (it may be restarting).
+
+use std::time::Duration;
+
+use ferroclip_proto::v1::{self, coordinator_client::CoordinatorClient};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+/// What a failed call means for the worker loop.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Our generation is over: join again.
+    #[error("generation over: {0}")]
+    Stale(String),
+    /// The coordinator refused the call for good (bad token, malformed request).
+    #[error("coordinator refused the call: {0}")]
+    Refused(Status),
+    #[error("coordinator unreachable at {url} for {waited_s:.0}s: {last}")]
+    Unreachable {
+        url: String,
+        waited_s: f64,
+        last: String,
+    },
+}
+
+#[derive(Clone)]
+pub struct Client {
+    url: String,
+    token: String,
+    inner: CoordinatorClient<Channel>,
+    /// How long to keep retrying an unreachable coordinator.
+    patience: Duration,
+}
+
+impl Client {
+    pub fn new(url: &str, token: &str, patience: Duration) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| anyhow::anyhow!("coordinator URL {url:?} is not valid: {e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true);
+        Ok(Self {
+            url: url.to_string(),
+            token: token.to_string(),
+            inner: CoordinatorClient::new(endpoint.connect_lazy()),
+            patience,
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> Result<Request<T>, CallError> {
+        let mut req = Request::new(msg);
+        let value = MetadataValue::try_from(format!("Bearer {}", self.token)).map_err(|_| {
+            CallError::Refused(Status::invalid_argument("run token has invalid characters"))
+        })?;
+        req.metadata_mut()
+            .insert(ferroclip_proto::AUTH_HEADER, value);
+        Ok(req)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or the coordinator stays away too long.
+    async fn retry<T, M, F, Fut>(&self, msg: M, call: F) -> Result<T, CallError>
+    where
+        M: Clone,
+        F: Fn(CoordinatorClient<Channel>, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = std::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let req = self.request(msg.clone())?;
+            match call(self.inner.clone(), req).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    return Err(CallError::Stale(s.message().into()))
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ) =>
+                {
+                    if start.elapsed() > self.patience {
+                        return Err(CallError::Unreachable {
+                            url: self.url.clone(),
+                            waited_s: start.elapsed().as_secs_f64(),
+                            last: s.message().to_string(),
+                        });
+                    }
+                    tracing::debug!(
+                        "coordinator unavailable ({}), retrying in {backoff:?}",
+                        s.message()
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(s) => return Err(CallError::Refused(s)),
+            }
+        }
+    }
+
+    pub async fn join(&self, msg: v1::JoinRequest) -> Result<v1::JoinResponse, CallError> {
+        self.retry(msg, |mut c, r| async move { c.join(r).await })
+            .await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        msg: v1::HeartbeatRequest,
+    ) -> Result<v1::HeartbeatResponse, CallError> {
+        self.retry(msg, |mut c, r| async move { c.heartbeat(r).await })
+            .await
+    }
+
+    pub async fn next_step(
+        &self,
+        msg: v1::NextStepRequest,
+    ) -> Result<v1::NextStepResponse, CallError> {
+        self.retry(msg, |mut c, r| async move { c.next_step(r).await })
+            .await
+    }
+
+    pub async fn commit_step(
+        &self,
+        msg: v1::CommitStepRequest,
+    ) -> Result<v1::CommitStepResponse, CallError> {
+        self.retry(msg, |mut c, r| async move { c.commit_step(r).await })
+            .await
+    }
+
+    pub async fn report_failure(&self, msg: v1::ReportFailureRequest) -> Result<(), CallError> {
+        self.retry(msg, |mut c, r| async move { c.report_failure(r).await })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn commit_checkpoint(
+        &self,
+        msg: v1::CommitCheckpointRequest,
+    ) -> Result<(), CallError> {
+        self.retry(msg, |mut c, r| async move { c.commit_checkpoint(r).await })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn leave(&self, msg: v1::LeaveRequest) -> Result<(), CallError> {
+        self.retry(msg, |mut c, r| async move { c.leave(r).await })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn status(&self) -> Result<v1::StatusResponse, CallError> {
+        self.retry(
+            v1::StatusRequest {},
+            |mut c, r| async move { c.status(r).await },
+        )
+        .await
+    }
+}

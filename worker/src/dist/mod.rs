@@ -1,0 +1,512 @@
+//! Distributed training: `ferroclip-worker join`. Joins the coordinator, forms the ring with its
+//! peers, and loops over steps: samples from the coordinator → batch → gradients over the global
+//! batch → optimizer → CommitStep. On a collective failure or a generation change it abandons
+//! the uncommitted step (no update happened) and re-joins keeping its in-memory state.
+
+pub mod audit;
+pub mod cli;
+pub mod client;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferroclip_proto::config::RunConfig;
+use ferroclip_proto::v1;
+use tch::Device;
+
+use crate::collective::ring::{RingCollective, RingOptions, WireDtype};
+use crate::collective::Collective;
+use crate::data::{ImageTransform, Loader, LoaderOptions, SampleRef, Tokenizer};
+use crate::model::ModelConfig;
+use crate::train::{TrainError, Trainer};
+use audit::{Audit, Record};
+use client::{CallError, Client};
+
+/// How this worker reaches the run.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    pub coordinator: String,
+    pub token: String,
+    pub worker_id: String,
+    pub device: Device,
+    pub device_name: String,
+    /// Port for ring connections (0 = any free port).
+    pub collective_port: u16,
+    /// Host peers use to reach this worker.
+    pub advertise_host: String,
+    pub store: ferroclip_shards::StoreOptions,
+    /// Set by SIGTERM: finish or abandon the current step, Leave, exit 0.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Why the inner step loop ended.
+enum Exit {
+    /// Join again (generation over, collective failure).
+    Regroup,
+    /// The run is over or this worker was asked to stop.
+    Done,
+}
+
+struct Worker {
+    opts: JoinOptions,
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    listener: TcpListener,
+    collective_addr: String,
+    trainer: Option<Trainer>,
+    loader: Option<Loader>,
+    audit: Option<Audit>,
+    last_applied: u64,
+    generation: u64,
+}
+
+pub fn run(opts: JoinOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = {
+        let _ctx = rt.enter();
+        Client::new(&opts.coordinator, &opts.token, Duration::from_secs(120))?
+    };
+    let listener = TcpListener::bind(("0.0.0.0", opts.collective_port))
+        .with_context(|| format!("binding the collective port {}", opts.collective_port))?;
+    let collective_addr = format!("{}:{}", opts.advertise_host, listener.local_addr()?.port());
+    let mut w = Worker {
+        opts,
+        rt,
+        client,
+        listener,
+        collective_addr,
+        trainer: None,
+        loader: None,
+        audit: None,
+        last_applied: 0,
+        generation: 0,
+    };
+    w.main_loop()
+}
+
+impl Worker {
+    fn main_loop(&mut self) -> Result<()> {
+        loop {
+            if self.opts.stop.load(Ordering::Relaxed) {
+                return self.leave("SIGTERM");
+            }
+            let req = v1::JoinRequest {
+                worker_id: self.opts.worker_id.clone(),
+                host: hostname(),
+                device: self.opts.device_name.clone(),
+                collective_addr: self.collective_addr.clone(),
+                last_generation: self.generation,
+                last_applied_step: self.last_applied,
+            };
+            let place = self
+                .rt
+                .block_on(self.client.join(req))
+                .map_err(anyhow::Error::from)?;
+            if place.world_size == 0 {
+                tracing::info!("the run is finished");
+                return Ok(());
+            }
+            self.generation = place.generation;
+            tracing::info!(
+                generation = place.generation,
+                rank = place.rank,
+                world = place.world_size,
+                next_step = place.next_step,
+                "joined"
+            );
+            let cfg = RunConfig::parse(&place.run_config_toml, "coordinator's run config")?;
+            self.prepare(&cfg, &place)?;
+            match self.generation_loop(&cfg, &place)? {
+                Exit::Regroup => continue,
+                Exit::Done => return Ok(()),
+            }
+        }
+    }
+
+    /// Builds the model and data pipeline once; loads a checkpoint when the coordinator says so.
+    fn prepare(&mut self, cfg: &RunConfig, place: &v1::JoinResponse) -> Result<()> {
+        if self.trainer.is_none() {
+            let ctx = ModelConfig::from_section(&cfg.model)?;
+            let tokenizer = Arc::new(if cfg.data.tokenizer == "clip" {
+                Tokenizer::clip(ctx.context_length as usize)?
+            } else {
+                Tokenizer::from_hf_json(cfg.data.tokenizer.as_ref(), ctx.context_length as usize)?
+            });
+            let mut transform = ImageTransform::train(ctx.image_size, cfg.run.seed);
+            transform.scale = (cfg.data.crop_scale[0], cfg.data.crop_scale[1]);
+            let loader = Loader::open(
+                &cfg.data.root,
+                &self.opts.store,
+                &cfg.data.train_split,
+                transform,
+                tokenizer,
+                &LoaderOptions {
+                    threads: cfg.data.decode_threads as usize,
+                    prefetch_blocks: cfg.data.prefetch_blocks.max(1) as usize,
+                    ..LoaderOptions::default()
+                },
+            )?;
+            let total_steps = if cfg.run.steps > 0 {
+                cfg.run.steps
+            } else {
+                let rows: u64 = loader.block_rows().iter().map(|&r| r as u64).sum();
+                (rows * cfg.run.epochs as u64).div_ceil(cfg.optim.global_batch.max(1) as u64)
+            };
+            let trainer = Trainer::new(cfg, total_steps)?;
+            if self.opts.device != Device::Cpu {
+                bail!("only the CPU device is supported by this build");
+            }
+            if cfg.run.audit {
+                let dir = PathBuf::from(&cfg.run.dir).join("audit");
+                self.audit = Some(Audit::open(&dir, &self.opts.worker_id)?);
+            }
+            self.trainer = Some(trainer);
+            self.loader = Some(loader);
+        }
+        if !place.resume_checkpoint.is_empty() {
+            let trainer = self.trainer.as_mut().context("trainer")?;
+            load_checkpoint(trainer, &place.resume_checkpoint)
+                .with_context(|| format!("loading checkpoint {}", place.resume_checkpoint))?;
+            self.last_applied = place.next_step.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    fn generation_loop(&mut self, cfg: &RunConfig, place: &v1::JoinResponse) -> Result<Exit> {
+        let peers: Vec<String> = place
+            .peers
+            .iter()
+            .map(|p| p.collective_addr.clone())
+            .collect();
+        let ring_opts = RingOptions {
+            timeout: Duration::from_secs_f64(cfg.cluster.collective_timeout_s),
+            dtype: if cfg.cluster.allreduce_dtype == "bf16" {
+                WireDtype::Bf16
+            } else {
+                WireDtype::F32
+            },
+            generation: place.generation,
+            ..RingOptions::default()
+        };
+        let listener = self.listener.try_clone()?;
+        let mut ring =
+            match RingCollective::connect(place.rank as usize, &peers, listener, ring_opts) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("forming the ring failed: {e}");
+                    self.report(place, &e);
+                    return Ok(Exit::Regroup);
+                }
+            };
+        if place.needs_state {
+            let trainer = self.trainer.as_mut().context("trainer")?;
+            if let Err(e) = broadcast_state(trainer, &mut ring, place.state_source_rank as usize) {
+                tracing::warn!("state broadcast failed: {e}");
+                self.report(place, &e);
+                return Ok(Exit::Regroup);
+            }
+            self.last_applied = place.next_step.saturating_sub(1);
+            tracing::info!(from = place.state_source_rank, "received the run's state");
+        }
+        let trainer = self.trainer.as_mut().context("trainer")?;
+        trainer.set_step(place.next_step.saturating_sub(1));
+
+        // Heartbeats on the runtime; a stale answer ends the generation for the step loop.
+        let over = Arc::new(AtomicBool::new(false));
+        let hb_gen = Arc::new(AtomicU64::new(place.generation));
+        let hb = {
+            let client = self.client.clone();
+            let over = over.clone();
+            let id = self.opts.worker_id.clone();
+            let every = Duration::from_secs_f64(cfg.cluster.heartbeat_interval_s.max(0.05));
+            self.rt.spawn(async move {
+                loop {
+                    let req = v1::HeartbeatRequest {
+                        worker_id: id.clone(),
+                        generation: hb_gen.load(Ordering::Relaxed),
+                    };
+                    if let Err(CallError::Stale(_)) = client.heartbeat(req).await {
+                        over.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            })
+        };
+        let result = self.step_loop(cfg, place, &mut ring, &over);
+        hb.abort();
+        result
+    }
+
+    fn step_loop(
+        &mut self,
+        cfg: &RunConfig,
+        place: &v1::JoinResponse,
+        ring: &mut RingCollective,
+        over: &AtomicBool,
+    ) -> Result<Exit> {
+        let gen = place.generation;
+        let rank = place.rank;
+        let mut step = place.next_step;
+        loop {
+            if over.load(Ordering::Relaxed) {
+                return Ok(Exit::Regroup);
+            }
+            if self.opts.stop.load(Ordering::Relaxed) {
+                self.leave("SIGTERM")?;
+                return Ok(Exit::Done);
+            }
+            let t0 = Instant::now();
+            let req = v1::NextStepRequest {
+                worker_id: self.opts.worker_id.clone(),
+                generation: gen,
+                step,
+            };
+            let resp = match self.rt.block_on(self.client.next_step(req)) {
+                Ok(r) => r,
+                Err(CallError::Stale(_)) => return Ok(Exit::Regroup),
+                Err(e) => return Err(e.into()),
+            };
+            if resp.regroup {
+                return Ok(Exit::Regroup);
+            }
+            if resp.end_of_run {
+                self.finish(cfg, place, step - 1)?;
+                return Ok(Exit::Done);
+            }
+            let loader = self.loader.as_ref().context("loader")?;
+            loader.prefetch(&resp.prefetch_blocks);
+            if let Some(first) = resp.samples.first() {
+                loader.set_epoch(first.epoch as u64);
+            }
+            let refs: Vec<SampleRef> = resp
+                .samples
+                .iter()
+                .map(|s| SampleRef {
+                    block: s.block,
+                    row: s.row,
+                })
+                .collect();
+            let batch = loader.load(&refs)?;
+            let data_wait = t0.elapsed().as_secs_f64();
+            if let Some(a) = self.audit.as_mut() {
+                a.write(&Record::Fed {
+                    generation: gen,
+                    step,
+                    rank,
+                    keys: batch.keys.clone(),
+                })?;
+            }
+            let trainer = self.trainer.as_mut().context("trainer")?;
+            let t1 = Instant::now();
+            let losses = match trainer.compute_grads(&batch, resp.global_batch as usize, ring) {
+                Ok(l) => l,
+                Err(TrainError::Collective(ce)) => {
+                    tracing::warn!(step, "step abandoned: {ce}");
+                    self.report(place, &ce);
+                    return Ok(Exit::Regroup);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let compute = t1.elapsed().as_secs_f64();
+            let update = trainer.apply_update()?;
+            self.last_applied = step;
+            if let Some(a) = self.audit.as_mut() {
+                let checksum = trainer_checksum(self.trainer.as_ref());
+                a.write(&Record::Applied {
+                    generation: gen,
+                    step,
+                    checksum,
+                })?;
+            }
+            let mut metrics: Vec<(String, f64)> = vec![
+                ("loss/total".into(), losses.total),
+                ("lr".into(), update.lr),
+                ("grad_norm".into(), update.grad_norm),
+                (
+                    "logit_scale".into(),
+                    trainer_logit_scale(self.trainer.as_ref()),
+                ),
+            ];
+            let o = &cfg.objectives;
+            for (name, w, v) in [
+                ("loss/contrastive", o.contrastive, losses.contrastive),
+                ("loss/mlm", o.mlm, losses.mlm),
+                ("loss/mae", o.mae, losses.mae),
+            ] {
+                if w > 0.0 {
+                    metrics.push((name.into(), v));
+                }
+            }
+            metrics.push(("time/step_s".into(), t0.elapsed().as_secs_f64()));
+            metrics.push(("time/data_wait_s".into(), data_wait));
+            metrics.push(("time/compute_s".into(), compute));
+            let req = v1::CommitStepRequest {
+                worker_id: self.opts.worker_id.clone(),
+                generation: gen,
+                step,
+                samples: refs.len() as u32,
+                metrics: metrics
+                    .into_iter()
+                    .map(|(name, value)| v1::Metric { name, value })
+                    .collect(),
+            };
+            match self.rt.block_on(self.client.commit_step(req)) {
+                Ok(_) => {}
+                Err(CallError::Stale(_)) => return Ok(Exit::Regroup),
+                Err(e) => return Err(e.into()),
+            }
+            let every = cfg.checkpoint.every_steps;
+            if rank == 0 && every > 0 && step % every == 0 {
+                self.checkpoint(cfg, gen, step)?;
+            }
+            step += 1;
+        }
+    }
+
+    /// Rank 0 writes the final checkpoint; everyone leaves.
+    fn finish(&mut self, cfg: &RunConfig, place: &v1::JoinResponse, last_step: u64) -> Result<()> {
+        if place.rank == 0 && last_step > 0 {
+            self.checkpoint(cfg, place.generation, last_step)?;
+        }
+        self.leave("finished")
+    }
+
+    fn checkpoint(&mut self, cfg: &RunConfig, generation: u64, step: u64) -> Result<()> {
+        let url = format!(
+            "{}/checkpoints/step-{step:08}",
+            cfg.run.dir.trim_end_matches('/')
+        );
+        let trainer = self.trainer.as_mut().context("trainer")?;
+        save_checkpoint(trainer, &url).with_context(|| format!("writing checkpoint {url}"))?;
+        let req = v1::CommitCheckpointRequest {
+            worker_id: self.opts.worker_id.clone(),
+            generation,
+            step,
+            url,
+        };
+        match self.rt.block_on(self.client.commit_checkpoint(req)) {
+            Ok(()) | Err(CallError::Stale(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn report(&self, place: &v1::JoinResponse, err: &crate::collective::CollectiveError) {
+        let Some(peer) = err.suspect() else {
+            return;
+        };
+        let req = v1::ReportFailureRequest {
+            worker_id: self.opts.worker_id.clone(),
+            generation: place.generation,
+            suspect_rank: peer as u32,
+            reason: err.to_string(),
+        };
+        if let Err(e) = self.rt.block_on(self.client.report_failure(req)) {
+            tracing::debug!("failure report not taken: {e}");
+        }
+    }
+
+    fn leave(&self, reason: &str) -> Result<()> {
+        let req = v1::LeaveRequest {
+            worker_id: self.opts.worker_id.clone(),
+            generation: self.generation,
+            reason: reason.into(),
+        };
+        match self.rt.block_on(self.client.leave(req)) {
+            Ok(()) | Err(CallError::Stale(_)) => Ok(()),
+            Err(e) => bail!("leaving the run: {e}"),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// A cheap fingerprint of the parameters: equal on ranks that applied the same updates.
+fn trainer_checksum(trainer: Option<&Trainer>) -> f64 {
+    let Some(t) = trainer else { return f64::NAN };
+    t.model
+        .params
+        .iter()
+        .map(|(_, p)| {
+            p.to_kind(tch::Kind::Double)
+                .sum(tch::Kind::Double)
+                .double_value(&[])
+        })
+        .sum()
+}
+
+fn trainer_logit_scale(trainer: Option<&Trainer>) -> f64 {
+    trainer
+        .map(|t| t.model.logit_scale.double_value(&[]).exp())
+        .unwrap_or(f64::NAN)
+}
+
+/// Every rank takes `root`'s parameters, optimizer state and step counter.
+fn broadcast_state(
+    trainer: &mut Trainer,
+    coll: &mut dyn Collective,
+    root: usize,
+) -> std::result::Result<(), crate::collective::CollectiveError> {
+    let _guard = tch::no_grad_guard();
+    for mut t in trainer.state_tensors() {
+        coll.broadcast(&mut t, root)?;
+    }
+    let mut step = tch::Tensor::from_slice(&[trainer.step() as f64]);
+    coll.broadcast(&mut step, root)?;
+    trainer.set_step(step.double_value(&[0]) as u64);
+    Ok(())
+}
+
+// Interim checkpoint format until `crate::checkpoint` lands: the trainer's state tensors as
+// safetensors plus a step file, made visible by renaming a complete directory into place.
+fn save_checkpoint(trainer: &Trainer, url: &str) -> Result<()> {
+    let dir = PathBuf::from(url);
+    let tmp = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let named: Vec<(String, tch::Tensor)> = trainer
+        .model
+        .params
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach()))
+        .collect();
+    tch::Tensor::write_safetensors(&named, tmp.join("model.safetensors"))?;
+    let state: Vec<(String, tch::Tensor)> = trainer
+        .state_tensors()
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (format!("{i:05}"), t))
+        .collect();
+    tch::Tensor::write_safetensors(&state, tmp.join("state.safetensors"))?;
+    std::fs::write(tmp.join("step"), trainer.step().to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)?;
+    Ok(())
+}
+
+fn load_checkpoint(trainer: &mut Trainer, url: &str) -> Result<()> {
+    let dir = PathBuf::from(url);
+    let step: u64 = std::fs::read_to_string(dir.join("step"))?.trim().parse()?;
+    let loaded = tch::Tensor::read_safetensors(dir.join("state.safetensors"))?;
+    let mut by_name: std::collections::HashMap<String, tch::Tensor> = loaded.into_iter().collect();
+    let _guard = tch::no_grad_guard();
+    for (i, mut t) in trainer.state_tensors().into_iter().enumerate() {
+        let src = by_name
+            .remove(&format!("{i:05}"))
+            .with_context(|| format!("{url}: state tensor {i} missing"))?;
+        t.f_copy_(&src)?;
+    }
+    trainer.set_step(step);
+    Ok(())
+}
