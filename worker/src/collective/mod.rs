@@ -4,7 +4,9 @@
 use tch::Tensor;
 
 pub mod buckets;
+mod host;
 mod pipe;
+mod rendezvous;
 pub mod ring;
 mod wire;
 

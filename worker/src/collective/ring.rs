@@ -4,15 +4,15 @@
 //! 2(n−1)/n of the buffer; all-gather and broadcast stream around the same ring. Blocking
 //! std::net sockets with SO_RCVTIMEO/SO_SNDTIMEO give the timeouts; see `pipe` for the engine.
 
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::Duration;
 
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
+use super::host::{check_cpu, f32_data, row_key, tensor_bytes};
 use super::pipe::{self, Codec, Link, INLINE_BYTES};
-use super::wire::{self, Header, Hello, Op, Reply, Verdict};
+use super::rendezvous;
+use super::wire::{self, Header, Op};
 use super::{Collective, CollectiveError, Result};
 
 /// Number format of all-reduce payloads on the wire (accumulation is always f32).
@@ -49,10 +49,7 @@ impl Default for RingOptions {
 
 /// Measured in bench/README-allreduce.md: large enough to amortise syscalls, small enough
 /// to stay in L2 while a chunk is reduced and forwarded.
-pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
-
-/// Socket buffer size asked of the kernel (capped by net.core.{r,w}mem_max).
-const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+pub const DEFAULT_CHUNK_BYTES: usize = 64 * 1024;
 
 struct Links {
     left: TcpStream,
@@ -82,7 +79,7 @@ impl std::fmt::Debug for RingCollective {
     }
 }
 
-fn invalid(op: &'static str, message: impl Into<String>) -> CollectiveError {
+pub(crate) fn invalid(op: &'static str, message: impl Into<String>) -> CollectiveError {
     CollectiveError::Invalid {
         op,
         message: message.into(),
@@ -131,35 +128,13 @@ impl RingCollective {
         if world_size == 1 {
             return Ok(ring);
         }
-        let left = (rank + world_size - 1) % world_size;
-        let right = (rank + 1) % world_size;
-        let right_addr = resolve(&peers[right], right)?;
-        let hello = Hello {
-            generation: ring.opts.generation,
-            rank: rank as u64,
-            world_size: world_size as u64,
-        };
-        let deadline = Instant::now() + ring.opts.timeout;
-        let timeout = ring.opts.timeout;
-        let _ = socket2::SockRef::from(&listener).set_recv_buffer_size(SOCKET_BUFFER_BYTES);
-        let cancel = AtomicBool::new(false);
-        let (right_stream, left_stream) = thread::scope(|s| {
-            let acceptor =
-                s.spawn(|| accept_left(&listener, hello, left, deadline, timeout, &cancel));
-            let connected = connect_right(right_addr, hello, right, deadline, timeout);
-            if connected.is_err() {
-                cancel.store(true, Ordering::SeqCst);
-            }
-            let accepted = acceptor
-                .join()
-                .unwrap_or_else(|_| Err(invalid(OP, "the accept thread panicked")));
-            (connected, accepted)
-        });
-        let right_stream = right_stream?;
-        let left_stream = left_stream?;
-        for (s, peer) in [(&left_stream, left), (&right_stream, right)] {
-            configure(s, timeout).map_err(|e| wire::link_error(e, peer, OP, timeout))?;
-        }
+        let (left_stream, right_stream) = rendezvous::form(
+            rank,
+            peers,
+            &listener,
+            ring.opts.generation,
+            ring.opts.timeout,
+        )?;
         ring.links = Some(Links {
             left: left_stream,
             right: right_stream,
@@ -462,214 +437,6 @@ fn op_name(code: u32) -> &'static str {
         .into_iter()
         .find(|op| *op as u32 == code)
         .map_or("an unknown operation", Op::name)
-}
-
-fn resolve(addr: &str, rank: usize) -> Result<SocketAddr> {
-    addr.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            invalid(
-                "connect",
-                format!("peer rank {rank}: cannot resolve {addr:?}"),
-            )
-        })
-}
-
-fn configure(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let sock = socket2::SockRef::from(s);
-    // Best effort: the kernel caps these; failing to raise them is not an error.
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
-    Ok(())
-}
-
-fn remaining(deadline: Instant) -> Option<Duration> {
-    deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-}
-
-/// Dial the right neighbour until it answers our hello or the deadline passes. Connection
-/// refusals are retried: the neighbour may still be starting.
-fn connect_right(
-    addr: SocketAddr,
-    hello: Hello,
-    right: usize,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<TcpStream> {
-    const OP: &str = "connect";
-    let mut last_err: Option<std::io::Error> = None;
-    while let Some(left_time) = remaining(deadline) {
-        match try_hello(addr, hello, left_time) {
-            Ok((stream, reply)) => {
-                if reply.verdict == Verdict::Accepted {
-                    return Ok(stream);
-                }
-                return Err(invalid(
-                    OP,
-                    format!(
-                        "rank {right} at {addr} refused this rank ({:?}): it is at generation {} expecting rank {} of {}, this rank is {} of {} at generation {}",
-                        reply.verdict,
-                        reply.generation,
-                        reply.expected_rank,
-                        reply.world_size,
-                        hello.rank,
-                        hello.world_size,
-                        hello.generation
-                    ),
-                ));
-            }
-            Err(e) => {
-                last_err = Some(e);
-                thread::sleep(
-                    Duration::from_millis(20).min(remaining(deadline).unwrap_or_default()),
-                );
-            }
-        }
-    }
-    tracing::debug!(right, error = ?last_err, "could not reach the right neighbour");
-    Err(CollectiveError::Timeout {
-        peer: right,
-        op: OP,
-        timeout_s: timeout.as_secs_f64(),
-    })
-}
-
-fn try_hello(
-    addr: SocketAddr,
-    hello: Hello,
-    time: Duration,
-) -> std::io::Result<(TcpStream, Reply)> {
-    let stream = TcpStream::connect_timeout(&addr, time)?;
-    let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(SOCKET_BUFFER_BYTES);
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(time))?;
-    stream.set_write_timeout(Some(time))?;
-    wire::write_all(&stream, &hello.encode())?;
-    let mut b = [0u8; Reply::LEN];
-    wire::read_exact(&stream, &mut b)?;
-    let reply = Reply::decode(&b).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed handshake reply")
-    })?;
-    Ok((stream, reply))
-}
-
-/// Accept connections until one carries the expected hello; refuse (and keep waiting past)
-/// stale generations, wrong ranks and strangers.
-fn accept_left(
-    listener: &TcpListener,
-    ours: Hello,
-    left: usize,
-    deadline: Instant,
-    timeout: Duration,
-    cancel: &AtomicBool,
-) -> Result<TcpStream> {
-    const OP: &str = "connect";
-    let timed_out = || CollectiveError::Timeout {
-        peer: left,
-        op: OP,
-        timeout_s: timeout.as_secs_f64(),
-    };
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| wire::link_error(e, left, OP, timeout))?;
-    loop {
-        if cancel.load(Ordering::SeqCst) {
-            return Err(timed_out());
-        }
-        let Some(left_time) = remaining(deadline) else {
-            return Err(timed_out());
-        };
-        match listener.accept() {
-            Ok((stream, from)) => match greet(&stream, ours, left, left_time) {
-                Ok(true) => return Ok(stream),
-                Ok(false) => tracing::warn!(%from, "refused a ring connection"),
-                Err(e) => tracing::warn!(%from, error = %e, "bad ring handshake"),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(wire::link_error(e, left, OP, timeout)),
-        }
-    }
-}
-
-/// Read a hello, answer it; true if accepted.
-fn greet(stream: &TcpStream, ours: Hello, left: usize, time: Duration) -> std::io::Result<bool> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(time))?;
-    stream.set_write_timeout(Some(time))?;
-    let mut b = [0u8; Hello::LEN];
-    wire::read_exact(stream, &mut b)?;
-    let reply = wire::judge(Hello::decode(&b), ours, left as u64);
-    wire::write_all(stream, &reply.encode())?;
-    Ok(reply.verdict == Verdict::Accepted)
-}
-
-/// A CPU f32 tensor's elements, checked.
-fn f32_data<'t>(t: &'t mut Tensor, op: &'static str) -> Result<&'t mut [f32]> {
-    check_cpu(t, op)?;
-    let kind = t.f_kind().map_err(|e| invalid(op, e.to_string()))?;
-    if kind != Kind::Float {
-        return Err(invalid(op, format!("needs an f32 tensor, got {kind:?}")));
-    }
-    if !t.is_contiguous() {
-        return Err(invalid(op, "needs a contiguous tensor"));
-    }
-    let n = t.numel();
-    if n == 0 {
-        return Ok(&mut []);
-    }
-    // SAFETY: a defined, contiguous CPU f32 tensor with n > 0 elements owns n f32s from
-    // data_ptr (storage offset included); `&mut Tensor` keeps them ours for 't.
-    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) })
-}
-
-/// A contiguous CPU tensor's bytes, checked.
-fn tensor_bytes<'t>(t: &'t mut Tensor, op: &'static str) -> Result<&'t mut [u8]> {
-    check_cpu(t, op)?;
-    let kind = t.f_kind().map_err(|e| invalid(op, e.to_string()))?;
-    if !t.is_contiguous() {
-        return Err(invalid(op, "needs a contiguous tensor"));
-    }
-    let n = t.numel() * kind.elt_size_in_bytes();
-    if n == 0 {
-        return Ok(&mut []);
-    }
-    // SAFETY: as in f32_data, for n bytes.
-    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, n) })
-}
-
-fn check_cpu(t: &Tensor, op: &'static str) -> Result<()> {
-    if !t.defined() {
-        return Err(invalid(op, "the tensor is undefined"));
-    }
-    if t.device() != Device::Cpu {
-        return Err(invalid(
-            op,
-            format!("the TCP ring needs CPU tensors, got {:?}", t.device()),
-        ));
-    }
-    Ok(())
-}
-
-/// Identifies (dtype, trailing dims) so ranks gathering different row shapes fail loudly.
-fn row_key(kind: Kind, rows_shape: &[i64]) -> u64 {
-    // FNV-1a over the dtype code and the dims.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for x in std::iter::once(kind as i64).chain(rows_shape.iter().copied()) {
-        for b in x.to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
 }
 
 impl Collective for RingCollective {
