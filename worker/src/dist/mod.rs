@@ -380,12 +380,10 @@ impl Worker {
     }
 
     fn checkpoint(&mut self, cfg: &RunConfig, generation: u64, step: u64) -> Result<()> {
-        let url = format!(
-            "{}/checkpoints/step-{step:08}",
-            cfg.run.dir.trim_end_matches('/')
-        );
-        let trainer = self.trainer.as_mut().context("trainer")?;
-        save_checkpoint(trainer, &url).with_context(|| format!("writing checkpoint {url}"))?;
+        let trainer = self.trainer.as_ref().context("trainer")?;
+        let url = save_checkpoint(trainer, cfg, step).with_context(|| {
+            format!("writing the checkpoint of step {step} under {}", cfg.run.dir)
+        })?;
         let req = v1::CommitCheckpointRequest {
             worker_id: self.opts.worker_id.clone(),
             generation,
@@ -468,45 +466,23 @@ fn broadcast_state(
     Ok(())
 }
 
-// Interim checkpoint format until `crate::checkpoint` lands: the trainer's state tensors as
-// safetensors plus a step file, made visible by renaming a complete directory into place.
-fn save_checkpoint(trainer: &Trainer, url: &str) -> Result<()> {
-    let dir = PathBuf::from(url);
-    let tmp = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    let named: Vec<(String, tch::Tensor)> = trainer
-        .model
-        .params
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
-    tch::Tensor::write_safetensors(&named, tmp.join("model.safetensors"))?;
-    let state: Vec<(String, tch::Tensor)> = trainer
-        .state_tensors()
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (format!("{i:05}"), t))
-        .collect();
-    tch::Tensor::write_safetensors(&state, tmp.join("state.safetensors"))?;
-    std::fs::write(tmp.join("step"), trainer.step().to_string())?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir)?;
-    Ok(())
+fn save_checkpoint(trainer: &Trainer, cfg: &RunConfig, step: u64) -> Result<String> {
+    let dir = PathBuf::from(&cfg.run.dir).join("checkpoints");
+    let state = crate::checkpoint::TrainerState {
+        step,
+        epoch: 0,
+        cursor: 0,
+        seed: cfg.run.seed,
+        model: trainer.model.config.clone(),
+        config: cfg.to_toml(),
+    };
+    // keep = 0: the coordinator prunes, because only it knows which checkpoints are recorded.
+    let path = crate::checkpoint::save(&dir, trainer, &state, 0)?;
+    Ok(path.to_string_lossy().to_string())
 }
 
 fn load_checkpoint(trainer: &mut Trainer, url: &str) -> Result<()> {
-    let dir = PathBuf::from(url);
-    let step: u64 = std::fs::read_to_string(dir.join("step"))?.trim().parse()?;
-    let loaded = tch::Tensor::read_safetensors(dir.join("state.safetensors"))?;
-    let mut by_name: std::collections::HashMap<String, tch::Tensor> = loaded.into_iter().collect();
-    let _guard = tch::no_grad_guard();
-    for (i, mut t) in trainer.state_tensors().into_iter().enumerate() {
-        let src = by_name
-            .remove(&format!("{i:05}"))
-            .with_context(|| format!("{url}: state tensor {i} missing"))?;
-        t.f_copy_(&src)?;
-    }
-    trainer.set_step(step);
+    let state = crate::checkpoint::load(std::path::Path::new(url), trainer)?;
+    trainer.set_step(state.step);
     Ok(())
 }
