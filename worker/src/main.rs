@@ -63,7 +63,13 @@ fn main() -> anyhow::Result<()> {
 
 /// Mean seconds per phase over `steps` timed steps after `warmup` untimed ones. Batches are
 /// made before timing, so data wait is zero here (the loader's wait is measured by train).
-fn bench_step(preset: &str, batch: i64, steps: usize, warmup: usize, threads: i32) -> anyhow::Result<()> {
+fn bench_step(
+    preset: &str,
+    batch: i64,
+    steps: usize,
+    warmup: usize,
+    threads: i32,
+) -> anyhow::Result<()> {
     use ferroclip_worker::collective::Single;
     use ferroclip_worker::train::Trainer;
     use std::time::Instant;
@@ -76,8 +82,16 @@ fn bench_step(preset: &str, batch: i64, steps: usize, warmup: usize, threads: i3
     cfg.run.seed = 0;
     let mut tr = Trainer::new(&cfg, (steps + warmup) as u64)?;
     let c = tr.model.config.clone();
-    let images = Tensor::randn([batch, 3, c.image_size, c.image_size], (Kind::Float, Device::Cpu));
-    let mut tokens = Tensor::randint_low(1, 49405, [batch, c.context_length], (Kind::Int64, Device::Cpu));
+    let images = Tensor::randn(
+        [batch, 3, c.image_size, c.image_size],
+        (Kind::Float, Device::Cpu),
+    );
+    let mut tokens = Tensor::randint_low(
+        1,
+        49405,
+        [batch, c.context_length],
+        (Kind::Int64, Device::Cpu),
+    );
     let _ = tokens.select(1, 0).fill_(49406);
     let _ = tokens.select(1, c.context_length - 1).fill_(49407);
     let (mut fwd, mut bwd, mut opt, mut total) = (0.0, 0.0, 0.0, 0.0);

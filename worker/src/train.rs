@@ -9,6 +9,7 @@
 
 use crate::collective::buckets::{GradBuckets, DEFAULT_BUCKET_BYTES};
 use crate::collective::{Collective, CollectiveError};
+use crate::data::Batch;
 use crate::model::transformer::Attend;
 use crate::model::{masking, Clip, Heads, ModelConfig, ModelError};
 use crate::{loss, optim};
@@ -43,6 +44,13 @@ pub struct StepLosses {
     pub mae: f64,
 }
 
+/// Wall time of the phases of the last `compute_grads` (seconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseTimes {
+    pub forward_s: f64,
+    pub backward_s: f64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UpdateStats {
     pub lr: f64,
@@ -62,6 +70,8 @@ pub struct Trainer {
     step: u64,
     /// compute_grads calls since the last update (gradient accumulation).
     calls: u64,
+    /// Phase times of the last compute_grads.
+    pub last_times: PhaseTimes,
 }
 
 impl Trainer {
@@ -109,6 +119,7 @@ impl Trainer {
             buckets: None,
             step: 0,
             calls: 0,
+            last_times: PhaseTimes::default(),
         })
     }
 
@@ -140,6 +151,17 @@ impl Trainer {
             .wrapping_add((rank as u64).wrapping_mul(0x94D0_49BB_1331_11EB))
             .wrapping_add(self.calls);
         StdRng::seed_from_u64(mix)
+    }
+
+    /// Forward, losses over the global batch, backward and gradient all-reduce for this rank's
+    /// batch; no parameter changes.
+    pub fn compute_grads(
+        &mut self,
+        batch: &Batch,
+        global_batch: usize,
+        coll: &mut dyn Collective,
+    ) -> Result<StepLosses> {
+        self.compute_grads_tensors(&batch.images, &batch.tokens, global_batch, coll)
     }
 
     /// `compute_grads` on raw tensors: images [B,3,S,S], tokens [B,ctx]. Gradients accumulate
@@ -188,6 +210,8 @@ impl Trainer {
             )));
         }
         let scale = n as f64 / global_batch as f64;
+        let t0 = std::time::Instant::now();
+        let mut backward_s = 0.0;
         let mut rng = self.rng(coll.rank());
         let o = self.objectives.clone();
         let m = &self.model;
@@ -217,7 +241,9 @@ impl Trainer {
                 .set_requires_grad(true);
             let l = loss::contrastive(&all_img, &all_txt, &m.logit_scale, offset, n);
             out.contrastive = l.double_value(&[]);
+            let tb = std::time::Instant::now();
             (l * (o.contrastive * scale)).backward();
+            backward_s += tb.elapsed().as_secs_f64();
             let mut g_img = all_img.grad();
             let mut g_txt = all_txt.grad();
             coll.all_reduce_sum(&mut g_img)?;
