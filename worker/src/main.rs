@@ -86,7 +86,7 @@ fn bench_step(
         [batch, 3, c.image_size, c.image_size],
         (Kind::Float, Device::Cpu),
     );
-    let mut tokens = Tensor::randint_low(
+    let tokens = Tensor::randint_low(
         1,
         49405,
         [batch, c.context_length],

@@ -294,11 +294,17 @@ impl Trainer {
                 step: self.step,
             });
         }
+        let tb = std::time::Instant::now();
         if !surrogate.is_empty() {
             Tensor::stack(&surrogate, 0)
                 .sum(self.model.kind())
                 .backward();
         }
+        backward_s += tb.elapsed().as_secs_f64();
+        self.last_times = PhaseTimes {
+            forward_s: t0.elapsed().as_secs_f64() - backward_s,
+            backward_s,
+        };
         if coll.world_size() > 1 {
             self.all_reduce_grads(coll)?;
         }

@@ -161,7 +161,7 @@ fn a_state_dict_with_a_wrong_shape_or_missing_key_is_refused_by_name() {
         err.contains("bad.safetensors") && err.contains("visual.proj"),
         "{err}"
     );
-    weights.remove(i);
+    let _removed = weights.remove(i);
     let err = m
         .load_state_dict(&weights, "short.safetensors", false)
         .unwrap_err()
