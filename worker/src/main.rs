@@ -11,6 +11,20 @@ struct Cli {
 enum Command {
     /// Join a run's coordinator and train as one data-parallel worker.
     Join(ferroclip_worker::dist::cli::JoinArgs),
+    /// Zero-shot classification and retrieval recall of a checkpoint on a dataset split.
+    Eval {
+        /// Checkpoint directory (holds trainer.json and model.safetensors).
+        #[arg(long)]
+        checkpoint: String,
+        /// Dataset URL (holds manifest.json; classes.json gives the zero-shot classes).
+        #[arg(long)]
+        data: String,
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Evaluate at most this many samples (0 = all).
+        #[arg(long, default_value_t = 0)]
+        max_samples: usize,
+    },
     /// Train a tiny model for a few steps on random data: a smoke test of libtorch.
     Smoke {
         #[arg(long, default_value_t = 20)]
@@ -44,6 +58,20 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Join(args) => ferroclip_worker::dist::cli::run(args)?,
+        Command::Eval {
+            checkpoint,
+            data,
+            split,
+            max_samples,
+        } => {
+            ferroclip_worker::eval::run_cli(
+                &checkpoint,
+                &data,
+                &split,
+                max_samples,
+                &Default::default(),
+            )?;
+        }
         Command::Smoke { steps } => {
             let losses = ferroclip_worker::smoke::train(steps, 0);
             for (i, l) in losses.iter().enumerate() {
