@@ -63,6 +63,10 @@ fn resume_gives_the_same_next_five_losses() {
         step(&mut a);
     }
     let path = checkpoint::save(dir.path(), &a, &state(&a, &cfg), 2).expect("save");
+    // For worker/tests/data/check_openclip_load.py (manual interop check with open_clip).
+    if let Ok(keep) = std::env::var("FERROCLIP_KEEP_CHECKPOINT") {
+        checkpoint::save(std::path::Path::new(&keep), &a, &state(&a, &cfg), 1).expect("save copy");
+    }
     let uninterrupted: Vec<f64> = (0..5).map(|_| step(&mut a)).collect();
 
     // A fresh process: different init seed, then the checkpoint.
