@@ -74,10 +74,18 @@ impl AdamW {
                     let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
                 let _ = s.exp_avg.lerp_(&g, 1.0 - c.beta1);
-                let _ = s.exp_avg_sq.g_mul_scalar_(c.beta2);
-                let _ = s.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - c.beta2)));
-                let denom = (s.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
-                let _ = p.addcdiv_(&(&s.exp_avg * (-lr / bc1)), &denom);
+                // b2·v + (1-b2)·g² as one in-place op.
+                let _ = s.exp_avg_sq.lerp_(&g.square(), 1.0 - c.beta2);
+                if lr <= 0.0 {
+                    continue;
+                }
+                // p -= lr/bc1 · m / (√v/√bc2 + eps), with the step size folded into the
+                // denominator so the whole update allocates one temporary.
+                let mut denom = s.exp_avg_sq.sqrt();
+                let _ = denom.g_div_scalar_(bc2_sqrt);
+                let _ = denom.g_add_scalar_(c.eps);
+                let _ = denom.g_mul_scalar_(-bc1 / lr);
+                let _ = p.addcdiv_(&s.exp_avg, &denom);
             }
         });
     }
