@@ -364,7 +364,7 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             }
             let every = cfg.checkpoint.every_steps;
-            if rank == 0 && every > 0 && step % every == 0 {
+            if rank == 0 && every > 0 && step.is_multiple_of(every) {
                 self.checkpoint(cfg, gen, step)?;
             }
             step += 1;
