@@ -26,7 +26,9 @@ pub fn version() -> String {
     if let Ok(py) = std::fs::read_to_string(root.join("version.py")) {
         for line in py.lines() {
             if let Some(rest) = line.strip_prefix("__version__") {
-                let v = rest.trim_start_matches([' ', '=', ':', 's', 't', 'r']).trim();
+                let v = rest
+                    .trim_start_matches([' ', '=', ':', 's', 't', 'r'])
+                    .trim();
                 return v.trim_matches(['\'', '"']).to_string();
             }
         }
