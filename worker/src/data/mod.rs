@@ -1,1 +1,34 @@
-//! Blocks → decoded, augmented, tokenised batches (in progress).
+//! Blocks → decoded, augmented, tokenised batches.
+//!
+//! `tokenizer` (CLIP BPE / HF tokenizer.json) and `image` (decode, crop, normalise) are pure
+//! functions of their input; `loader` fetches blocks from a shards `Dataset`, keeps them in a
+//! bounded cache, and turns a list of sample references into a [`Batch`] on a thread pool.
+
+pub mod image;
+pub mod loader;
+pub mod tokenizer;
+
+use tch::Tensor;
+
+pub use image::{sample_seed, ImageError, ImageTransform, Interpolation, CLIP_MEAN, CLIP_STD};
+pub use loader::{Loader, LoaderError, LoaderOptions};
+pub use tokenizer::{Tokenizer, TokenizerError};
+
+/// One training/eval batch, rows in the order they were asked for.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[B, 3, S, S]` f32, CLIP mean/std normalised.
+    pub images: Tensor,
+    /// `[B, context_length]` i64, zero-padded.
+    pub tokens: Tensor,
+    pub keys: Vec<String>,
+    pub captions: Vec<String>,
+    pub labels: Vec<Option<String>>,
+}
+
+/// A sample's address: row `row` of block `block` (the coordinator's plan uses the same pair).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SampleRef {
+    pub block: u32,
+    pub row: u32,
+}

@@ -382,7 +382,10 @@ impl Worker {
     fn checkpoint(&mut self, cfg: &RunConfig, generation: u64, step: u64) -> Result<()> {
         let trainer = self.trainer.as_ref().context("trainer")?;
         let url = save_checkpoint(trainer, cfg, step).with_context(|| {
-            format!("writing the checkpoint of step {step} under {}", cfg.run.dir)
+            format!(
+                "writing the checkpoint of step {step} under {}",
+                cfg.run.dir
+            )
         })?;
         let req = v1::CommitCheckpointRequest {
             worker_id: self.opts.worker_id.clone(),

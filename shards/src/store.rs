@@ -1,0 +1,260 @@
+//! URLs → object stores. Every input and output of this crate goes through here, so a plain path,
+//! `file://`, `s3://`, `gs://`, `az://` and `memory://` all behave the same.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+
+use crate::error::ShardsError;
+
+/// Settings that URLs alone cannot carry. `AWS_*` (and GCS/Azure) environment variables are read too.
+#[derive(Clone, Debug, Default)]
+pub struct StoreOptions {
+    /// An S3-compatible endpoint such as `http://127.0.0.1:9000` (MinIO, Ceph, s3s-fs, ...).
+    pub s3_endpoint: Option<String>,
+    /// Allow plain `http://` endpoints.
+    pub allow_http: bool,
+}
+
+/// Opens the store a URL points into and returns it with the object path inside it.
+pub fn open_url(
+    url: &str,
+    opts: &StoreOptions,
+) -> Result<(Arc<dyn ObjectStore>, Path), ShardsError> {
+    let loc = Location::open(url, opts)?;
+    Ok((loc.store, loc.path))
+}
+
+/// A store, a path in it, and how to print paths in it for humans.
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub store: Arc<dyn ObjectStore>,
+    pub path: Path,
+    /// Printed before an object path, e.g. `s3://bucket/` or `/`.
+    display_prefix: String,
+}
+
+impl Location {
+    pub fn open(url: &str, opts: &StoreOptions) -> Result<Location, ShardsError> {
+        let bad = |reason: &str| ShardsError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return local(url);
+        };
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        let path = Path::from(key.trim_end_matches('/'));
+        let config = |e| ShardsError::StoreConfig {
+            url: url.to_string(),
+            source: e,
+        };
+        let store: Arc<dyn ObjectStore> = match scheme {
+            "file" => return local(rest),
+            "memory" => memory_store(bucket),
+            "s3" | "s3a" => {
+                if bucket.is_empty() {
+                    return Err(bad("no bucket name"));
+                }
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options(opts.allow_http));
+                if let Some(endpoint) = &opts.s3_endpoint {
+                    // Path-style requests: local S3-compatible servers have no per-bucket DNS names.
+                    b = b.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
+                }
+                if opts.allow_http {
+                    b = b.with_allow_http(true);
+                }
+                Arc::new(b.build().map_err(config)?)
+            }
+            "gs" => {
+                if bucket.is_empty() {
+                    return Err(bad("no bucket name"));
+                }
+                let b = GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options(opts.allow_http));
+                Arc::new(b.build().map_err(config)?)
+            }
+            "az" | "azure" | "abfs" => {
+                if bucket.is_empty() {
+                    return Err(bad("no container name"));
+                }
+                let b = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options(opts.allow_http));
+                Arc::new(b.build().map_err(config)?)
+            }
+            other => return Err(bad(&format!("unsupported scheme {other:?} (use a path, file://, s3://, gs://, az:// or memory://)"))),
+        };
+        Ok(Location {
+            store,
+            path,
+            display_prefix: format!("{scheme}://{bucket}/"),
+        })
+    }
+
+    /// The object `rel` (may contain `/`) below this location.
+    pub fn join(&self, rel: &str) -> Location {
+        Location {
+            store: self.store.clone(),
+            path: join_path(&self.path, rel),
+            display_prefix: self.display_prefix.clone(),
+        }
+    }
+
+    /// Another path in the same store.
+    pub fn with_path(&self, path: Path) -> Location {
+        Location {
+            store: self.store.clone(),
+            path,
+            display_prefix: self.display_prefix.clone(),
+        }
+    }
+
+    /// A human-readable URL of a path in this store.
+    pub fn display(&self, path: &Path) -> String {
+        format!("{}{}", self.display_prefix, path)
+    }
+
+    pub fn url(&self) -> String {
+        self.display(&self.path)
+    }
+
+    /// `path` relative to this location (for paths found by listing it).
+    pub fn relative(&self, path: &Path) -> String {
+        match path.prefix_match(&self.path) {
+            Some(parts) => parts
+                .map(|p| p.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            None => path.to_string(),
+        }
+    }
+}
+
+pub fn join_path(base: &Path, rel: &str) -> Path {
+    let base = base.as_ref();
+    if base.is_empty() {
+        Path::from(rel)
+    } else {
+        Path::from(format!("{base}/{rel}"))
+    }
+}
+
+fn local(path: &str) -> Result<Location, ShardsError> {
+    let bad = |reason: String| ShardsError::BadUrl {
+        url: path.to_string(),
+        reason,
+    };
+    let p = std::path::Path::new(path);
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    let abs = normalize(&abs);
+    let object_path = Path::from_absolute_path(&abs).map_err(|e| bad(e.to_string()))?;
+    Ok(Location {
+        store: Arc::new(LocalFileSystem::new()),
+        path: object_path,
+        display_prefix: "/".to_string(),
+    })
+}
+
+/// Removes `.` and `..` without touching the file system (the path may not exist yet).
+fn normalize(p: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// `memory://NAME/...` URLs share one in-process store per NAME, so a build and a later read meet.
+fn memory_store(name: &str) -> Arc<dyn ObjectStore> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    let mut stores = STORES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    stores
+        .entry(name.to_string())
+        .or_insert_with(|| Arc::new(InMemory::new()))
+        .clone()
+}
+
+/// Fail in seconds, not minutes, on an unreachable endpoint or refused credentials.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(30),
+    }
+}
+
+fn client_options(allow_http: bool) -> ClientOptions {
+    ClientOptions::new()
+        .with_allow_http(allow_http)
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_timeout(Duration::from_secs(120))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_are_absolute_and_normalized() {
+        let loc = Location::open("/tmp/a/../b/", &StoreOptions::default()).unwrap();
+        assert_eq!(loc.path.as_ref(), "tmp/b");
+        assert_eq!(loc.url(), "/tmp/b");
+        let loc = Location::open("file:///tmp/c", &StoreOptions::default()).unwrap();
+        assert_eq!(loc.path.as_ref(), "tmp/c");
+        assert_eq!(
+            loc.join("train/x.parquet").path.as_ref(),
+            "tmp/c/train/x.parquet"
+        );
+    }
+
+    #[test]
+    fn remote_urls_split_bucket_and_key() {
+        let opts = StoreOptions {
+            s3_endpoint: Some("http://127.0.0.1:1".into()),
+            allow_http: true,
+        };
+        let loc = Location::open("s3://bucket/some/prefix/", &opts).unwrap();
+        assert_eq!(loc.path.as_ref(), "some/prefix");
+        assert_eq!(loc.url(), "s3://bucket/some/prefix");
+        let err = Location::open("ftp://x/y", &opts).unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme"), "{err}");
+        let err = Location::open("s3:///y", &opts).unwrap_err().to_string();
+        assert!(err.contains("no bucket"), "{err}");
+    }
+
+    #[test]
+    fn memory_urls_share_a_store_by_name() {
+        let a = Location::open("memory://t1/x", &StoreOptions::default()).unwrap();
+        let b = Location::open("memory://t1/y", &StoreOptions::default()).unwrap();
+        assert!(Arc::ptr_eq(&a.store, &b.store));
+    }
+}

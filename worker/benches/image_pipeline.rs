@@ -1,0 +1,113 @@
+//! Image pipeline throughput: JPEG decode + RandomResizedCrop 224 + normalise, on N threads,
+//! over the images of a Parquet shard (read into memory first; only the pipeline is timed).
+//! Run through `bench/run-image.sh`, which also runs the Pillow + torchvision baseline.
+//!
+//! cargo bench -p ferroclip-worker --bench image_pipeline -- SHARD [--threads 1] [--passes 3]
+//!     [--interpolation bicubic|bilinear]
+//! Prints one JSON line like bench/image_baseline.py does.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use arrow::array::{Array, AsArray};
+use clap::Parser;
+use ferroclip_worker::data::{image::decode_rgb8, sample_seed, ImageTransform, Interpolation};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
+
+#[derive(Parser)]
+struct Args {
+    /// Parquet file with `key` (string) and `image` (binary) columns.
+    shard: std::path::PathBuf,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 3)]
+    passes: usize,
+    #[arg(long, default_value = "bicubic")]
+    interpolation: String,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let samples = read_shard(&args.shard)?;
+    let mut transform = ImageTransform::train(224, 0);
+    transform.interpolation = match args.interpolation.as_str() {
+        "bicubic" => Interpolation::Bicubic,
+        "bilinear" => Interpolation::Bilinear,
+        other => bail!("--interpolation must be bicubic or bilinear, not {other:?}"),
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()?;
+    let per = transform.output_len();
+    let run = |n: usize| -> anyhow::Result<f64> {
+        let start = Instant::now();
+        pool.install(|| {
+            samples[..n].par_iter().try_for_each_init(
+                || vec![0f32; per],
+                |buf, (key, bytes)| transform.apply_into(bytes, sample_seed(0, 0, key), buf),
+            )
+        })?;
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+    run(samples.len().min(32))?; // warm-up
+    let rates = (0..args.passes.max(1))
+        .map(|_| run(samples.len()))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let start = Instant::now();
+    pool.install(|| {
+        samples
+            .par_iter()
+            .try_for_each(|(_, b)| decode_rgb8(b).map(drop))
+    })?;
+    let decode_only = samples.len() as f64 / start.elapsed().as_secs_f64();
+    let best = rates.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": format!("ferroclip ({})", args.interpolation),
+            "images": samples.len(),
+            "threads": args.threads,
+            "img_per_s": best,
+            "passes": rates,
+            "decode_only_img_per_s": decode_only,
+        })
+    );
+    Ok(())
+}
+
+fn read_shard(path: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{}: not a Parquet file", path.display()))?
+        .build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+        let (Some(keys), Some(images)) =
+            (batch.column_by_name("key"), batch.column_by_name("image"))
+        else {
+            bail!("{}: needs columns `key` and `image`", path.display());
+        };
+        let (Some(keys), Some(images)) =
+            (keys.as_string_opt::<i32>(), images.as_binary_opt::<i32>())
+        else {
+            bail!(
+                "{}: `key` must be a string column and `image` a binary column",
+                path.display()
+            );
+        };
+        for i in 0..batch.num_rows() {
+            if keys.is_valid(i) && images.is_valid(i) {
+                out.push((keys.value(i).to_string(), images.value(i).to_vec()));
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no images", path.display());
+    }
+    Ok(out)
+}
