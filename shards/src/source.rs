@@ -617,7 +617,7 @@ async fn produce_folder(
             .iter()
             .map(|e| fetch_image(root.clone(), e.path.clone()))
             .collect();
-        let fetched: Vec<Result<(Arc<str>, Option<Bytes>), ShardsError>> =
+        let fetched: Vec<FetchedImage> =
             futures::stream::iter(fetches).buffered(16).collect().await;
         let mut rows = Vec::with_capacity(chunk.len());
         let mut bytes = 0;
@@ -665,3 +665,6 @@ impl InputPlan {
         })
     }
 }
+
+/// An image fetched for a row: its source name and bytes (None = missing).
+type FetchedImage = Result<(Arc<str>, Option<Bytes>), ShardsError>;

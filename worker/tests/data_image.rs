@@ -141,7 +141,7 @@ fn bad_bytes_are_errors_not_panics() {
         b"not an image",
         &[0xFF, 0xD8, 0xFF, 0xE0, 0, 16, b'J', b'F'],
     ] {
-        let err = t.apply(bad, 0).err().expect("garbage decoded").to_string();
+        let err = t.apply(bad, 0).expect_err("garbage decoded").to_string();
         assert!(err.contains("decode"), "{err}");
     }
     let png = encode(&pattern(40, 40), ImageFormat::Png);

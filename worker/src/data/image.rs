@@ -10,6 +10,8 @@ use fast_image_resize::{
 use rand::{Rng, SeedableRng};
 
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+// OpenAI's published constants, kept digit for digit.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 #[derive(Debug, thiserror::Error)]

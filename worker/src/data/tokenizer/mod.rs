@@ -32,6 +32,7 @@ pub enum TokenizerError {
     ContextLength(usize),
 }
 
+#[allow(clippy::large_enum_variant)] // one tokenizer per process
 enum Kind {
     Clip(clip::ClipBpe),
     Hf(Box<tokenizers::Tokenizer>),
