@@ -358,7 +358,7 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
                 "--namespace",
                 "-x",
             ],
-            vec!["--namespace"],
+            vec!["-x"],
         ),
     ];
     for (args, wanted) in cases {

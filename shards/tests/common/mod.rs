@@ -14,8 +14,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_ferroclip-shards");
 
 /// A JPEG of w×h with a pattern derived from `seed` (distinct seeds → distinct bytes).
 pub fn jpeg(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    // The low byte of the seed shifts the colours, the next one draws blocks, so seeds below
+    // 65,536 give distinct images (the build drops equal images as duplicates).
+    let (lo, hi) = (seed % 256, seed / 256 % 256);
     let rgb: Vec<u8> = (0..w * h * 3)
-        .map(|i| ((i / 3 % w) * 3 + (i / 3 / w) * 5 + seed * 37 + (i % 3) * 60) as u8)
+        .map(|i| {
+            let (x, y, c) = (i / 3 % w, i / 3 / w, i % 3);
+            (x * 3 + y * 5 + lo * 37 + c * 60 + hi * ((x / 16) * 7 + (y / 16) * 11)) as u8
+        })
         .collect();
     ferroclip_shards::validate::encode_jpeg(&rgb, w, h, 90).unwrap()
 }
@@ -32,7 +38,12 @@ pub fn good_rows(prefix: &str, n: usize, size: u32) -> Vec<Row> {
     (0..n)
         .map(|i| Row {
             key: format!("{prefix}{i:05}"),
-            image: jpeg(size, size, (i as u32) + prefix.len() as u32 * 1000),
+            // Distinct prefixes give distinct images (equal images would be dropped as duplicates).
+            image: jpeg(
+                size,
+                size,
+                (i as u32) + prefix.bytes().map(u32::from).sum::<u32>() * 1000,
+            ),
             caption: format!("caption number {i} of {prefix}").into_bytes(),
         })
         .collect()
