@@ -3,7 +3,11 @@
 //! `exp_avg.<param>` / `exp_avg_sq.<param>`) and `trainer.json` (step, epoch, data cursor, seed,
 //! config). Atomic for readers: everything is written into a hidden temporary directory, renamed
 //! to `step-NNNNNNNN`, and only then is the `COMMIT` marker written; readers ignore checkpoints
-//! without it. Local paths for now (object-store URLs: see the report).
+//! without it. `store` writes the same layout to any object-store URL (COMMIT put last).
+
+pub mod store;
+
+pub use store::{committed_url, latest_url, load_url, read_url, resolve_url, save_url, Checkpoint};
 
 use crate::model::ModelConfig;
 use crate::train::Trainer;
@@ -19,6 +23,8 @@ pub enum CheckpointError {
     },
     #[error("checkpoint {path}: {message}")]
     Invalid { path: String, message: String },
+    #[error("checkpoint store {url}: {message}")]
+    Store { url: String, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, CheckpointError>;
@@ -69,7 +75,7 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// The optimizer moments, named after their parameters.
-fn optimizer_tensors(t: &Trainer) -> Vec<(String, Tensor)> {
+pub(crate) fn optimizer_tensors(t: &Trainer) -> Vec<(String, Tensor)> {
     let names: Vec<&String> = t.model.params.iter().map(|(n, _)| n).collect();
     let state = t.state_tensors();
     let p = names.len();
@@ -179,29 +185,58 @@ pub fn load(path: &Path, trainer: &mut Trainer) -> Result<TrainerState> {
     }
     let mut tensors = read_tensors(&path.join("model.safetensors"))?;
     tensors.extend(read_tensors(&path.join("extras.safetensors"))?);
-    let origin = path.join("model.safetensors").display().to_string();
+    let optim_path = path.join("optim.safetensors");
+    let optim = read_tensors(&optim_path)?;
+    restore(
+        trainer,
+        &state,
+        &tensors,
+        optim,
+        &path.display().to_string(),
+    )?;
+    Ok(state)
+}
+
+/// Copies a checkpoint's model tensors (model + extras) and optimizer moments into `trainer`
+/// and sets its step. `origin` names the checkpoint in errors.
+pub(crate) fn restore(
+    trainer: &mut Trainer,
+    state: &TrainerState,
+    tensors: &[(String, Tensor)],
+    optim: Vec<(String, Tensor)>,
+    origin: &str,
+) -> Result<()> {
+    let bad = |message: String| CheckpointError::Invalid {
+        path: origin.to_string(),
+        message,
+    };
+    if state.model != trainer.model.config {
+        return Err(bad(format!(
+            "model shape {:?} differs from the run's {:?}",
+            state.model, trainer.model.config
+        )));
+    }
     trainer
         .model
-        .load_state_dict(&tensors, &origin, true)
-        .map_err(|e| invalid(path, e.to_string()))?;
-    let optim_path = path.join("optim.safetensors");
-    let saved: std::collections::HashMap<String, Tensor> =
-        read_tensors(&optim_path)?.into_iter().collect();
+        .load_state_dict(tensors, &format!("{origin}/model.safetensors"), true)
+        .map_err(|e| bad(e.to_string()))?;
+    let saved: std::collections::HashMap<String, Tensor> = optim.into_iter().collect();
     tch::no_grad(|| {
         for (name, mut dst) in optimizer_tensors(trainer) {
             let src = saved
                 .get(&name)
-                .ok_or_else(|| invalid(&optim_path, format!("missing {name}")))?;
+                .ok_or_else(|| bad(format!("optim.safetensors: missing {name}")))?;
             if src.size() != dst.size() {
-                return Err(invalid(
-                    &optim_path,
-                    format!("{name}: shape {:?}, expected {:?}", src.size(), dst.size()),
-                ));
+                return Err(bad(format!(
+                    "optim.safetensors: {name}: shape {:?}, expected {:?}",
+                    src.size(),
+                    dst.size()
+                )));
             }
             dst.copy_(src);
         }
         Ok(())
     })?;
     trainer.set_step(state.step);
-    Ok(state)
+    Ok(())
 }

@@ -11,5 +11,6 @@ pub mod libtorch;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod single;
 pub mod smoke;
 pub mod train;

@@ -11,6 +11,10 @@ struct Cli {
 enum Command {
     /// Join a run's coordinator and train as one data-parallel worker.
     Join(ferroclip_worker::dist::cli::JoinArgs),
+    /// Train in this process, without a coordinator (checkpoints, --resume, periodic eval).
+    Train(ferroclip_worker::single::TrainArgs),
+    /// L2-normalised image or text embeddings of a checkpoint, as .npy or .parquet.
+    Embed(ferroclip_worker::embed::EmbedArgs),
     /// Zero-shot classification and retrieval recall of a checkpoint on a dataset split.
     Eval {
         /// Checkpoint directory (holds trainer.json and model.safetensors).
@@ -58,6 +62,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Join(args) => ferroclip_worker::dist::cli::run(args)?,
+        Command::Train(args) => {
+            ferroclip_worker::single::run_cli(args)?;
+        }
+        Command::Embed(args) => ferroclip_worker::embed::run_cli(args)?,
         Command::Eval {
             checkpoint,
             data,
