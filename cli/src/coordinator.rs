@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use ferroclip_proto::config::RunConfig;
 
@@ -45,21 +45,10 @@ pub struct TokenArgs {
 
 impl TokenArgs {
     pub fn resolve(&self) -> Result<String> {
-        let token = match (&self.token_file, &self.token) {
-            (Some(path), _) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading the run token file {path}"))?
-                .trim()
-                .to_string(),
-            (None, Some(t)) => t.trim().to_string(),
-            (None, None) => anyhow::bail!("no run token: pass --token-file or set FERROCLIP_TOKEN"),
-        };
-        if token.len() < 8 {
-            anyhow::bail!(
-                "the run token is too short ({} characters; use at least 8)",
-                token.len()
-            );
-        }
-        Ok(token)
+        Ok(ferroclip_proto::token::resolve(
+            self.token_file.as_deref(),
+            self.token.as_deref(),
+        )?)
     }
 }
 

@@ -122,12 +122,17 @@ fn coordinator(config: &Path, grpc: u16, http: u16, resume: bool) -> Proc {
 }
 
 fn worker(grpc: u16, id: &str) -> Proc {
+    worker_with(grpc, id, &[])
+}
+
+fn worker_with(grpc: u16, id: &str, env: &[(&str, &str)]) -> Proc {
     Proc(
         Command::new(bin("ferroclip-worker"))
             .args(["join", "--coordinator", &format!("http://127.0.0.1:{grpc}")])
             .args(["--device", "cpu", "--threads", "1", "--worker-id", id])
             .args(["--advertise-host", "127.0.0.1"])
             .env("FERROCLIP_TOKEN", TOKEN)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("start worker"),
@@ -314,6 +319,149 @@ fn a_sigkilled_coordinator_resumes_and_the_run_finishes() {
         |x| step_of(x) > step_of(&s) + 1,
     );
     assert!(step_of(&s2) > step_of(&s));
+    wait_until(
+        http,
+        "the end of the epoch",
+        Duration::from_secs(240),
+        |s| s["state"] == "finished",
+    );
+    assert_exactly_once(&data, &tmp.path().join("run"));
+}
+
+/// One worker SIGKILLs itself at an exact moment of a step (see worker/src/dist/fault.rs); the
+/// other two finish the epoch, every sample used exactly once.
+fn killed_at(fault: &str) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 300);
+    // Small buckets: the gradient all-reduce has several, so `allreduce` dies between two.
+    let cfg = write_config(tmp.path(), &data, "bucket_mb = 0.02");
+    let (grpc, http) = (free_port(), free_port());
+    let _coord = coordinator(&cfg, grpc, http, false);
+    let _a = worker(grpc, "w-a");
+    let mut b = worker_with(grpc, "w-b", &[("FERROCLIP_FAULT", fault)]);
+    let _c = worker(grpc, "w-c");
+    let status = b.0.wait().expect("wait for the faulty worker");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "{fault}: the worker did not SIGKILL itself"
+    );
+    let s = wait_until(
+        http,
+        "the end of the epoch",
+        Duration::from_secs(240),
+        |s| s["state"] == "finished",
+    );
+    assert!(
+        s["counters"]["recoveries"].as_u64().unwrap_or(0) >= 1,
+        "{fault}: no recovery recorded: {s}"
+    );
+    assert_exactly_once(&data, &tmp.path().join("run"));
+}
+
+#[test]
+fn exactly_once_when_killed_during_data_loading() {
+    killed_at("load:3");
+}
+
+#[test]
+fn exactly_once_when_killed_during_the_all_reduce() {
+    killed_at("allreduce:12");
+}
+
+#[test]
+fn exactly_once_when_killed_right_after_the_optimizer_step() {
+    killed_at("applied:3");
+}
+
+fn sigterm(p: &Proc) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -TERM failed");
+}
+
+/// Exit status of `p`, failing if it has not exited within `timeout`.
+fn exit_within(p: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = p.0.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "process did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_sigtermed_worker_leaves_cleanly_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 400);
+    let cfg = write_config(tmp.path(), &data, "");
+    let (grpc, http) = (free_port(), free_port());
+    let _coord = coordinator(&cfg, grpc, http, false);
+    let _a = worker(grpc, "w-a");
+    let mut b = worker(grpc, "w-b");
+    let _c = worker(grpc, "w-c");
+    let s = wait_until(http, "3 workers at step 3", Duration::from_secs(120), |s| {
+        step_of(s) >= 3 && s["workers"].as_array().map(|w| w.len()) == Some(3)
+    });
+    sigterm(&b);
+    let status = exit_within(&mut b, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "a SIGTERMed worker exits 0");
+    let before = step_of(&s);
+    let s = wait_until(
+        http,
+        "progress on 2 workers",
+        Duration::from_secs(60),
+        |s| step_of(s) > before + 1 && s["workers"].as_array().map(|w| w.len()) == Some(2),
+    );
+    // It said goodbye: the coordinator did not have to detect a death.
+    assert_eq!(
+        s["counters"]["worker_deaths"].as_u64().unwrap_or(0),
+        0,
+        "{s}"
+    );
+    wait_until(
+        http,
+        "the end of the epoch",
+        Duration::from_secs(240),
+        |s| s["state"] == "finished",
+    );
+    assert_exactly_once(&data, &tmp.path().join("run"));
+}
+
+#[test]
+fn a_sigtermed_coordinator_journals_exits_and_resumes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 400);
+    let cfg = write_config(tmp.path(), &data, "");
+    let (grpc, http) = (free_port(), free_port());
+    let mut coord = coordinator(&cfg, grpc, http, false);
+    let _a = worker(grpc, "w-a");
+    let _b = worker(grpc, "w-b");
+    let s = wait_until(http, "step 3", Duration::from_secs(120), |s| {
+        step_of(s) >= 3
+    });
+    sigterm(&coord);
+    let status = exit_within(&mut coord, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "a SIGTERMed coordinator exits 0");
+    let _coord = coordinator(&cfg, grpc, http, true);
+    let s2 = wait_until(http, "the resumed run", Duration::from_secs(30), |x| {
+        step_of(x) >= step_of(&s)
+    });
+    assert!(
+        step_of(&s2) >= step_of(&s),
+        "resumed at step {} before step {}",
+        step_of(&s2),
+        step_of(&s)
+    );
     wait_until(
         http,
         "the end of the epoch",

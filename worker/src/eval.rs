@@ -180,11 +180,7 @@ pub fn run_cli(
     let mut trainer = crate::train::Trainer::new(&cfg, 1)?;
     crate::checkpoint::load(path, &mut trainer)?;
     let ctx = trainer.model.config.context_length as usize;
-    let tokenizer = Arc::new(if cfg.data.tokenizer == "clip" {
-        Tokenizer::clip(ctx)?
-    } else {
-        Tokenizer::from_hf_json(cfg.data.tokenizer.as_ref(), ctx)?
-    });
+    let tokenizer = Arc::new(Tokenizer::from_config(&cfg.data.tokenizer, ctx)?);
     let r = evaluate(&trainer.model, tokenizer, data, store, split, max_samples)?;
     println!(
         "evaluated {} samples of split {split:?} at step {}",

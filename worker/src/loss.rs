@@ -1,5 +1,6 @@
-//! The objectives. All return a mean over the rows/positions they are given; the trainer scales
-//! them by local/global batch so that sums over ranks are global means.
+//! The objectives. Contrastive and MAE return a mean over this rank's rows (the trainer scales them
+//! by local/global batch, so sums over ranks are global means); MLM a sum the trainer divides by
+//! the global count of chosen tokens.
 
 use tch::{Kind, Reduction, Tensor};
 
@@ -47,10 +48,11 @@ pub fn patchify(images: &Tensor, p: i64) -> Tensor {
         .reshape([b, gh * gw, p * p * c])
 }
 
-/// MLM's loss: cross-entropy of `logits` [M, V] against `labels` [M]; 0 when nothing was chosen.
-pub fn mlm(logits: &Tensor, labels: &Tensor) -> Tensor {
+/// MLM's loss, summed: cross-entropy of `logits` [M, V] against `labels` [M]; the trainer divides
+/// by the chosen positions of the whole global batch. 0 when nothing was chosen.
+pub fn mlm_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
     if labels.numel() == 0 {
         return logits.sum(logits.kind()) * 0.0;
     }
-    logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, -100, 0.0)
+    logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, -100, 0.0)
 }

@@ -141,16 +141,22 @@ impl Trainer {
         v
     }
 
-    /// The RNG for masks and patch dropout: a function of (seed, step, rank, call), so a resumed
-    /// run draws the same masks without saving generator state.
-    fn rng(&self, rank: usize) -> StdRng {
-        let mix = self
-            .seed
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(self.step.wrapping_mul(0xBF58_476D_1CE4_E5B9))
-            .wrapping_add((rank as u64).wrapping_mul(0x94D0_49BB_1331_11EB))
-            .wrapping_add(self.calls);
-        StdRng::seed_from_u64(mix)
+    /// One RNG per row for masks and patch dropout, a function of (seed, step, call, objective,
+    /// the row's index in the global batch): the same masks whatever the world size, and a
+    /// resumed run draws them again without saving generator state.
+    fn row_rngs(&self, stream: u64, first_row: i64, n: i64) -> Vec<StdRng> {
+        (first_row..first_row + n)
+            .map(|row| {
+                let mix = self
+                    .seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(self.step.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+                    .wrapping_add(self.calls.wrapping_mul(0x94D0_49BB_1331_11EB))
+                    .wrapping_add(stream.wrapping_mul(0xD6E8_FEB8_6659_FD93))
+                    .wrapping_add(row as u64);
+                StdRng::seed_from_u64(mix)
+            })
+            .collect()
     }
 
     /// Forward, losses over the global batch, backward and gradient all-reduce for this rank's
@@ -204,15 +210,20 @@ impl Trainer {
                 c.context_length
             )));
         }
-        if n == 0 || global_batch < n as usize {
+        // A rank may get no samples in the last, partial step of a run: it still takes part in
+        // every collective (with empty or zero tensors) so its peers do not wait for it.
+        if global_batch == 0 || global_batch < n as usize {
             return Err(TrainError::Batch(format!(
-                "local batch {n} must be in 1..=global batch {global_batch}"
+                "local batch {n} must be in 0..=global batch {global_batch} (and that above 0)"
             )));
         }
         let scale = n as f64 / global_batch as f64;
         let t0 = std::time::Instant::now();
         let mut backward_s = 0.0;
-        let mut rng = self.rng(coll.rank());
+        // Where this rank's rows sit in the global batch (masks and the contrastive labels).
+        let lens = coll.all_gather(&Tensor::from_slice(&[n]).to_device(images.device()))?;
+        let lens: Vec<i64> = Vec::<i64>::try_from(lens.to_device(tch::Device::Cpu))?;
+        let offset: i64 = lens[..coll.rank().min(lens.len())].iter().sum();
         let o = self.objectives.clone();
         let m = &self.model;
         let dev = images.device();
@@ -223,14 +234,18 @@ impl Trainer {
 
         if o.contrastive > 0.0 {
             let keep = (o.patch_dropout > 0.0).then(|| {
-                masking::patch_keep(&mut rng, n, g, masking::kept(g, o.patch_dropout))
-                    .to_device(dev)
+                let mut rows = self.row_rngs(1, offset, n);
+                masking::patch_keep(&mut rows, g, masking::kept(g, o.patch_dropout)).to_device(dev)
             });
-            let img_f = m.image_features(images, keep.as_ref());
-            let txt_f = m.text_features(tokens);
-            let lens = coll.all_gather(&Tensor::from_slice(&[n]).to_device(dev))?;
-            let lens: Vec<i64> = Vec::<i64>::try_from(lens.to_device(tch::Device::Cpu))?;
-            let offset: i64 = lens[..coll.rank().min(lens.len())].iter().sum();
+            let (img_f, txt_f) = if n > 0 {
+                (
+                    m.image_features(images, keep.as_ref()),
+                    m.text_features(tokens),
+                )
+            } else {
+                let empty = Tensor::zeros([0, c.embed_dim], (m.kind(), dev));
+                (empty.shallow_clone(), empty)
+            };
             let all_img = coll
                 .all_gather(&img_f.detach())?
                 .detach()
@@ -239,7 +254,12 @@ impl Trainer {
                 .all_gather(&txt_f.detach())?
                 .detach()
                 .set_requires_grad(true);
-            let l = loss::contrastive(&all_img, &all_txt, &m.logit_scale, offset, n);
+            let l = if n > 0 {
+                loss::contrastive(&all_img, &all_txt, &m.logit_scale, offset, n)
+            } else {
+                // Zero, but with defined (zero) gradients for the all-reduces below.
+                (all_img.sum(m.kind()) + all_txt.sum(m.kind()) + &m.logit_scale) * 0.0
+            };
             out.contrastive = l.double_value(&[]);
             let tb = std::time::Instant::now();
             (l * (o.contrastive * scale)).backward();
@@ -248,35 +268,54 @@ impl Trainer {
             let mut g_txt = all_txt.grad();
             coll.all_reduce_sum(&mut g_img)?;
             coll.all_reduce_sum(&mut g_txt)?;
-            surrogate.push((&img_f * g_img.narrow(0, offset, n)).sum(img_f.kind()));
-            surrogate.push((&txt_f * g_txt.narrow(0, offset, n)).sum(txt_f.kind()));
+            if n > 0 {
+                surrogate.push((&img_f * g_img.narrow(0, offset, n)).sum(img_f.kind()));
+                surrogate.push((&txt_f * g_txt.narrow(0, offset, n)).sum(txt_f.kind()));
+            }
         }
 
         if let (true, Some(head)) = (o.mlm > 0.0, &m.mlm) {
-            let (b, len) = (tokens.size()[0], tokens.size()[1]);
-            let flat = Vec::<i64>::try_from(
-                tokens
-                    .to_device(tch::Device::Cpu)
-                    .to_kind(Kind::Int64)
-                    .flatten(0, -1),
-            )?;
-            let mk = masking::mlm_mask(&mut rng, &flat, b, len, o.mlm_ratio, c.vocab_size);
-            let attend = mk.attend.to_device(dev);
-            let replace = mk.replace.to_device(dev);
-            let h = m.text.hidden(
-                &mk.input.to_device(dev),
-                Attend::Mask(&attend),
-                Some((&replace, &head.mask_embedding)),
-            );
-            let chosen = h.index(&[Some(mk.chosen.to_device(dev))]);
-            let logits = head.forward(&chosen, &m.text.token_embedding);
-            let l = loss::mlm(&logits, &mk.labels.to_device(dev));
-            out.mlm = l.double_value(&[]);
-            surrogate.push(l * (o.mlm * scale));
+            let local = if n > 0 {
+                let len = tokens.size()[1];
+                let flat = Vec::<i64>::try_from(
+                    tokens
+                        .to_device(tch::Device::Cpu)
+                        .to_kind(Kind::Int64)
+                        .flatten(0, -1),
+                )?;
+                let mut rows = self.row_rngs(2, offset, n);
+                let mk = masking::mlm_mask(&mut rows, &flat, len, o.mlm_ratio, c.vocab_size);
+                let attend = mk.attend.to_device(dev);
+                let replace = mk.replace.to_device(dev);
+                let h = m.text.hidden(
+                    &mk.input.to_device(dev),
+                    Attend::Mask(&attend),
+                    Some((&replace, &head.mask_embedding)),
+                );
+                let chosen = h.index(&[Some(mk.chosen.to_device(dev))]);
+                let logits = head.forward(&chosen, &m.text.token_embedding);
+                Some((
+                    loss::mlm_sum(&logits, &mk.labels.to_device(dev)),
+                    mk.labels.numel(),
+                ))
+            } else {
+                None
+            };
+            // BERT's token mean over the global batch: divide by every rank's chosen count.
+            let chosen = local.as_ref().map_or(0, |(_, k)| *k) as f64;
+            let mut count = Tensor::from_slice(&[chosen as f32]).to_device(dev);
+            coll.all_reduce_sum(&mut count)?;
+            let global = count.double_value(&[0]).max(1.0);
+            if let Some((l, _)) = local {
+                out.mlm = l.double_value(&[]) / chosen.max(1.0);
+                surrogate.push(l * (o.mlm / global));
+            }
         }
 
-        if let (true, Some(dec)) = (o.mae > 0.0, &m.mae) {
-            let mk = masking::mae_mask(&mut rng, n, g, o.mae_ratio);
+        if let (true, true, Some(dec)) = (o.mae > 0.0, n > 0, &m.mae) {
+            // Every row hides as many patches, so local mean × n/B sums to the global mean.
+            let mut rows = self.row_rngs(3, offset, n);
+            let mk = masking::mae_mask(&mut rows, g, o.mae_ratio);
             let enc = m
                 .visual
                 .ln_post
@@ -342,6 +381,11 @@ impl Trainer {
             .iter()
             .map(|(_, t)| t.shallow_clone())
             .collect();
+        // The all-reduce gives every parameter a grad (zeros where no objective reached it);
+        // so does a single process, so that AdamW's decay treats them alike.
+        for p in params.iter().filter(|p| !p.grad().defined()) {
+            let _zeros = crate::collective::buckets::materialize_grad(p)?;
+        }
         let grad_norm = optim::clip_grad_norm(&params, self.optim.grad_clip);
         self.opt.step(lr);
         self.model.clamp_logit_scale();

@@ -57,6 +57,11 @@ fn single(cfg: &RunConfig, steps: i64) -> Vec<(String, Tensor)> {
 }
 
 fn two_ranks(cfg: &RunConfig, steps: i64) -> Vec<Vec<(String, Tensor)>> {
+    two_ranks_split(cfg, steps, 8)
+}
+
+/// Rank 0 takes the first `split` samples of each step, rank 1 the rest.
+fn two_ranks_split(cfg: &RunConfig, steps: i64, split: i64) -> Vec<Vec<(String, Tensor)>> {
     let listeners: Vec<TcpListener> = (0..2)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
         .collect();
@@ -77,10 +82,12 @@ fn two_ranks(cfg: &RunConfig, steps: i64) -> Vec<Vec<(String, Tensor)>> {
                     let mut t = Trainer::new(cfg, 10).expect("trainer");
                     for s in 0..steps {
                         let (img, tok) = global_batch(s);
-                        let (img, tok) = (
-                            img.narrow(0, 8 * rank as i64, 8),
-                            tok.narrow(0, 8 * rank as i64, 8),
-                        );
+                        let (from, len) = if rank == 0 {
+                            (0, split)
+                        } else {
+                            (split, 16 - split)
+                        };
+                        let (img, tok) = (img.narrow(0, from, len), tok.narrow(0, from, len));
                         t.compute_grads_tensors(&img, &tok, 16, &mut ring)
                             .expect("grads");
                         t.apply_update().expect("update");
@@ -119,4 +126,37 @@ fn two_ranks_of_8_equal_one_process_of_16_contrastive() {
         .zip(&reference)
         .any(|((_, a), (_, b))| (a - b).abs().max().double_value(&[]) > 1e-4);
     assert!(moved, "training did not change the parameters");
+}
+
+#[test]
+fn two_ranks_of_8_equal_one_process_of_16_with_every_objective() {
+    // Masks are drawn per row of the global batch, MLM is a token mean over the global batch and
+    // MAE a mean over equal-sized masks, so splitting the batch changes nothing.
+    let mut cfg = config();
+    let o = &mut cfg.objectives;
+    (o.contrastive, o.mlm, o.mae, o.patch_dropout) = (1.0, 0.5, 0.5, 0.25);
+    let reference = single(&cfg, 3);
+    let ranks = two_ranks(&cfg, 3);
+    assert_close(&ranks[0], &ranks[1], "rank 0 vs rank 1");
+    assert_close(&ranks[0], &reference, "2×8 vs 1×16");
+    // The MLM head and the MAE decoder were trained too.
+    let init = params(&Trainer::new(&cfg, 10).expect("trainer"));
+    for name in ["mlm.", "mae."] {
+        let moved = init.iter().zip(&reference).any(|((n, a), (_, b))| {
+            n.contains(name) && (a - b).abs().max().double_value(&[]) > 1e-5
+        });
+        assert!(moved, "no {name} parameter moved");
+    }
+}
+
+#[test]
+fn a_rank_with_no_samples_takes_part_and_changes_nothing() {
+    // The last step of a run can leave a rank empty-handed: it must still join every collective.
+    let mut cfg = config();
+    let o = &mut cfg.objectives;
+    (o.contrastive, o.mlm, o.mae) = (1.0, 0.5, 0.5);
+    let reference = single(&cfg, 2);
+    let ranks = two_ranks_split(&cfg, 2, 16);
+    assert_close(&ranks[1], &ranks[0], "empty rank vs full rank");
+    assert_close(&ranks[0], &reference, "16+0 vs 1×16");
 }

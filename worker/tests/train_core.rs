@@ -124,8 +124,8 @@ fn compute_grads_with_single_equals_plain_infonce_and_finite_differences() {
 
 #[test]
 fn mask_ratios_match_the_config() {
-    let mut rng = StdRng::seed_from_u64(1);
-    let m = masking::mae_mask(&mut rng, 8, 64, 0.75);
+    let mut rows: Vec<StdRng> = (0..8).map(StdRng::seed_from_u64).collect();
+    let m = masking::mae_mask(&mut rows, 64, 0.75);
     assert_eq!(m.keep.size(), [8, 16]);
     let hidden_per_row = m.hidden.sum_dim_intlist(1, false, Kind::Float);
     assert_eq!(
@@ -151,7 +151,8 @@ fn mask_ratios_match_the_config() {
         toks.extend((0..30).map(|i| 100 + i));
         toks.push(49407);
     }
-    let mk = masking::mlm_mask(&mut rng, &toks, b, n, 0.15, 49408);
+    let mut rows: Vec<StdRng> = (0..b as u64).map(StdRng::seed_from_u64).collect();
+    let mk = masking::mlm_mask(&mut rows, &toks, n, 0.15, 49408);
     let chosen = mk.chosen.sum(Kind::Float).double_value(&[]);
     let frac = chosen / (b * 30) as f64;
     assert!((frac - 0.15).abs() < 0.01, "chosen fraction {frac}");
@@ -187,17 +188,19 @@ fn train_alone(
 ) -> (f64, f64) {
     let mut cfg = config(c, mlm, mae);
     cfg.objectives.patch_dropout = if c > 0.0 { 0.5 } else { 0.0 };
-    let mut tr = Trainer::new(&cfg, 25).expect("trainer");
+    let mut tr = Trainer::new(&cfg, 40).expect("trainer");
     let (images, tokens) = batch(8, 3, Kind::Float);
     let mut losses = Vec::new();
-    for _ in 0..25 {
+    for _ in 0..40 {
         let l = tr
             .compute_grads_tensors(&images, &tokens, 8, &mut Single)
             .expect("grads");
         tr.apply_update().expect("update");
         losses.push(pick(&l));
     }
-    (losses[0], losses[24])
+    // Masks change every step, so single losses are noisy: compare the first and last fives.
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    (mean(&losses[..5]), mean(&losses[35..]))
 }
 
 #[test]

@@ -92,6 +92,7 @@ impl GradBuckets {
     pub fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<()> {
         for bucket in &mut self.buckets {
             bucket.pack()?;
+            crate::dist::fault::point("allreduce");
             coll.all_reduce_sum(&mut bucket.flat)?;
             bucket.unpack()?;
         }
@@ -141,7 +142,7 @@ impl Bucket {
 
 /// tch cannot assign `.grad`; a backward pass through `sum(p * 0)` makes autograd create a
 /// zero grad that we then overwrite in place.
-fn materialize_grad(param: &Tensor) -> Result<Tensor> {
+pub(crate) fn materialize_grad(param: &Tensor) -> Result<Tensor> {
     tch::with_grad(|| {
         param
             .f_mul_scalar(0.0)

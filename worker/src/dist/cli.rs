@@ -3,7 +3,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::JoinOptions;
@@ -49,14 +49,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let token = match (&args.token_file, &args.token) {
-        (Some(path), _) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading the run token file {path}"))?
-            .trim()
-            .to_string(),
-        (None, Some(t)) => t.trim().to_string(),
-        (None, None) => anyhow::bail!("no run token: pass --token-file or set FERROCLIP_TOKEN"),
-    };
+    let token = ferroclip_proto::token::resolve(args.token_file.as_deref(), args.token.as_deref())?;
     let device = match args.device.as_str() {
         "cpu" => tch::Device::Cpu,
         other => anyhow::bail!("device {other:?} is not supported by this build (use cpu)"),

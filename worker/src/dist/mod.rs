@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod cli;
 pub mod client;
+pub mod fault;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -134,11 +135,10 @@ impl Worker {
     fn prepare(&mut self, cfg: &RunConfig, place: &v1::JoinResponse) -> Result<()> {
         if self.trainer.is_none() {
             let ctx = ModelConfig::from_section(&cfg.model)?;
-            let tokenizer = Arc::new(if cfg.data.tokenizer == "clip" {
-                Tokenizer::clip(ctx.context_length as usize)?
-            } else {
-                Tokenizer::from_hf_json(cfg.data.tokenizer.as_ref(), ctx.context_length as usize)?
-            });
+            let tokenizer = Arc::new(Tokenizer::from_config(
+                &cfg.data.tokenizer,
+                ctx.context_length as usize,
+            )?);
             let mut transform = ImageTransform::train(ctx.image_size, cfg.run.seed);
             transform.scale = (cfg.data.crop_scale[0], cfg.data.crop_scale[1]);
             let loader = Loader::open(
@@ -294,6 +294,7 @@ impl Worker {
                     row: s.row,
                 })
                 .collect();
+            fault::point("load");
             let batch = loader.load(&refs)?;
             let data_wait = t0.elapsed().as_secs_f64();
             if let Some(a) = self.audit.as_mut() {
@@ -317,6 +318,7 @@ impl Worker {
             };
             let compute = t1.elapsed().as_secs_f64();
             let update = trainer.apply_update()?;
+            fault::point("applied");
             self.last_applied = step;
             if let Some(a) = self.audit.as_mut() {
                 let checksum = trainer_checksum(self.trainer.as_ref());

@@ -1,15 +1,21 @@
-//! Random masks for FLIP patch dropout, MAE and MLM, drawn from a Rust RNG the caller seeds
-//! (from seed, step and rank), so runs are reproducible and resumable without saving RNG state.
+//! Random masks for FLIP patch dropout, MAE and MLM. Each row draws from its own RNG, which the
+//! caller seeds from (seed, step, the row's index in the global batch): the masks do not depend on
+//! how the global batch is split over ranks, and a resumed run draws the same ones without saving
+//! generator state.
 
 use rand::seq::SliceRandom;
 use rand::Rng;
 use tch::{Kind, Tensor};
 
-/// For each of `b` images, `keep` distinct patch indices out of `g`, uniformly: [B, keep] i64.
-pub fn patch_keep(rng: &mut impl Rng, b: i64, g: i64, keep: i64) -> Tensor {
+/// For each image (one RNG per row), `keep` distinct patch indices out of `g`, uniformly:
+/// [B, keep] i64.
+pub fn patch_keep<R: Rng>(rows: &mut [R], g: i64, keep: i64) -> Tensor {
+    let b = rows.len() as i64;
     let mut idx = Vec::with_capacity((b * keep) as usize);
     let mut perm: Vec<i64> = (0..g).collect();
-    for _ in 0..b {
+    for rng in rows.iter_mut() {
+        // From the identity every time: a row's mask must not depend on the rows before it.
+        perm.iter_mut().zip(0..).for_each(|(p, i)| *p = i);
         perm.shuffle(rng);
         idx.extend_from_slice(&perm[..keep as usize]);
     }
@@ -32,7 +38,8 @@ pub struct MaeMask {
     pub hidden: Tensor,
 }
 
-pub fn mae_mask(rng: &mut impl Rng, b: i64, g: i64, ratio: f64) -> MaeMask {
+pub fn mae_mask<R: Rng>(rows: &mut [R], g: i64, ratio: f64) -> MaeMask {
+    let b = rows.len() as i64;
     let k = kept(g, ratio);
     let (mut keep, mut restore, mut hidden) = (
         Vec::new(),
@@ -40,7 +47,9 @@ pub fn mae_mask(rng: &mut impl Rng, b: i64, g: i64, ratio: f64) -> MaeMask {
         vec![0f32; (b * g) as usize],
     );
     let mut perm: Vec<i64> = (0..g).collect();
-    for row in 0..b as usize {
+    for (row, rng) in rows.iter_mut().enumerate() {
+        // From the identity every time: a row's mask must not depend on the rows before it.
+        perm.iter_mut().zip(0..).for_each(|(p, i)| *p = i);
         perm.shuffle(rng);
         keep.extend_from_slice(&perm[..k as usize]);
         for (pos, &patch) in perm.iter().enumerate() {
@@ -75,20 +84,14 @@ pub struct MlmMask {
 /// Chooses `ratio` of the tokens strictly between start-of-text (position 0) and end-of-text (the
 /// highest id of the row); of those 80% masked, 10% random (ids below the two special tokens at
 /// the top of the vocabulary), 10% kept.
-pub fn mlm_mask(
-    rng: &mut impl Rng,
-    tokens: &[i64],
-    b: i64,
-    n: i64,
-    ratio: f64,
-    vocab: i64,
-) -> MlmMask {
+pub fn mlm_mask<R: Rng>(rows: &mut [R], tokens: &[i64], n: i64, ratio: f64, vocab: i64) -> MlmMask {
+    let b = rows.len() as i64;
     let mut input = tokens.to_vec();
     let mut replace = vec![false; tokens.len()];
     let mut chosen = vec![false; tokens.len()];
     let mut attend = vec![false; tokens.len()];
     let mut labels = Vec::new();
-    for r in 0..b as usize {
+    for (r, rng) in rows.iter_mut().enumerate() {
         let row = &tokens[r * n as usize..(r + 1) * n as usize];
         let eot = row
             .iter()

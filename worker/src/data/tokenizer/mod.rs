@@ -49,6 +49,15 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// The tokenizer a run config names in `data.tokenizer`: "clip", or a `tokenizer.json` path.
+    pub fn from_config(name: &str, context_length: usize) -> Result<Self, TokenizerError> {
+        if name == "clip" {
+            Self::clip(context_length)
+        } else {
+            Self::from_hf_json(Path::new(name), context_length)
+        }
+    }
+
     /// OpenAI CLIP's tokenizer, with its merges found beside libtorch (see [`find_clip_bpe`]).
     pub fn clip(context_length: usize) -> Result<Self, TokenizerError> {
         Self::clip_from_path(&find_clip_bpe()?, context_length)
