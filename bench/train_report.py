@@ -73,11 +73,13 @@ def params(ckpt_dir, toml_path):
 
 
 def rate(times, batch):
-    """(steps, seconds first→last, samples/s first→last)."""
+    """(steps, seconds first→last, samples/s first→last, steady samples/s = batch / median
+    step interval, which leaves out epoch restarts and other stalls)."""
     if len(times) < 2:
         raise SystemExit(f"need at least 2 step times, got {len(times)}")
     dt = times[-1] - times[0]
-    return len(times), dt, (len(times) - 1) * batch / dt
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    return len(times), dt, (len(times) - 1) * batch / dt, batch / gaps[len(gaps) // 2]
 
 
 def report(openclip_times, ferro_json, batch, openclip_wall, ferro_wall):
@@ -95,11 +97,11 @@ def report(openclip_times, ferro_json, batch, openclip_wall, ferro_wall):
     rows = [("OpenCLIP 3.3.0 (torchrun, gloo)", rate(ot, batch), openclip_wall),
             ("ferroclip (ferroclip train --workers 2)", rate(ft, batch), ferro_wall)]
     base = rows[0][1][2]
-    print("| trainer | steps | first→last step (s) | samples/s first→last | ratio | whole command (s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, (n, dt, sps), wall in rows:
+    print("| trainer | steps | first→last step (s) | samples/s first→last | ratio | steady samples/s | whole command (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, (n, dt, sps, steady), wall in rows:
         w = f"{wall:.1f}" if wall else "-"
-        print(f"| {name} | {n} | {dt:.1f} | {sps:.1f} | {sps / base:.2f}x | {w} |")
+        print(f"| {name} | {n} | {dt:.1f} | {sps:.1f} | {sps / base:.2f}x | {steady:.1f} | {w} |")
 
 
 def main():
