@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # `shards build` vs pyarrow + Pillow on 256x256 JPEG q90 sources, with and without --resize 224,
 # one core (taskset) and all cores, plus a plain copy of the same bytes.
-#   bench/shards-run.sh            # N=2000; BIN=target/release/ferroclip-shards to use a release build
+#   bench/shards-run.sh            # N=2000; builds and uses the release `ferroclip` (BIN to override)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv-bench/bin/python}
 N=${N:-2000}
 DIR=${BENCH_DIR:-/tmp/ferroclip-bench}
 SRC="$DIR/images-256-q90-$N.parquet"
-BIN=${BIN:-target/debug/ferroclip-shards}
+BIN=${BIN:-target/release/ferroclip}
 mkdir -p "$DIR"
 [ -f "$SRC" ] || "$PY" bench/image_baseline.py make "$SRC" "$N" >&2
-[ -x "$BIN" ] || cargo build -p ferroclip-shards --bin ferroclip-shards >&2
+[ -x "$BIN" ] || cargo build --release -p ferroclip >&2
 for r in "" "--resize 224"; do
   echo "== resize: ${r:-none}"
   rm -rf "$DIR"/out-*
-  taskset -c 0 "$BIN" build "$SRC" --out "$DIR/out-rs1" --image-col image --threads 1 --no-progress $r | grep time
-  "$BIN" build "$SRC" --out "$DIR/out-rs" --image-col image --no-progress $r | grep time
+  taskset -c 0 "$BIN" shards build "$SRC" --out "$DIR/out-rs1" --image-col image --threads 1 --no-progress $r | grep time
+  "$BIN" shards build "$SRC" --out "$DIR/out-rs" --image-col image --no-progress $r | grep time
   taskset -c 0 "$PY" bench/shards_baseline.py "$SRC" "$DIR/out-py1" $r
   "$PY" bench/shards_baseline.py "$SRC" "$DIR/out-py" --procs "$(nproc)" $r
 done
