@@ -165,6 +165,9 @@ pub struct ClusterSection {
     pub bucket_mb: f64,
     /// "fp32" or "bf16" on the wire.
     pub allreduce_dtype: String,
+    /// Ring all-reduce data path: "auto" (shared memory when every rank is on one host, else
+    /// TCP), "tcp" or "shm".
+    pub transport: String,
 }
 
 impl Default for RunSection {
@@ -266,6 +269,7 @@ impl Default for ClusterSection {
             backend: "ring".into(),
             bucket_mb: 25.0,
             allreduce_dtype: "fp32".into(),
+            transport: "auto".into(),
         }
     }
 }
@@ -350,6 +354,12 @@ impl RunConfig {
                 format!("\"{}\" is not fp32 or bf16", self.cluster.allreduce_dtype),
             ));
         }
+        if !matches!(self.cluster.transport.as_str(), "auto" | "tcp" | "shm") {
+            return Err(bad(
+                "cluster.transport",
+                format!("\"{}\" is not auto, tcp or shm", self.cluster.transport),
+            ));
+        }
         if self.data.crop_scale[0] <= 0.0
             || self.data.crop_scale[0] > self.data.crop_scale[1]
             || self.data.crop_scale[1] > 1.0
@@ -392,5 +402,7 @@ mod tests {
         assert!(err.to_string().contains("objectives"), "{err}");
         let err = RunConfig::parse("[cluster]\nbackend = \"mpi\"\n", "c.toml").unwrap_err();
         assert!(err.to_string().contains("cluster.backend"), "{err}");
+        let err = RunConfig::parse("[cluster]\ntransport = \"rdma\"\n", "c.toml").unwrap_err();
+        assert!(err.to_string().contains("cluster.transport"), "{err}");
     }
 }

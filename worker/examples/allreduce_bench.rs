@@ -1,8 +1,9 @@
-//! All-reduce bus bandwidth of the TCP ring on loopback, one process per rank.
+//! All-reduce bus bandwidth of the ring (TCP on loopback, or shared memory), one process per
+//! rank.
 //!
 //! `allreduce_bench --world 2` picks free ports, starts `world` copies of itself (one per rank)
 //! and prints, from rank 0, one JSON line per size:
-//! {"impl":"ferroclip-ring","world":2,"bytes":...,"ms":...,"algbw_gbs":...,"busbw_gbs":...}
+//! {"impl":"ferroclip-ring","transport":"tcp","world":2,"bytes":...,"ms":...,"busbw_gbs":...}
 //! busbw = algbw × 2(n−1)/n, algbw = bytes / time (GB = 1e9 bytes), as nccl-tests reports.
 
 use std::net::TcpListener;
@@ -11,13 +12,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use ferroclip_worker::collective::{Collective, RingCollective, RingOptions, WireDtype};
+use ferroclip_worker::collective::{
+    Collective, RingCollective, RingOptions, Transport as RingTransport, WireDtype,
+};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Dtype {
     F32,
     Bf16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Transport {
+    Auto,
+    Tcp,
+    Shm,
 }
 
 #[derive(Parser, Debug)]
@@ -37,6 +47,12 @@ struct Args {
     /// Pipelining chunk in KiB (default: the library's).
     #[arg(long)]
     chunk_kib: Option<usize>,
+    /// How all-reduce data moves between the ranks.
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    transport: Transport,
+    /// Shared-memory chunk (one doorbell each) in KiB (default: the library's).
+    #[arg(long)]
+    shm_chunk_kib: Option<usize>,
     /// Internal: this process's rank.
     #[arg(long)]
     rank: Option<usize>,
@@ -83,12 +99,17 @@ fn launch(args: &Args) -> Result<()> {
             .arg(args.iters.to_string())
             .arg("--dtype")
             .arg(format!("{:?}", args.dtype).to_lowercase())
+            .arg("--transport")
+            .arg(format!("{:?}", args.transport).to_lowercase())
             .arg("--rank")
             .arg(rank.to_string())
             .arg("--peers")
             .arg(ports.join(","));
         if let Some(c) = args.chunk_kib {
             cmd.arg("--chunk-kib").arg(c.to_string());
+        }
+        if let Some(c) = args.shm_chunk_kib {
+            cmd.arg("--shm-chunk-kib").arg(c.to_string());
         }
         children.push(cmd.spawn().context("starting a rank")?);
     }
@@ -117,13 +138,26 @@ fn run_rank(args: &Args, rank: usize) -> Result<()> {
             Dtype::F32 => WireDtype::F32,
             Dtype::Bf16 => WireDtype::Bf16,
         },
+        transport: match args.transport {
+            Transport::Auto => RingTransport::Auto,
+            Transport::Tcp => RingTransport::Tcp,
+            Transport::Shm => RingTransport::Shm,
+        },
         ..RingOptions::default()
     };
     if let Some(c) = args.chunk_kib {
         opts.chunk_bytes = c * 1024;
     }
-    let chunk_bytes = opts.chunk_bytes;
+    if let Some(c) = args.shm_chunk_kib {
+        opts.shm_chunk_bytes = c * 1024;
+    }
     let mut ring = RingCollective::connect(rank, &args.peers, listener, opts)?;
+    let transport = ring.transport();
+    // What was used: shared memory carries f32 whatever the wire dtype, in its own chunks.
+    let (dtype, chunk_bytes) = match transport {
+        RingTransport::Shm => (Dtype::F32, ring.options().shm_chunk_bytes),
+        _ => (args.dtype, ring.options().chunk_bytes),
+    };
     let n = ring.world_size();
     for &mib in &args.sizes_mib {
         let bytes = mib << 20;
@@ -148,8 +182,9 @@ fn run_rank(args: &Args, rank: usize) -> Result<()> {
             let algbw = bytes as f64 / secs / 1e9;
             let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
             println!(
-                "{{\"impl\":\"ferroclip-ring\",\"dtype\":\"{:?}\",\"chunk_kib\":{},\"world\":{n},\"bytes\":{bytes},\"iters\":{iters},\"ms\":{:.3},\"algbw_gbs\":{algbw:.3},\"busbw_gbs\":{busbw:.3}}}",
-                args.dtype,
+                "{{\"impl\":\"ferroclip-ring\",\"transport\":\"{}\",\"dtype\":\"{:?}\",\"chunk_kib\":{},\"world\":{n},\"bytes\":{bytes},\"iters\":{iters},\"ms\":{:.3},\"algbw_gbs\":{algbw:.3},\"busbw_gbs\":{busbw:.3}}}",
+                format!("{transport:?}").to_lowercase(),
+                dtype,
                 chunk_bytes / 1024,
                 secs * 1e3,
             );

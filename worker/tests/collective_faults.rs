@@ -6,7 +6,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferroclip_worker::collective::{
-    Collective, CollectiveError, RingCollective, RingOptions, WireDtype,
+    Collective, CollectiveError, RingCollective, RingOptions, Transport, WireDtype,
 };
 use tch::{Kind, Tensor};
 
@@ -18,6 +18,8 @@ fn opts(generation: u64) -> RingOptions {
         chunk_bytes: 64 * 1024,
         dtype: WireDtype::F32,
         generation,
+        transport: Transport::Tcp,
+        ..RingOptions::default()
     }
 }
 

@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferroclip_worker::collective::{
-    Collective, CollectiveError, GradBuckets, RingCollective, RingOptions, WireDtype,
+    Collective, CollectiveError, GradBuckets, RingCollective, RingOptions, Transport, WireDtype,
 };
 use tch::{nn, nn::Module, Kind, Tensor};
 
@@ -17,6 +17,8 @@ fn opts(chunk_bytes: usize, dtype: WireDtype) -> RingOptions {
         chunk_bytes,
         dtype,
         generation: 3,
+        transport: Transport::Tcp,
+        ..RingOptions::default()
     }
 }
 

@@ -8,10 +8,11 @@ mod host;
 mod pipe;
 mod rendezvous;
 pub mod ring;
+mod shm;
 mod wire;
 
 pub use buckets::GradBuckets;
-pub use ring::{RingCollective, RingOptions, WireDtype};
+pub use ring::{RingCollective, RingOptions, Transport, WireDtype};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {

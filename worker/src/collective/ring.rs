@@ -3,8 +3,11 @@
 //! All-reduce is the bandwidth-optimal ring (reduce-scatter, then all-gather), each rank sending
 //! 2(n−1)/n of the buffer; all-gather and broadcast stream around the same ring. Blocking
 //! std::net sockets with SO_RCVTIMEO/SO_SNDTIMEO give the timeouts; see `pipe` for the engine.
+//! When every rank is on this host, all-reduce moves its data through shared memory instead
+//! (`shm`), the TCP links only carrying doorbells.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::str::FromStr;
 use std::time::Duration;
 
 use tch::Tensor;
@@ -12,6 +15,7 @@ use tch::Tensor;
 use super::host::{check_cpu, f32_data, row_key, tensor_bytes};
 use super::pipe::{self, Codec, Link, INLINE_BYTES};
 use super::rendezvous;
+use super::shm::{self, Shm};
 use super::wire::{self, Header, Op};
 use super::{Collective, CollectiveError, Result};
 
@@ -24,6 +28,29 @@ pub enum WireDtype {
     Bf16,
 }
 
+/// How all-reduce payloads move between ranks (`cluster.transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Shared memory when every rank is on this host, TCP otherwise.
+    #[default]
+    Auto,
+    Tcp,
+    /// Shared memory; forming the ring fails unless every rank is on this host.
+    Shm,
+}
+
+impl FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Transport::Auto),
+            "tcp" => Ok(Transport::Tcp),
+            "shm" => Ok(Transport::Shm),
+            _ => Err(format!("transport {s:?} is not auto, tcp or shm")),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RingOptions {
     /// A peer silent for this long (or a write stuck this long) fails the operation; also the
@@ -34,6 +61,9 @@ pub struct RingOptions {
     pub dtype: WireDtype,
     /// Membership generation: only neighbours of the same generation are accepted.
     pub generation: u64,
+    pub transport: Transport,
+    /// Shared-memory pipelining unit (one doorbell per chunk).
+    pub shm_chunk_bytes: usize,
 }
 
 impl Default for RingOptions {
@@ -43,6 +73,8 @@ impl Default for RingOptions {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             dtype: WireDtype::F32,
             generation: 0,
+            transport: Transport::Auto,
+            shm_chunk_bytes: DEFAULT_SHM_CHUNK_BYTES,
         }
     }
 }
@@ -50,6 +82,13 @@ impl Default for RingOptions {
 /// Measured in bench/README-allreduce.md: large enough to amortise syscalls, small enough
 /// to stay in L2 while a chunk is reduced and forwarded.
 pub const DEFAULT_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Large enough that doorbell syscalls are a small share of the copy time.
+pub const DEFAULT_SHM_CHUNK_BYTES: usize = 512 * 1024;
+
+/// The all-gather key of the host-id exchange at connect (a rank expecting another first
+/// operation fails on the header).
+const HOST_ID_KEY: u64 = 0x4643_5348_4d48_4f53;
 
 struct Links {
     left: TcpStream,
@@ -66,6 +105,8 @@ pub struct RingCollective {
     seq: u32,
     /// Set by the first error: the ring is then unusable (a new generation builds a new one).
     broken: Option<String>,
+    /// Shared-memory all-reduce, when every rank is on this host.
+    shm: Option<Shm>,
 }
 
 impl std::fmt::Debug for RingCollective {
@@ -75,6 +116,7 @@ impl std::fmt::Debug for RingCollective {
             .field("world_size", &self.world_size)
             .field("generation", &self.opts.generation)
             .field("broken", &self.broken)
+            .field("transport", &self.transport())
             .finish()
     }
 }
@@ -111,10 +153,13 @@ impl RingCollective {
         if opts.timeout.is_zero() {
             return Err(invalid(OP, "the timeout must be positive"));
         }
-        if opts.chunk_bytes < 8 {
+        if opts.chunk_bytes < 8 || opts.shm_chunk_bytes < 4 {
             return Err(invalid(
                 OP,
-                format!("chunk_bytes {} is below 8", opts.chunk_bytes),
+                format!(
+                    "chunk_bytes {} is below 8 or shm_chunk_bytes {} below 4",
+                    opts.chunk_bytes, opts.shm_chunk_bytes
+                ),
             ));
         }
         let mut ring = RingCollective {
@@ -124,6 +169,7 @@ impl RingCollective {
             links: None,
             seq: 0,
             broken: None,
+            shm: None,
         };
         if world_size == 1 {
             return Ok(ring);
@@ -139,17 +185,65 @@ impl RingCollective {
             left: left_stream,
             right: right_stream,
         });
+        if ring.opts.transport != Transport::Tcp {
+            ring.negotiate_shm()?;
+        }
         tracing::debug!(
             rank,
             world_size,
             generation = ring.opts.generation,
+            transport = ?ring.transport(),
             "ring formed"
         );
         Ok(ring)
     }
 
+    /// Exchange host ids; when all are equal, all-reduce goes through shared memory.
+    fn negotiate_shm(&mut self) -> Result<()> {
+        const OP: &str = "connect";
+        // Unknown host ids never match (a flag byte, then the id).
+        let mut mine = [0u8; 9];
+        if let Some(id) = shm::host_id() {
+            mine[0] = 1;
+            mine[1..].copy_from_slice(&id.to_le_bytes());
+        }
+        let (all, _) = self.all_gather_rows(&mine, 1, mine.len(), HOST_ID_KEY)?;
+        let others: Vec<usize> = all
+            .chunks_exact(mine.len())
+            .enumerate()
+            .filter(|(_, id)| id[0] == 0 || *id != mine)
+            .map(|(r, _)| r)
+            .collect();
+        if others.is_empty() {
+            self.shm = Some(Shm::new(self.rank, self.opts.generation));
+        } else if self.opts.transport == Transport::Shm {
+            return Err(invalid(
+                OP,
+                format!(
+                    "transport \"shm\" needs every rank on one host (with one /dev/shm); ranks {others:?} are not on this rank's"
+                ),
+            ));
+        } else {
+            tracing::info!(
+                rank = self.rank,
+                ?others,
+                "ranks on other hosts: all-reduce over TCP"
+            );
+        }
+        Ok(())
+    }
+
     pub fn options(&self) -> &RingOptions {
         &self.opts
+    }
+
+    /// The transport all-reduce uses (settled when the ring formed).
+    pub fn transport(&self) -> Transport {
+        if self.shm.is_some() {
+            Transport::Shm
+        } else {
+            Transport::Tcp
+        }
     }
 
     fn left(&self) -> usize {
@@ -209,6 +303,23 @@ impl RingCollective {
             WireDtype::Bf16 => 1,
         };
         let (rank, n) = (self.rank, self.world_size);
+        if let Some(mut shm) = self.shm.take() {
+            // Shared memory has no wire: the sum is exact f32 whatever `dtype` says.
+            let chunk = self.opts.shm_chunk_bytes / 4;
+            let out = self.operate(
+                Op::AllReduce,
+                data.len() as u64,
+                ((chunk as u64) << 8) | 0x5A,
+                |link, _| {
+                    if data.is_empty() {
+                        return Ok(());
+                    }
+                    shm.all_reduce(link, rank, n, data, chunk)
+                },
+            );
+            self.shm = Some(shm);
+            return out;
+        }
         self.operate(
             Op::AllReduce,
             data.len() as u64,
