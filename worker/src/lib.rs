@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod embed;
 pub mod eval;

@@ -19,7 +19,7 @@ pub struct JoinArgs {
     /// The run token itself (prefer --token-file).
     #[arg(long, env = "FERROCLIP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// "cpu" or "cuda:N".
+    /// "cpu", "cuda" (GPU $LOCAL_RANK) or "cuda:N".
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Port peers connect to for the collective ring (0 = any free port).
@@ -50,10 +50,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .try_init();
     let token = ferroclip_proto::token::resolve(args.token_file.as_deref(), args.token.as_deref())?;
-    let device = match args.device.as_str() {
-        "cpu" => tch::Device::Cpu,
-        other => anyhow::bail!("device {other:?} is not supported by this build (use cpu)"),
-    };
+    let device = crate::device::select(&args.device)?;
     if let Some(n) = args.threads {
         tch::set_num_threads(n.max(1));
     }
