@@ -45,19 +45,20 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         println!("  {:<28} {:.5}", m.name, m.value);
     }
     println!(
-        "  {:>4}  {:<20} {:<16} {:<8} {:>9} {:>10} {:>10}",
-        "rank", "worker", "host", "device", "heartbeat", "step_s", "data_wait_s"
+        "  {:>4}  {:<20} {:<16} {:<8} {:>9} {:>10} {:>11} {:>11}",
+        "rank", "worker", "host", "device", "heartbeat", "step_s", "data_wait_s", "allreduce_s"
     );
     for w in &s.workers {
         println!(
-            "  {:>4}  {:<20} {:<16} {:<8} {:>8.1}s {:>10.3} {:>10.3}",
+            "  {:>4}  {:<20} {:<16} {:<8} {:>8.1}s {:>10.3} {:>11.3} {:>11.3}",
             w.rank,
             w.worker_id,
             w.host,
             w.device,
             w.seconds_since_heartbeat,
             w.step_time_s,
-            w.data_wait_s
+            w.data_wait_s,
+            w.allreduce_s
         );
     }
     if !s.last_checkpoint.is_empty() {

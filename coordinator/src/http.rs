@@ -2,7 +2,6 @@
 //! Everything but the probes needs the run token (`Authorization: Bearer …` or `?token=`).
 
 use std::collections::HashMap;
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,6 +24,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
+        .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
         .with_state(shared);
@@ -72,24 +72,40 @@ async fn status(
     if !authorized(&shared, &headers, &q) {
         return unauthorized();
     }
+    // `?history=N`: only the last N step records (the dashboard polls every few seconds).
+    let keep = q
+        .get("history")
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(usize::MAX);
     let run = shared.run.lock().await;
     let s = run.status();
+    let skip = run.history.len().saturating_sub(keep);
     let body = serde_json::json!({
         "run": run.config.run.name,
         "state": s.state,
         "generation": s.generation,
         "step": s.step,
+        "total_steps": run.total_steps(),
         "epoch": s.epoch,
+        "epochs": run.config.run.epochs,
         "epoch_progress": s.epoch_progress,
+        "samples_per_s": run.throughput(),
+        "uptime_s": run.started.elapsed().as_secs_f64(),
         "last_checkpoint": s.last_checkpoint,
-        "workers": s.workers.iter().map(|w| serde_json::json!({
-            "rank": w.rank, "worker_id": w.worker_id, "host": w.host, "device": w.device,
-            "seconds_since_heartbeat": w.seconds_since_heartbeat,
-            "step_time_s": w.step_time_s, "data_wait_s": w.data_wait_s,
-        })).collect::<Vec<_>>(),
-        "history": run.history,
+        "checkpoint_age_s": run.checkpoint_age_s(),
+        "workers": s.workers.iter().map(|w| {
+            let st = run.worker_stats.get(&w.worker_id).cloned().unwrap_or_default();
+            serde_json::json!({
+                "rank": w.rank, "worker_id": w.worker_id, "host": w.host, "device": w.device,
+                "seconds_since_heartbeat": w.seconds_since_heartbeat,
+                "step_time_s": w.step_time_s, "data_wait_s": w.data_wait_s,
+                "allreduce_s": st.allreduce_s, "last_step": st.step,
+            })
+        }).collect::<Vec<_>>(),
+        "history": run.history.iter().skip(skip).collect::<Vec<_>>(),
         "events": run.events,
         "counters": run.counters,
+        "rejected_rpcs": shared.rejected.load(Ordering::Relaxed),
     });
     axum::Json(body).into_response()
 }
@@ -104,73 +120,39 @@ async fn metrics(
         return unauthorized();
     }
     let run = shared.run.lock().await;
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, value: f64| {
-        let _ = writeln!(out, "# HELP ferroclip_{name} {help}\n# TYPE ferroclip_{name} gauge\nferroclip_{name} {value}");
-    };
-    let s = run.status();
-    let (epoch, progress) = run.epoch_progress();
-    gauge("step", "Last committed optimizer step.", s.step as f64);
-    gauge("epoch", "Epoch of the data position.", epoch as f64);
-    gauge(
-        "epoch_progress",
-        "Fraction of the current epoch used.",
-        progress,
-    );
-    gauge("generation", "Membership generation.", s.generation as f64);
-    gauge(
-        "workers",
-        "Workers in the current generation.",
-        s.workers.len() as f64,
-    );
-    gauge(
-        "worker_deaths_total",
-        "Generations ended by a failure.",
-        run.counters.worker_deaths as f64,
-    );
-    gauge(
-        "recoveries_total",
-        "Failures followed by a committed step.",
-        run.counters.recoveries as f64,
-    );
-    gauge(
-        "last_recovery_seconds",
-        "Seconds from the last failure to the next committed step.",
-        run.counters.last_recovery_s,
-    );
-    gauge(
-        "rejected_rpcs_total",
-        "Requests rejected (auth, stale generation, malformed).",
-        shared.rejected.load(Ordering::Relaxed) as f64,
-    );
-    if let Some(last) = run.history.back() {
-        for (k, v) in &last.metrics {
-            let name: String = k
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                .collect();
-            gauge(
-                &name,
-                &format!("Last committed step's {k} (mean over ranks)."),
-                *v,
-            );
-        }
-    }
-    let _ = writeln!(out, "# HELP ferroclip_worker_step_seconds Step time per worker.\n# TYPE ferroclip_worker_step_seconds gauge");
-    for w in &s.workers {
-        let _ = writeln!(
-            out,
-            "ferroclip_worker_step_seconds{{rank=\"{}\",worker=\"{}\"}} {}",
-            w.rank, w.worker_id, w.step_time_s
-        );
-    }
-    let _ = writeln!(out, "# HELP ferroclip_worker_data_wait_seconds Data wait per worker and step.\n# TYPE ferroclip_worker_data_wait_seconds gauge");
-    for w in &s.workers {
-        let _ = writeln!(
-            out,
-            "ferroclip_worker_data_wait_seconds{{rank=\"{}\",worker=\"{}\"}} {}",
-            w.rank, w.worker_id, w.data_wait_s
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let body = crate::metrics::render(&run, shared.rejected.load(Ordering::Relaxed));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
+
+/// The live dashboard: one self-contained page that polls /api/status with the same token.
+async fn dashboard(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&shared, &headers, &q) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            "<!doctype html><title>ferroclip</title><p>Open this page as <code>/?token=&lt;run token&gt;</code>.</p>\n",
+        )
+            .into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");

@@ -5,6 +5,7 @@ pub mod http;
 pub mod journal;
 pub mod ledger;
 pub mod membership;
+pub mod metrics;
 pub mod plan;
 pub mod run;
 pub mod service;

@@ -34,11 +34,17 @@ pub struct StepRecord {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// A worker's figures from its last CommitStep (seconds, bytes per second).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct WorkerStats {
+    pub step: u64,
     pub step_time_s: f64,
     pub data_wait_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
     pub allreduce_s: f64,
+    pub optimizer_s: f64,
+    pub allreduce_busbw: f64,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -60,7 +66,8 @@ pub struct Run {
     pending_checkpoints: Vec<(u64, String)>,
     /// step → ranks that reported it, this generation.
     reports: BTreeMap<u64, BTreeSet<u32>>,
-    rank_metrics: BTreeMap<u64, Vec<v1::Metric>>,
+    /// step → (samples, metrics) of each rank that reported it.
+    rank_metrics: BTreeMap<u64, Vec<(u32, Vec<v1::Metric>)>>,
     placements: HashMap<String, v1::JoinResponse>,
     pub worker_stats: HashMap<String, WorkerStats>,
     pub history: VecDeque<StepRecord>,
@@ -68,6 +75,8 @@ pub struct Run {
     pub counters: Counters,
     /// When the last failure ended a generation (for recovery time).
     failure_at: Option<Instant>,
+    /// When the newest checkpoint was recorded (checkpoint age).
+    pub last_checkpoint_at: Option<Instant>,
     pub started: Instant,
     epoch_len: u64,
     pub block_count: u32,
@@ -117,6 +126,7 @@ impl Run {
             events: VecDeque::new(),
             counters: Counters::default(),
             failure_at: None,
+            last_checkpoint_at: None,
             started: Instant::now(),
             epoch_len,
             block_count,
@@ -208,6 +218,31 @@ impl Run {
             (state.consumed.saturating_sub(done_before)) as f64 / self.epoch_len as f64
         };
         (state.epoch, frac.min(1.0))
+    }
+
+    /// Samples per second over the last steps (one step's rate is noisy).
+    pub fn throughput(&self) -> f64 {
+        const WINDOW: usize = 20;
+        let n = self.history.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let first = &self.history[n.saturating_sub(WINDOW + 1)];
+        let Some(last) = self.history.back() else {
+            return 0.0;
+        };
+        let dt = last.unix_s - first.unix_s;
+        let samples = last.samples_total().saturating_sub(first.samples_total());
+        if dt > 0.0 {
+            samples as f64 / dt
+        } else {
+            0.0
+        }
+    }
+
+    /// Seconds since the newest checkpoint was recorded by this coordinator.
+    pub fn checkpoint_age_s(&self) -> Option<f64> {
+        self.last_checkpoint_at.map(|t| t.elapsed().as_secs_f64())
     }
 
     fn member(&self, worker_id: &str, generation: u64) -> Result<&Member, Status> {
@@ -513,11 +548,16 @@ impl Run {
             )));
         }
         let stats = self.worker_stats.entry(req.worker_id.clone()).or_default();
+        stats.step = req.step;
         for m in &req.metrics {
             match m.name.as_str() {
                 "time/step_s" => stats.step_time_s = m.value,
                 "time/data_wait_s" => stats.data_wait_s = m.value,
+                "time/forward_s" => stats.forward_s = m.value,
+                "time/backward_s" => stats.backward_s = m.value,
                 "time/allreduce_s" => stats.allreduce_s = m.value,
+                "time/optimizer_s" => stats.optimizer_s = m.value,
+                "allreduce/busbw_bytes_per_s" => stats.allreduce_busbw = m.value,
                 _ => {}
             }
         }
@@ -525,7 +565,7 @@ impl Run {
         self.rank_metrics
             .entry(req.step)
             .or_default()
-            .extend(req.metrics.iter().cloned());
+            .push((req.samples, req.metrics.clone()));
         let world = self.generation_world;
         let all = self.reports.get(&req.step).map(|r| r.len()).unwrap_or(0) == world;
         if !all || !self.ledger.commit(req.step) {
@@ -564,16 +604,32 @@ impl Run {
         now.saturating_sub(before)
     }
 
-    fn record_history(&mut self, step: u64, samples: u64, metrics: &[v1::Metric], world: usize) {
-        let mut sums: BTreeMap<String, (f64, u32)> = BTreeMap::new();
-        for m in metrics {
-            let e = sums.entry(m.name.clone()).or_default();
-            e.0 += m.value;
-            e.1 += 1;
+    fn record_history(
+        &mut self,
+        step: u64,
+        samples: u64,
+        ranks: &[(u32, Vec<v1::Metric>)],
+        world: usize,
+    ) {
+        // Losses are local means: weighted by the rank's samples (a rank without rows reports
+        // 0, which is no estimate). Everything else (times, lr) is a plain mean over ranks.
+        let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for (rows, metrics) in ranks {
+            for m in metrics {
+                let w = if m.name.starts_with("loss/") {
+                    *rows as f64
+                } else {
+                    1.0
+                };
+                let e = sums.entry(m.name.clone()).or_default();
+                e.0 += w * m.value;
+                e.1 += w;
+            }
         }
         let mut out: BTreeMap<String, f64> = sums
             .into_iter()
-            .map(|(k, (sum, n))| (k, sum / n.max(1) as f64))
+            .filter(|(_, (_, w))| *w > 0.0)
+            .map(|(k, (sum, w))| (k, sum / w))
             .collect();
         out.insert(
             "samples_total".into(),
@@ -649,6 +705,7 @@ impl Run {
     }
 
     fn record_checkpoint(&mut self, step: u64, url: String) {
+        self.last_checkpoint_at = Some(Instant::now());
         self.checkpoints.push(CheckpointRecord {
             step,
             url: url.clone(),
@@ -710,6 +767,7 @@ impl Run {
                     seconds_since_heartbeat: now.duration_since(m.last_seen).as_secs_f64(),
                     step_time_s: s.step_time_s,
                     data_wait_s: s.data_wait_s,
+                    allreduce_s: s.allreduce_s,
                 }
             })
             .collect();

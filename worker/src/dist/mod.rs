@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod fault;
+pub mod tensorboard;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -63,6 +64,9 @@ struct Worker {
     audit: Option<Audit>,
     last_applied: u64,
     generation: u64,
+    /// Rank 0's TensorBoard event file, opened the first time this worker is rank 0
+    /// (`Some(None)`: opening failed, already reported).
+    tensorboard: Option<Option<tensorboard::EventWriter>>,
 }
 
 pub fn run(opts: JoinOptions) -> Result<()> {
@@ -88,6 +92,7 @@ pub fn run(opts: JoinOptions) -> Result<()> {
         audit: None,
         last_applied: 0,
         generation: 0,
+        tensorboard: None,
     };
     w.main_loop()
 }
@@ -317,7 +322,10 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             };
             let compute = t1.elapsed().as_secs_f64();
+            let phases = trainer.last_times;
+            let t2 = Instant::now();
             let update = trainer.apply_update()?;
+            let optimizer_s = t2.elapsed().as_secs_f64();
             fault::point("applied");
             self.last_applied = step;
             if let Some(a) = self.audit.as_mut() {
@@ -350,6 +358,30 @@ impl Worker {
             metrics.push(("time/step_s".into(), t0.elapsed().as_secs_f64()));
             metrics.push(("time/data_wait_s".into(), data_wait));
             metrics.push(("time/compute_s".into(), compute));
+            metrics.push(("time/forward_s".into(), phases.forward_s));
+            metrics.push(("time/backward_s".into(), phases.backward_s));
+            metrics.push(("time/optimizer_s".into(), optimizer_s));
+            if place.world_size > 1 {
+                // compute_grads = forward + backward + the gradient all-reduce.
+                let allreduce_s = (compute - phases.forward_s - phases.backward_s).max(0.0);
+                let n = place.world_size as f64;
+                let bytes = grad_bytes(self.trainer.as_ref()) as f64;
+                metrics.push(("time/allreduce_s".into(), allreduce_s));
+                metrics.push(("allreduce/bytes".into(), bytes));
+                if allreduce_s > 0.0 {
+                    let busbw = bytes * 2.0 * (n - 1.0) / n / allreduce_s;
+                    metrics.push(("allreduce/busbw_bytes_per_s".into(), busbw));
+                }
+            }
+            if rank == 0 {
+                // A rank without rows reports losses of 0, which are no estimate: left out.
+                let scalars: Vec<(String, f64)> = metrics
+                    .iter()
+                    .filter(|(k, _)| !refs.is_empty() || !k.starts_with("loss/"))
+                    .cloned()
+                    .collect();
+                self.log_scalars(cfg, step, &scalars);
+            }
             let req = v1::CommitStepRequest {
                 worker_id: self.opts.worker_id.clone(),
                 generation: gen,
@@ -401,6 +433,21 @@ impl Worker {
         }
     }
 
+    /// Rank 0's scalars to TensorBoard; a failing disk must not stop training.
+    fn log_scalars(&mut self, cfg: &RunConfig, step: u64, metrics: &[(String, f64)]) {
+        let writer = self.tensorboard.get_or_insert_with(|| {
+            let dir = PathBuf::from(&cfg.run.dir).join("tensorboard");
+            tensorboard::EventWriter::create(&dir, &self.opts.worker_id)
+                .map_err(|e| tracing::warn!("no TensorBoard events in {}: {e}", dir.display()))
+                .ok()
+        });
+        if let Some(w) = writer {
+            if let Err(e) = w.scalars(step, metrics) {
+                tracing::warn!("TensorBoard event write failed: {e}");
+            }
+        }
+    }
+
     fn report(&self, place: &v1::JoinResponse, err: &crate::collective::CollectiveError) {
         let Some(peer) = err.suspect() else {
             return;
@@ -446,6 +493,17 @@ fn trainer_checksum(trainer: Option<&Trainer>) -> f64 {
                 .sum(tch::Kind::Double)
                 .double_value(&[])
         })
+        .sum()
+}
+
+/// Bytes of gradient each all-reduce moves (f32 parameters that train).
+fn grad_bytes(trainer: Option<&Trainer>) -> u64 {
+    let Some(t) = trainer else { return 0 };
+    t.model
+        .params
+        .iter()
+        .filter(|(_, p)| p.requires_grad())
+        .map(|(_, p)| p.numel() as u64 * 4)
         .sum()
 }
 
