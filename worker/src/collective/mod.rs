@@ -5,6 +5,7 @@ use tch::Tensor;
 
 pub mod buckets;
 mod host;
+pub mod nccl;
 mod pipe;
 mod rendezvous;
 pub mod ring;
