@@ -83,8 +83,9 @@ impl Default for RingOptions {
 /// to stay in L2 while a chunk is reduced and forwarded.
 pub const DEFAULT_CHUNK_BYTES: usize = 64 * 1024;
 
-/// Large enough that doorbell syscalls are a small share of the copy time.
-pub const DEFAULT_SHM_CHUNK_BYTES: usize = 512 * 1024;
+/// Measured in bench/README-allreduce.md: each doorbell costs a wake-up, so chunks are large;
+/// 2 MiB still pipelines the 16–100 MiB buffers that matter.
+pub const DEFAULT_SHM_CHUNK_BYTES: usize = 2 << 20;
 
 /// The all-gather key of the host-id exchange at connect (a rank expecting another first
 /// operation fails on the header).
