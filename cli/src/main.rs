@@ -16,6 +16,15 @@ use clap::{Parser, Subcommand};
     about = "Multimodal pretraining control plane and data tools"
 )]
 struct Cli {
+    /// Log lines: pretty (a terminal) or json (one object per line); RUST_LOG filters.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "pretty",
+        env = "FERROCLIP_LOG_FORMAT"
+    )]
+    log_format: ferroclip_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,13 +50,14 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let service = match cli.command {
+        Command::Coordinator(_) => "ferroclip-coordinator",
+        _ => "ferroclip",
+    };
+    // Held to the end of main: dropping it flushes spans still queued for OTLP.
+    let _telemetry = ferroclip_telemetry::init(service, cli.log_format)?;
+    match cli.command {
         Command::Shards(args) => ferroclip_shards::cli::run(args).await?,
         Command::Coordinator(args) => coordinator::run(args).await?,
         Command::Train(args) => train::run(args).await?,

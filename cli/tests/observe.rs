@@ -643,3 +643,165 @@ fn a_short_run_is_observable() {
     assert!(one(&last, "ferroclip_checkpoint_age_seconds") >= 0.0);
     check_tensorboard(&tmp.path().join("run"), step_of(&end));
 }
+
+/// (service.name, span name) of every span an OTLP exporter sent.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+struct Collector(Received);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        let mut got = self
+            .0
+            .lock()
+            .map_err(|_| tonic::Status::internal("poisoned"))?;
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(
+                    |kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                        Some(Any::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    },
+                )
+                .unwrap_or_default();
+            for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
+                got.push((service.clone(), span.name.clone()));
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[test]
+fn spans_reach_an_otlp_endpoint() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let received = Received::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind the OTLP port");
+    let otlp = listener.local_addr().expect("addr");
+    let sink = Collector(received.clone());
+    rt.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(sink))
+            .serve_with_incoming(incoming)
+            .await;
+    });
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 200);
+    let cfg = write_config(tmp.path(), &data);
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, text.replace("epochs = 4", "epochs = 1")).expect("config");
+    let (grpc, http) = (free_port(), free_port());
+    let endpoint = format!("http://{otlp}");
+    let _coord = spawn_traced(
+        Command::new(bin("ferroclip"))
+            .args(["coordinator", "--config"])
+            .arg(&cfg)
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+            .args(["--http-addr", &format!("127.0.0.1:{http}")]),
+        &endpoint,
+        &tmp.path().join("coordinator.log"),
+    );
+    let mut workers = Vec::new();
+    for id in ["w-a", "w-b"] {
+        workers.push(spawn_traced(
+            Command::new(bin("ferroclip-worker"))
+                .args(["join", "--coordinator", &format!("http://127.0.0.1:{grpc}")])
+                .args(["--device", "cpu", "--threads", "1", "--worker-id", id])
+                .args(["--advertise-host", "127.0.0.1", "--log-format", "json"]),
+            &endpoint,
+            &tmp.path().join(format!("{id}.log")),
+        ));
+    }
+    wait_until(http, "the end of the run", Duration::from_secs(180), |s| {
+        s["state"] == "finished"
+    });
+    // Workers flush their spans when they exit; the coordinator exports every 200 ms.
+    for w in workers.iter_mut() {
+        let start = Instant::now();
+        while w.0.try_wait().expect("wait").is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "worker did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // --log-format json: one JSON object per line.
+    let log = std::fs::read_to_string(tmp.path().join("w-a.log")).expect("worker log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["fields"]["message"] == "joined" && v["level"] == "INFO"),
+        "{log}"
+    );
+    let want = [
+        ("ferroclip-coordinator", "Join"),
+        ("ferroclip-coordinator", "NextStep"),
+        ("ferroclip-coordinator", "CommitStep"),
+        ("ferroclip-coordinator", "CommitCheckpoint"),
+        ("ferroclip-worker", "step"),
+        ("ferroclip-worker", "data_wait"),
+        ("ferroclip-worker", "compute_grads"),
+        ("ferroclip-worker", "optimizer"),
+        ("ferroclip-worker", "commit"),
+        ("ferroclip-worker", "checkpoint"),
+    ];
+    let start = Instant::now();
+    loop {
+        let got: BTreeSet<(String, String)> =
+            received.lock().expect("received").iter().cloned().collect();
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|(svc, name)| !got.contains(&(svc.to_string(), name.to_string())))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "spans never received: {missing:?}; received: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn spawn_traced(cmd: &mut Command, endpoint: &str, log: &Path) -> Proc {
+    let log = std::fs::File::create(log).expect("log file");
+    Proc(
+        cmd.env("FERROCLIP_TOKEN", TOKEN)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+            .env_remove("OTEL_SERVICE_NAME")
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start a traced process"),
+    )
+}

@@ -28,6 +28,16 @@ use crate::journal::Journal;
 use crate::run::Run;
 use crate::service::{CoordinatorService, Shared};
 
+/// One span per RPC, named after its method in OpenTelemetry; heartbeats only at debug level.
+fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let method = req.uri().path().rsplit('/').next().unwrap_or("");
+    if method == "Heartbeat" {
+        tracing::debug_span!("rpc", otel.name = method, rpc.method = method)
+    } else {
+        tracing::info_span!("rpc", otel.name = method, rpc.method = method)
+    }
+}
+
 /// How to start a coordinator.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -128,6 +138,7 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let r = tonic::transport::Server::builder()
+            .trace_fn(rpc_span)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;

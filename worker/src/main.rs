@@ -3,6 +3,15 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "ferroclip-worker", about = "ferroclip training worker (libtorch)", version = VERSION.as_str())]
 struct Cli {
+    /// Log lines: pretty (a terminal) or json (one object per line); RUST_LOG filters.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "pretty",
+        env = "FERROCLIP_LOG_FORMAT"
+    )]
+    log_format: ferroclip_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +69,8 @@ static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Held to the end of main: dropping it flushes spans still queued for OTLP.
+    let _telemetry = ferroclip_telemetry::init("ferroclip-worker", cli.log_format)?;
     match cli.command {
         Command::Join(args) => ferroclip_worker::dist::cli::run(args)?,
         Command::Train(args) => {

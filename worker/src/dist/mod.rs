@@ -269,6 +269,9 @@ impl Worker {
                 return Ok(Exit::Done);
             }
             let t0 = Instant::now();
+            // Spans of the step and its parts (exported over OTLP when it is configured).
+            let _step_span = tracing::info_span!("step", step, generation = gen, rank).entered();
+            let data_span = tracing::info_span!("data_wait").entered();
             let req = v1::NextStepRequest {
                 worker_id: self.opts.worker_id.clone(),
                 generation: gen,
@@ -302,6 +305,7 @@ impl Worker {
             fault::point("load");
             let batch = loader.load(&refs)?;
             let data_wait = t0.elapsed().as_secs_f64();
+            drop(data_span);
             if let Some(a) = self.audit.as_mut() {
                 a.write(&Record::Fed {
                     generation: gen,
@@ -312,6 +316,7 @@ impl Worker {
             }
             let trainer = self.trainer.as_mut().context("trainer")?;
             let t1 = Instant::now();
+            let compute_span = tracing::info_span!("compute_grads").entered();
             let losses = match trainer.compute_grads(&batch, resp.global_batch as usize, ring) {
                 Ok(l) => l,
                 Err(TrainError::Collective(ce)) => {
@@ -322,9 +327,10 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             };
             let compute = t1.elapsed().as_secs_f64();
+            drop(compute_span);
             let phases = trainer.last_times;
             let t2 = Instant::now();
-            let update = trainer.apply_update()?;
+            let update = tracing::info_span!("optimizer").in_scope(|| trainer.apply_update())?;
             let optimizer_s = t2.elapsed().as_secs_f64();
             fault::point("applied");
             self.last_applied = step;
@@ -392,7 +398,9 @@ impl Worker {
                     .map(|(name, value)| v1::Metric { name, value })
                     .collect(),
             };
-            match self.rt.block_on(self.client.commit_step(req)) {
+            let committed = tracing::info_span!("commit")
+                .in_scope(|| self.rt.block_on(self.client.commit_step(req)));
+            match committed {
                 Ok(_) => {}
                 Err(CallError::Stale(_)) => return Ok(Exit::Regroup),
                 Err(e) => return Err(e.into()),
@@ -414,6 +422,7 @@ impl Worker {
     }
 
     fn checkpoint(&mut self, cfg: &RunConfig, generation: u64, step: u64) -> Result<()> {
+        let _span = tracing::info_span!("checkpoint", step).entered();
         let trainer = self.trainer.as_ref().context("trainer")?;
         let url = save_checkpoint(trainer, cfg, step).with_context(|| {
             format!(
