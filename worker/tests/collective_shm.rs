@@ -317,3 +317,34 @@ fn a_peer_process_killed_mid_all_reduce_gives_an_error_naming_it_not_a_hang() {
     let again = ring.all_reduce_sum(&mut t).unwrap_err();
     assert!(again.to_string().contains("unusable"), "{again}");
 }
+
+#[test]
+fn default_options_with_regions_growing_like_gradient_buckets() {
+    // Sizes around the 1 MiB growth step and the 2 MiB chunk, repeated back to back.
+    let lens = [
+        8_192usize, 8_192, 700_001, 1, 262_144, 700_001, 2_000_003, 5,
+    ];
+    for n in [2, 3] {
+        let got = with_ring(n, RingOptions::default(), |ring| {
+            assert_eq!(ring.transport(), Transport::Shm);
+            let rank = ring.rank();
+            lens.iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    let mut t = Tensor::from_slice(&int_data(rank + i, len));
+                    ring.all_reduce_sum(&mut t).unwrap();
+                    Vec::<f32>::try_from(t).unwrap()
+                })
+                .collect::<Vec<_>>()
+        });
+        for (i, &len) in lens.iter().enumerate() {
+            let want = int_sum(n, i, len);
+            for (rank, per_rank) in got.iter().enumerate() {
+                assert!(
+                    per_rank[i] == want,
+                    "world {n}, op {i} (len {len}), rank {rank}"
+                );
+            }
+        }
+    }
+}

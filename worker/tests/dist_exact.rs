@@ -25,8 +25,12 @@ fn config() -> RunConfig {
     c
 }
 
+/// torch's generator is global: rank threads seeding and drawing at once would interleave.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Step `s`'s 16 samples: random images, token rows "sot w.. eot 0..".
 fn global_batch(s: i64) -> (Tensor, Tensor) {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(100 + s);
     let images = Tensor::randn([16, 3, 16, 16], (Kind::Float, Device::Cpu));
     let words = Tensor::randint_low(1, 298, [16, 8], (Kind::Int64, Device::Cpu));
