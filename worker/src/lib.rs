@@ -8,6 +8,7 @@ pub mod device;
 pub mod dist;
 pub mod embed;
 pub mod eval;
+pub mod gpu_check;
 pub mod libtorch;
 pub mod loss;
 pub mod model;

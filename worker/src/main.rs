@@ -38,6 +38,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         max_samples: usize,
     },
+    /// GPU facts, a 1-rank NCCL self-test and bf16 training throughput/MFU (scripts/gpu-check.sh).
+    GpuCheck(ferroclip_worker::gpu_check::GpuCheckArgs),
     /// Train a tiny model for a few steps on random data: a smoke test of libtorch.
     Smoke {
         #[arg(long, default_value_t = 20)]
@@ -91,6 +93,7 @@ fn main() -> anyhow::Result<()> {
                 &Default::default(),
             )?;
         }
+        Command::GpuCheck(args) => ferroclip_worker::gpu_check::run(args)?,
         Command::Smoke { steps } => {
             let losses = ferroclip_worker::smoke::train(steps, 0);
             for (i, l) in losses.iter().enumerate() {
