@@ -644,7 +644,8 @@ fn a_short_run_is_observable() {
     check_tensorboard(&tmp.path().join("run"), step_of(&end));
 }
 
-/// (service.name, span name) of every span an OTLP exporter sent.
+/// What the OTLP collector received: (service.name, span name) for spans, (metric name, data)
+/// for metrics.
 type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
 struct Collector(Received);
@@ -690,8 +691,40 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
     }
 }
 
+/// Metric names an OTLP metric exporter sent.
+struct MetricCollector(Received);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+    for MetricCollector
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut got = self
+            .0
+            .lock()
+            .map_err(|_| tonic::Status::internal("poisoned"))?;
+        for rm in req.into_inner().resource_metrics {
+            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                got.push((m.name.clone(), format!("{:?}", m.data)));
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
 #[test]
-fn spans_reach_an_otlp_endpoint() {
+fn spans_and_metrics_reach_an_otlp_endpoint() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let received = Received::default();
@@ -700,10 +733,13 @@ fn spans_reach_an_otlp_endpoint() {
         .expect("bind the OTLP port");
     let otlp = listener.local_addr().expect("addr");
     let sink = Collector(received.clone());
+    let metrics = Received::default();
+    let metric_sink = MetricCollector(metrics.clone());
     rt.spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let _ = tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(sink))
+            .add_service(MetricsServiceServer::new(metric_sink))
             .serve_with_incoming(incoming)
             .await;
     });
@@ -790,6 +826,30 @@ fn spans_reach_an_otlp_endpoint() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The coordinator's /metrics families arrive as OTLP metrics too.
+    let start = Instant::now();
+    loop {
+        let names: BTreeMap<String, String> =
+            metrics.lock().expect("metrics").iter().cloned().collect();
+        let missing: Vec<&str> = ["ferroclip_step", "ferroclip_loss", "ferroclip_workers"]
+            .into_iter()
+            .filter(|n| !names.contains_key(*n))
+            .collect();
+        if missing.is_empty() {
+            assert!(names["ferroclip_loss"].contains("objective"), "{names:?}");
+            assert!(
+                names["ferroclip_worker_deaths_total"].contains("Sum"),
+                "a counter"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "metrics never received: {missing:?}; received: {:?}",
+            names.keys().collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn spawn_traced(cmd: &mut Command, endpoint: &str, log: &Path) -> Proc {
@@ -798,6 +858,7 @@ fn spawn_traced(cmd: &mut Command, endpoint: &str, log: &Path) -> Proc {
         cmd.env("FERROCLIP_TOKEN", TOKEN)
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+            .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
             .env_remove("OTEL_SERVICE_NAME")
             .stdin(Stdio::null())
             .stderr(log)

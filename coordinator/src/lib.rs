@@ -6,6 +6,7 @@ pub mod journal;
 pub mod ledger;
 pub mod membership;
 pub mod metrics;
+pub mod otel;
 pub mod plan;
 pub mod run;
 pub mod service;
@@ -126,6 +127,7 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
         }
     }
     let shared = Shared::new(run, journal, opts.token.clone(), opts.store.clone());
+    otel::register(&shared);
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
 

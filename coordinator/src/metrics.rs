@@ -166,21 +166,41 @@ const NAMED: &[&str] = &[
     "allreduce/busbw_bytes_per_s",
 ];
 
+/// One sample of a family: what both the text page and the OTLP export are made of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: f64,
+}
+
 #[derive(Default)]
 struct Page {
-    samples: BTreeMap<&'static str, String>,
+    samples: Vec<Sample>,
 }
 
 impl Page {
-    fn put(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
+    fn put(&mut self, name: &'static str, labels: &[(&'static str, &str)], value: f64) {
         if !value.is_finite() {
             return;
         }
-        let line = self.samples.entry(name).or_default();
-        line.push_str(name);
-        if !labels.is_empty() {
+        self.samples.push(Sample {
+            name,
+            labels: labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            value,
+        });
+    }
+}
+
+/// The text exposition of `samples`, every family announced in `FAMILIES` order.
+pub fn text(samples: &[Sample]) -> String {
+    let mut by_name: BTreeMap<&str, String> = BTreeMap::new();
+    for x in samples {
+        let line = by_name.entry(x.name).or_default();
+        line.push_str(x.name);
+        if !x.labels.is_empty() {
             line.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
+            for (i, (k, v)) in x.labels.iter().enumerate() {
                 if i > 0 {
                     line.push(',');
                 }
@@ -188,19 +208,16 @@ impl Page {
             }
             line.push('}');
         }
-        let _ = writeln!(line, " {value}");
+        let _ = writeln!(line, " {}", x.value);
     }
-
-    fn finish(self) -> String {
-        let mut out = String::new();
-        for (name, kind, help) in FAMILIES {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            if let Some(lines) = self.samples.get(name) {
-                out.push_str(lines);
-            }
+    let mut out = String::new();
+    for (name, kind, help) in FAMILIES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        if let Some(lines) = by_name.get(name) {
+            out.push_str(lines);
         }
-        out
     }
+    out
 }
 
 /// Label values: backslash, double quote and newline escaped as the format requires.
@@ -212,6 +229,11 @@ fn escape(v: &str) -> String {
 
 /// The whole /metrics page. `rejected` counts RPCs and HTTP requests refused so far.
 pub fn render(run: &Run, rejected: u64) -> String {
+    text(&samples(run, rejected))
+}
+
+/// Every current sample of the run (non-finite values left out).
+pub fn samples(run: &Run, rejected: u64) -> Vec<Sample> {
     let mut p = Page::default();
     let s = run.status();
     let (epoch, progress) = run.epoch_progress();
@@ -303,7 +325,7 @@ pub fn render(run: &Run, rejected: u64) -> String {
         &[],
         run.started.elapsed().as_secs_f64(),
     );
-    p.finish()
+    p.samples
 }
 
 #[cfg(test)]
@@ -321,7 +343,7 @@ mod tests {
         let mut p = Page::default();
         p.put("ferroclip_step", &[], f64::NAN);
         p.put("ferroclip_loss", &[("objective", "mlm")], 1.5);
-        let out = p.finish();
+        let out = text(&p.samples);
         assert!(!out.contains("ferroclip_step NaN"));
         assert!(out.contains("# TYPE ferroclip_step gauge\n"));
         assert!(out.contains("ferroclip_loss{objective=\"mlm\"} 1.5\n"));

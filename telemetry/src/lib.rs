@@ -1,14 +1,16 @@
 //! Logging and tracing for both binaries: pretty logs on a terminal or one JSON object per line
-//! (`--log-format json`), filtered by `RUST_LOG`; spans exported over OTLP/gRPC when
+//! (`--log-format json`), filtered by `RUST_LOG`; spans and metrics exported over OTLP/gRPC when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. The other
 //! standard variables (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS,
-//! OTEL_BSP_*) are read by the OpenTelemetry SDK. Without an endpoint no exporter exists.
+//! OTEL_BSP_*, OTEL_METRIC_EXPORT_INTERVAL) are read by the OpenTelemetry SDK. Without an
+//! endpoint no exporter exists and the global meter stays a no-op.
 
 use std::io::IsTerminal;
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
@@ -27,6 +29,7 @@ pub enum LogFormat {
 /// Keeps the exporter alive; dropping it flushes the spans still queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
     /// The exporter's gRPC channel lives on its own runtime thread, so callers need none.
     runtime: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -57,12 +60,15 @@ pub fn init(service: &'static str, format: LogFormat) -> Result<Telemetry> {
     };
     let mut telemetry = Telemetry {
         provider: None,
+        meters: None,
         runtime: None,
     };
     let otel = if otlp_endpoint_set() {
-        let (provider, runtime) = start_exporter(service)?;
+        let (provider, meters, runtime) = start_exporter(service)?;
         let tracer = provider.tracer("ferroclip");
+        opentelemetry::global::set_meter_provider(meters.clone());
         telemetry.provider = Some(provider);
+        telemetry.meters = Some(meters);
         telemetry.runtime = Some(runtime);
         Some(tracing_opentelemetry::layer().with_tracer(tracer))
     } else {
@@ -79,7 +85,14 @@ pub fn init(service: &'static str, format: LogFormat) -> Result<Telemetry> {
 
 type RuntimeHandle = (tokio::sync::oneshot::Sender<()>, JoinHandle<()>);
 
-fn start_exporter(service: &'static str) -> Result<(SdkTracerProvider, RuntimeHandle)> {
+type Exporters = (
+    opentelemetry_otlp::SpanExporter,
+    opentelemetry_otlp::MetricExporter,
+);
+
+fn start_exporter(
+    service: &'static str,
+) -> Result<(SdkTracerProvider, SdkMeterProvider, RuntimeHandle)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -96,36 +109,51 @@ fn start_exporter(service: &'static str) -> Result<(SdkTracerProvider, RuntimeHa
                 }
             };
             rt.block_on(async move {
-                let built = opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .build()
-                    .map_err(anyhow::Error::from);
-                let _ = tx.send(built);
+                let built = || -> Result<Exporters> {
+                    let spans = opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .build()?;
+                    let metrics = opentelemetry_otlp::MetricExporter::builder()
+                        .with_tonic()
+                        .build()?;
+                    Ok((spans, metrics))
+                };
+                let _ = tx.send(built());
                 // Drive the exporter's connections until the process shuts telemetry down.
                 let _ = stop_rx.await;
             });
         })
         .context("starting the OTLP export thread")?;
-    let exporter = rx
+    let (spans, metrics) = rx
         .recv()
         .context("the OTLP export thread ended")?
-        .context("building the OTLP span exporter")?;
+        .context("building the OTLP exporters")?;
     let mut resource = Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service);
     }
+    let resource = resource.build();
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource.build())
+        .with_batch_exporter(spans)
+        .with_resource(resource.clone())
         .build();
-    Ok((provider, (stop_tx, thread)))
+    let meters = SdkMeterProvider::builder()
+        .with_periodic_exporter(metrics)
+        .with_resource(resource)
+        .build();
+    Ok((provider, meters, (stop_tx, thread)))
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
             if let Err(e) = p.shutdown() {
-                eprintln!("OTLP export: {e}");
+                eprintln!("OTLP span export: {e}");
+            }
+        }
+        if let Some(m) = self.meters.take() {
+            if let Err(e) = m.shutdown() {
+                eprintln!("OTLP metric export: {e}");
             }
         }
         if let Some((stop, thread)) = self.runtime.take() {
