@@ -685,6 +685,9 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
                 .unwrap_or_default();
             for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
                 got.push((service.clone(), span.name.clone()));
+                for kv in &span.attributes {
+                    got.push((service.clone(), format!("{}.{}", span.name, kv.key)));
+                }
             }
         }
         Ok(tonic::Response::new(Default::default()))
@@ -805,6 +808,8 @@ fn spans_and_metrics_reach_an_otlp_endpoint() {
         ("ferroclip-worker", "step"),
         ("ferroclip-worker", "data_wait"),
         ("ferroclip-worker", "compute_grads"),
+        ("ferroclip-worker", "compute_grads.allreduce_s"),
+        ("ferroclip-worker", "step.step"),
         ("ferroclip-worker", "optimizer"),
         ("ferroclip-worker", "commit"),
         ("ferroclip-worker", "checkpoint"),

@@ -316,7 +316,15 @@ impl Worker {
             }
             let trainer = self.trainer.as_mut().context("trainer")?;
             let t1 = Instant::now();
-            let compute_span = tracing::info_span!("compute_grads").entered();
+            // forward, backward and the all-reduce run inside the trainer: their times are
+            // recorded on this span.
+            let compute_span = tracing::info_span!(
+                "compute_grads",
+                forward_s = tracing::field::Empty,
+                backward_s = tracing::field::Empty,
+                allreduce_s = tracing::field::Empty
+            )
+            .entered();
             let losses = match trainer.compute_grads(&batch, resp.global_batch as usize, ring) {
                 Ok(l) => l,
                 Err(TrainError::Collective(ce)) => {
@@ -327,8 +335,14 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             };
             let compute = t1.elapsed().as_secs_f64();
-            drop(compute_span);
             let phases = trainer.last_times;
+            compute_span.record("forward_s", phases.forward_s);
+            compute_span.record("backward_s", phases.backward_s);
+            compute_span.record(
+                "allreduce_s",
+                (compute - phases.forward_s - phases.backward_s).max(0.0),
+            );
+            drop(compute_span);
             let t2 = Instant::now();
             let update = tracing::info_span!("optimizer").in_scope(|| trainer.apply_update())?;
             let optimizer_s = t2.elapsed().as_secs_f64();
