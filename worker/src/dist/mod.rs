@@ -459,7 +459,9 @@ impl Worker {
     /// Rank 0's scalars to TensorBoard; a failing disk must not stop training.
     fn log_scalars(&mut self, cfg: &RunConfig, step: u64, metrics: &[(String, f64)]) {
         let writer = self.tensorboard.get_or_insert_with(|| {
-            let dir = PathBuf::from(&cfg.run.dir).join("tensorboard");
+            let dir = tensorboard::events_dir(&cfg.run.dir)
+                .map_err(|e| tracing::warn!("no TensorBoard events: {e}"))
+                .ok()?;
             tensorboard::EventWriter::create(&dir, &self.opts.worker_id)
                 .map_err(|e| tracing::warn!("no TensorBoard events in {}: {e}", dir.display()))
                 .ok()

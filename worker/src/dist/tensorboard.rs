@@ -79,6 +79,21 @@ pub fn frame(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Where rank 0 writes events: `$FERROCLIP_TENSORBOARD_DIR`, else `<run.dir>/tensorboard` when
+/// the run directory is local. Event files are appended to, which object stores cannot do.
+pub fn events_dir(run_dir: &str) -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("FERROCLIP_TENSORBOARD_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let local = run_dir.strip_prefix("file://").unwrap_or(run_dir);
+    if local.contains("://") {
+        return Err(format!(
+            "run.dir {run_dir} is an object store: set FERROCLIP_TENSORBOARD_DIR to a local or mounted directory for TensorBoard events"
+        ));
+    }
+    Ok(Path::new(local).join("tensorboard"))
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -154,6 +169,22 @@ impl EventWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_go_beside_a_local_run_only() {
+        if std::env::var_os("FERROCLIP_TENSORBOARD_DIR").is_some() {
+            return;
+        }
+        assert_eq!(
+            events_dir("/runs/a").unwrap(),
+            Path::new("/runs/a/tensorboard")
+        );
+        assert_eq!(
+            events_dir("file:///runs/a").unwrap(),
+            Path::new("/runs/a/tensorboard")
+        );
+        assert!(events_dir("s3://bucket/runs/a").is_err());
+    }
 
     #[test]
     fn crc32c_matches_the_standard_check_value() {
