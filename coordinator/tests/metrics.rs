@@ -44,6 +44,50 @@ fn metric(name: &str, value: f64) -> v1::Metric {
     }
 }
 
+type Ranks = Vec<(
+    CoordinatorClient<tonic::transport::Channel>,
+    &'static str,
+    u32,
+)>;
+
+/// Both workers join (concurrently: a generation forms once both wait); (client, id, rank).
+async fn join_all(url: &str, last_generation: u64, last_applied_step: u64) -> Ranks {
+    let mut joins = Vec::new();
+    for id in ["w-a", "w-b"] {
+        let url = url.to_string();
+        joins.push(tokio::spawn(async move {
+            let mut c = CoordinatorClient::connect(url).await.expect("connect");
+            let place = c
+                .join(authed(v1::JoinRequest {
+                    worker_id: id.into(),
+                    host: format!("host-{id}"),
+                    device: "cpu".into(),
+                    collective_addr: "127.0.0.1:1".into(),
+                    last_generation,
+                    last_applied_step,
+                }))
+                .await
+                .expect("join")
+                .into_inner();
+            (c, id, place.rank)
+        }));
+    }
+    let mut ranks = Vec::new();
+    for j in joins {
+        ranks.push(j.await.expect("join task"));
+    }
+    ranks
+}
+
+/// The value of the first line starting with `series` on the /metrics page.
+async fn scrape(http: std::net::SocketAddr, series: &str) -> f64 {
+    let body = http_get(http, "/metrics").await;
+    let page = body.split("\r\n\r\n").nth(1).expect("body").to_string();
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} not in\n{page}"))
+}
+
 #[tokio::test]
 async fn committed_figures_become_metrics() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -86,30 +130,7 @@ async fn committed_figures_become_metrics() {
     .await
     .expect("coordinator starts");
     let url = format!("http://{}", h.grpc_addr);
-    let mut joins = Vec::new();
-    for id in ["w-a", "w-b"] {
-        let url = url.clone();
-        joins.push(tokio::spawn(async move {
-            let mut c = CoordinatorClient::connect(url).await.expect("connect");
-            let place = c
-                .join(authed(v1::JoinRequest {
-                    worker_id: id.into(),
-                    host: format!("host-{id}"),
-                    device: "cpu".into(),
-                    collective_addr: "127.0.0.1:1".into(),
-                    last_generation: 0,
-                    last_applied_step: 0,
-                }))
-                .await
-                .expect("join")
-                .into_inner();
-            (c, id, place.rank)
-        }));
-    }
-    let mut ranks = Vec::new();
-    for j in joins {
-        ranks.push(j.await.expect("join task"));
-    }
+    let mut ranks = join_all(&url, 0, 0).await;
     // Rank 0 had 8 rows and loss 2; rank 1 had none (it reports 0, which must not count).
     for (c, id, rank) in ranks.iter_mut() {
         let (rows, loss, step_s) = if *rank == 0 {
@@ -180,5 +201,54 @@ async fn committed_figures_become_metrics() {
             "{name} not announced"
         );
     }
+
+    // A failure report ends generation 1; both re-join and commit step 2: one death, one
+    // recovery with its duration.
+    let (c, id, _) = &mut ranks[0];
+    c.report_failure(authed(v1::ReportFailureRequest {
+        worker_id: id.to_string(),
+        generation: 1,
+        suspect_rank: 1,
+        reason: "test".into(),
+    }))
+    .await
+    .expect("report failure");
+    assert_eq!(scrape(http, "ferroclip_worker_deaths_total ").await, 1.0);
+    assert_eq!(scrape(http, "ferroclip_recoveries_total ").await, 0.0);
+    let mut ranks = join_all(&url, 1, 1).await;
+    for (c, id, _) in ranks.iter_mut() {
+        c.next_step(authed(v1::NextStepRequest {
+            worker_id: id.to_string(),
+            generation: 2,
+            step: 2,
+        }))
+        .await
+        .expect("next step 2");
+        c.commit_step(authed(v1::CommitStepRequest {
+            worker_id: id.to_string(),
+            generation: 2,
+            step: 2,
+            samples: 4,
+            metrics: vec![metric("loss/total", 1.0)],
+        }))
+        .await
+        .expect("commit 2");
+    }
+    // The stale generation is refused and counted.
+    let (c, id, _) = &mut ranks[0];
+    let e = c
+        .heartbeat(authed(v1::HeartbeatRequest {
+            worker_id: id.to_string(),
+            generation: 1,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(scrape(http, "ferroclip_step ").await, 2.0);
+    assert_eq!(scrape(http, "ferroclip_generation ").await, 2.0);
+    assert_eq!(scrape(http, "ferroclip_generations_total ").await, 2.0);
+    assert_eq!(scrape(http, "ferroclip_recoveries_total ").await, 1.0);
+    assert!(scrape(http, "ferroclip_last_recovery_seconds ").await > 0.0);
+    assert!(scrape(http, "ferroclip_rejected_rpcs_total ").await >= 1.0);
     h.shutdown().await;
 }
