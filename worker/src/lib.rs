@@ -13,6 +13,7 @@ pub mod libtorch;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod overlap;
 pub mod single;
 pub mod smoke;
 pub mod train;

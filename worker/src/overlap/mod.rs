@@ -1,0 +1,351 @@
+//! All-reduce overlapped with backward, as DDP's reducer does it: a grad hook per parameter
+//! counts down its bucket; a full bucket is packed on autograd's thread and handed to a
+//! communication thread that all-reduces buckets strictly in bucket order (every rank issues
+//! the same collectives in the same order) while backward goes on.
+//!
+//! Buckets are laid out exactly as `GradBuckets` lays them out (last parameters first), so the
+//! sums are bit-identical to the plain path (backward, then `GradBuckets::all_reduce_grads`).
+
+pub mod hooks;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
+
+use crate::collective::buckets::materialize_grad;
+use crate::collective::{Collective, CollectiveError, Result};
+use hooks::GradHooks;
+
+struct Member {
+    index: usize,
+    param: Tensor,
+    offset: i64,
+    numel: i64,
+}
+
+struct Bucket {
+    flat: Tensor,
+    members: Vec<Member>,
+    packed: bool,
+}
+
+struct Shared {
+    buckets: Vec<Mutex<Bucket>>,
+    /// Parameter index → its bucket.
+    bucket_of: Vec<Option<usize>>,
+    /// Members whose grad is not final yet, per bucket, this backward.
+    remaining: Vec<AtomicUsize>,
+    /// Hooks count only while a backward of ours runs (not when we materialise grads).
+    active: AtomicBool,
+    fired: AtomicUsize,
+    tx: Mutex<Option<Sender<usize>>>,
+    pack_error: Mutex<Option<String>>,
+}
+
+/// What one overlapped backward did.
+#[derive(Debug, Clone, Default)]
+pub struct OverlapStats {
+    /// Hook calls (parameters whose grad autograd produced).
+    pub fired: usize,
+    /// Buckets handed over by hooks during backward, in the order they became full.
+    pub ready_during_backward: Vec<usize>,
+    /// Buckets packed after backward (some member got no grad).
+    pub flushed: Vec<usize>,
+    pub backward_s: f64,
+    /// Seconds the communication thread spent in all-reduce.
+    pub comm_s: f64,
+    /// From the start of backward until the last bucket was reduced.
+    pub total_s: f64,
+}
+
+fn invalid(message: String) -> CollectiveError {
+    CollectiveError::Invalid {
+        op: "overlapped_all_reduce",
+        message,
+    }
+}
+
+fn tch_err(e: tch::TchError) -> CollectiveError {
+    invalid(e.to_string())
+}
+
+impl Bucket {
+    /// Copy the members' grads into the flat buffer (zeros for a missing grad).
+    fn pack(&mut self) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        for m in &self.members {
+            let mut dst = self.flat.f_narrow(0, m.offset, m.numel).map_err(tch_err)?;
+            let grad = m.param.grad();
+            if grad.defined() {
+                dst.f_copy_(&grad.f_reshape([-1]).map_err(tch_err)?)
+                    .map_err(tch_err)?;
+            } else {
+                let _ = dst.f_zero_().map_err(tch_err)?;
+            }
+        }
+        self.packed = true;
+        Ok(())
+    }
+
+    /// Copy the sums back into the grads that exist; returns whether some grad was missing.
+    fn unpack_defined(&mut self) -> Result<bool> {
+        let _g = tch::no_grad_guard();
+        let mut missing = false;
+        for m in &self.members {
+            let mut grad = m.param.grad();
+            if !grad.defined() {
+                missing = true;
+                continue;
+            }
+            let src = self
+                .flat
+                .f_narrow(0, m.offset, m.numel)
+                .and_then(|s| s.f_view(grad.size().as_slice()))
+                .map_err(tch_err)?;
+            grad.f_copy_(&src).map_err(tch_err)?;
+        }
+        Ok(missing)
+    }
+}
+
+impl Shared {
+    fn lock(&self, b: usize) -> Result<std::sync::MutexGuard<'_, Bucket>> {
+        self.buckets[b]
+            .lock()
+            .map_err(|_| invalid(format!("bucket {b} lock poisoned")))
+    }
+
+    fn on_grad(&self, index: usize) {
+        if !self.active.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(Some(b)) = self.bucket_of.get(index).copied() else {
+            return;
+        };
+        self.fired.fetch_add(1, Ordering::Relaxed);
+        if self.remaining[b].fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let packed = self.buckets[b]
+            .lock()
+            .map_err(|e| e.to_string())
+            .and_then(|mut bk| bk.pack().map_err(|e| e.to_string()));
+        if let Err(e) = packed {
+            if let Ok(mut slot) = self.pack_error.lock() {
+                slot.get_or_insert(e);
+            }
+            return;
+        }
+        if let Ok(tx) = self.tx.lock() {
+            if let Some(tx) = tx.as_ref() {
+                let _ = tx.send(b);
+            }
+        }
+    }
+}
+
+pub struct OverlappedReducer {
+    // Declared first: the hooks go before the state they point into.
+    hooks: GradHooks,
+    shared: Arc<Shared>,
+}
+
+impl OverlappedReducer {
+    /// Buckets of about `bucket_bytes` over the parameters that require grad (f32, one device),
+    /// laid out as `GradBuckets::new` lays them out, and a grad hook on each.
+    pub fn new(params: &[Tensor], bucket_bytes: usize) -> Result<Self> {
+        let limit = (bucket_bytes / 4).max(1) as i64;
+        let mut device = None;
+        let mut groups: Vec<(Vec<Member>, i64)> = Vec::new();
+        let mut members: Vec<Member> = Vec::new();
+        let mut filled: i64 = 0;
+        for (i, p) in params.iter().enumerate().rev() {
+            if !p.defined() || !p.requires_grad() {
+                continue;
+            }
+            let kind = p.f_kind().map_err(tch_err)?;
+            if kind != Kind::Float {
+                return Err(invalid(format!("parameter {i} is {kind:?}, not f32")));
+            }
+            match device {
+                None => device = Some(p.device()),
+                Some(d) if d != p.device() => {
+                    return Err(invalid(format!(
+                        "parameter {i} is on {:?}, not {d:?}",
+                        p.device()
+                    )));
+                }
+                Some(_) => {}
+            }
+            let numel = p.numel() as i64;
+            if filled > 0 && filled + numel > limit {
+                groups.push((std::mem::take(&mut members), filled));
+                filled = 0;
+            }
+            members.push(Member {
+                index: i,
+                param: p.shallow_clone(),
+                offset: filled,
+                numel,
+            });
+            filled += numel;
+        }
+        if !members.is_empty() {
+            groups.push((members, filled));
+        }
+        let device = device.unwrap_or(tch::Device::Cpu);
+        let mut bucket_of = vec![None; params.len()];
+        let mut buckets = Vec::new();
+        for (b, (members, numel)) in groups.into_iter().enumerate() {
+            for m in &members {
+                bucket_of[m.index] = Some(b);
+            }
+            let flat = Tensor::f_zeros([numel], (Kind::Float, device)).map_err(tch_err)?;
+            buckets.push(Mutex::new(Bucket {
+                flat,
+                members,
+                packed: false,
+            }));
+        }
+        let remaining = (0..buckets.len()).map(|_| AtomicUsize::new(0)).collect();
+        let shared = Arc::new(Shared {
+            buckets,
+            bucket_of,
+            remaining,
+            active: AtomicBool::new(false),
+            fired: AtomicUsize::new(0),
+            tx: Mutex::new(None),
+            pack_error: Mutex::new(None),
+        });
+        let s = shared.clone();
+        let hooks =
+            GradHooks::new(params, move |i| s.on_grad(i)).map_err(|e| invalid(e.to_string()))?;
+        Ok(Self { hooks, shared })
+    }
+
+    /// Elements per bucket, in all-reduce order (as `GradBuckets::bucket_sizes`).
+    pub fn bucket_sizes(&self) -> Vec<usize> {
+        self.shared
+            .buckets
+            .iter()
+            .map(|b| b.lock().map(|b| b.flat.numel()).unwrap_or(0))
+            .collect()
+    }
+
+    /// Parameter indices with a hook.
+    pub fn hooked(&self) -> Vec<usize> {
+        self.hooks.hooked()
+    }
+
+    /// `loss.backward()` with every bucket's grads summed over `coll` as soon as they are
+    /// final. Grads must be zero (or absent) before, as for the plain path. Every bucket is
+    /// reduced even when backward fails, so peers are not left waiting.
+    pub fn backward(&mut self, loss: &Tensor, coll: &mut dyn Collective) -> Result<OverlapStats> {
+        let sh: &Shared = &self.shared;
+        for (b, r) in sh.remaining.iter().enumerate() {
+            let mut bk = sh.lock(b)?;
+            bk.packed = false;
+            r.store(bk.members.len(), Ordering::Release);
+        }
+        sh.fired.store(0, Ordering::Relaxed);
+        let (tx, rx) = channel::<usize>();
+        *sh.tx
+            .lock()
+            .map_err(|_| invalid("tx lock poisoned".into()))? = Some(tx.clone());
+        let n = sh.buckets.len();
+        let t0 = Instant::now();
+        let mut stats = OverlapStats::default();
+        let (backward, comm) = std::thread::scope(|scope| {
+            let comm = scope.spawn(|| {
+                let mut ready = vec![false; n];
+                let mut order = Vec::new();
+                let (mut next, mut busy) = (0, 0.0);
+                let mut err: Option<CollectiveError> = None;
+                for b in rx {
+                    order.push(b);
+                    ready[b] = true;
+                    while next < n && ready[next] {
+                        if err.is_none() {
+                            let t = Instant::now();
+                            let r = sh.lock(next).and_then(|mut bk| {
+                                coll.all_reduce_sum(&mut bk.flat)?;
+                                bk.unpack_defined().map(|_| ())
+                            });
+                            busy += t.elapsed().as_secs_f64();
+                            err = r.err();
+                        }
+                        next += 1;
+                    }
+                }
+                if err.is_none() && next < n {
+                    err = Some(invalid(format!("only {next} of {n} buckets became ready")));
+                }
+                (err, order, busy, t0.elapsed().as_secs_f64())
+            });
+            sh.active.store(true, Ordering::Release);
+            let r = loss.f_backward();
+            sh.active.store(false, Ordering::Release);
+            let backward_s = t0.elapsed().as_secs_f64();
+            // Buckets some member of which got no grad: pack (zeros) and send them now.
+            let mut flushed = Vec::new();
+            for b in 0..n {
+                if sh.remaining[b].load(Ordering::Acquire) > 0 {
+                    if let Ok(mut bk) = sh.buckets[b].lock() {
+                        if !bk.packed {
+                            if let Err(e) = bk.pack() {
+                                if let Ok(mut slot) = sh.pack_error.lock() {
+                                    slot.get_or_insert(e.to_string());
+                                }
+                            }
+                        }
+                    }
+                    flushed.push(b);
+                    let _ = tx.send(b);
+                }
+            }
+            drop(tx);
+            if let Ok(mut slot) = sh.tx.lock() {
+                *slot = None;
+            }
+            let comm = comm.join();
+            ((r, backward_s, flushed), comm)
+        });
+        let (r, backward_s, flushed) = backward;
+        let (err, order, comm_s, total_s) =
+            comm.map_err(|_| invalid("communication thread panicked".into()))?;
+        stats.fired = sh.fired.load(Ordering::Relaxed);
+        stats.flushed = flushed.clone();
+        stats.ready_during_backward = order.into_iter().filter(|b| !flushed.contains(b)).collect();
+        stats.backward_s = backward_s;
+        stats.comm_s = comm_s;
+        stats.total_s = total_s;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if let Some(e) = sh.pack_error.lock().ok().and_then(|mut s| s.take()) {
+            return Err(invalid(format!("packing a bucket: {e}")));
+        }
+        r.map_err(tch_err)?;
+        // Members that got no grad: autograd must create one (hooks are inactive now).
+        for b in &flushed {
+            let bk = sh.lock(*b)?;
+            for m in &bk.members {
+                if m.param.grad().defined() {
+                    continue;
+                }
+                let mut grad = materialize_grad(&m.param)?;
+                let _g = tch::no_grad_guard();
+                let src = bk
+                    .flat
+                    .f_narrow(0, m.offset, m.numel)
+                    .and_then(|s| s.f_view(grad.size().as_slice()))
+                    .map_err(tch_err)?;
+                grad.f_copy_(&src).map_err(tch_err)?;
+            }
+        }
+        Ok(stats)
+    }
+}
