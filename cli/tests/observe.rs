@@ -244,8 +244,10 @@ fn check_metrics(first: &Scrape, second: &Scrape) {
         assert_eq!(phases.len(), 5, "{phases:?}");
         assert_eq!(one(s, "ferroclip_worker_deaths_total"), 0.0);
         assert!(one(s, "ferroclip_generation") >= 1.0);
-        assert!(one(s, "ferroclip_epoch_progress") > 0.0);
+        let progress = one(s, "ferroclip_epoch_progress");
+        assert!((0.0..=1.0).contains(&progress), "epoch progress {progress}");
     }
+    assert!(one(first, "ferroclip_epoch_progress") > 0.0);
     assert!(one(second, "ferroclip_samples_per_second") > 0.0);
     assert!(one(second, "ferroclip_samples_total") > one(first, "ferroclip_samples_total"));
     assert!(matches!(
