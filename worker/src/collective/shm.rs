@@ -1,16 +1,19 @@
 //! Same-host all-reduce through shared memory, as NCCL does within a node.
 //!
-//! Each rank owns one region in /dev/shm, mapped by itself (read-write) and by its right
+//! Each rank owns one small region in /dev/shm, mapped by itself (read-write) and by its right
 //! neighbour (read-only). The ring algorithm is unchanged, only "send a chunk" becomes "copy it
-//! into my region at the chunk's offset and ring the right neighbour's doorbell", and "receive"
-//! becomes "wait for the left doorbell, then read the left region at that offset". Doorbells
-//! are 4-byte chunk ids on the ring's TCP links, so a waiting rank sleeps in read() instead of
-//! spinning, and a dead or silent neighbour still gives the link's EOF or timeout error.
+//! into a slot of my region and ring the right neighbour's doorbell", and "receive" becomes
+//! "wait for the left doorbell, then read that slot of the left region". Doorbells are 4-byte
+//! chunk ids on the ring's TCP links, so a waiting rank sleeps in read() instead of spinning,
+//! and a dead or silent neighbour still gives the link's EOF or timeout error.
 //!
-//! Why no chunk is overwritten while its reader is still on it: every second write of an
-//! offset within an operation happens causally after the right neighbour read the first one
-//! (the data flows through it first), and across operations a "done" byte sent back on the
-//! reverse direction of each link closes every operation.
+//! Round k moves chunk k of every segment through slots (segment, k mod SLOTS), so a region
+//! holds n × SLOTS chunks (at most REGION_BYTES) whatever the buffer size. Why no slot is
+//! overwritten while its reader is still on it: within a round, a second write of a slot happens
+//! causally after the right neighbour read the first one (the data flows through it first);
+//! across rounds, each rank acknowledges every round on the reverse direction of its left link,
+//! and a rank reuses round k's slots only after its right neighbour acknowledged round k; an
+//! operation ends when all its rounds are acknowledged.
 //!
 //! The files are unlinked as soon as the right neighbour has mapped them (or on any failure),
 //! so a SIGKILL leaves nothing behind.
@@ -32,7 +35,11 @@ const SHM_DIR: &str = "/dev/shm";
 const PREFIX: &str = "ferroclip-ar-";
 /// Regions grow in steps of this size, so a run's varying bucket sizes remap rarely.
 const GROW_STEP: usize = 1 << 20;
-const DONE: u8 = 0xD0;
+/// Rounds in flight: a rank may be this many rounds ahead of its right neighbour.
+const SLOTS: usize = 2;
+/// Bound on one rank's region (a container's /dev/shm is often only 64 MB).
+const REGION_BYTES: usize = 8 << 20;
+const ROUND_DONE: u8 = 0xD0;
 const MAPPED: u8 = 0x3A;
 
 /// Distinguishes the regions of several rings in one process (tests run ranks as threads).
@@ -275,27 +282,39 @@ impl Shm {
         data: &mut [f32],
         chunk: usize,
     ) -> Result<()> {
-        self.ensure(link, std::mem::size_of_val(data))?;
+        // Chunks are region slots: n × SLOTS of them fit REGION_BYTES.
+        let max_seg = data.len().div_ceil(n);
+        let slot = chunk
+            .min(REGION_BYTES / 4 / (n * SLOTS))
+            .min(max_seg)
+            .max(1);
+        self.ensure(link, n * SLOTS * slot * 4)?;
         let (Some(mine), Some(left)) = (&self.mine, &self.left) else {
             return Err(invalid(link.op, "shared-memory regions are not mapped"));
         };
         let (mine, left) = (mine.ptr.cast::<f32>(), left.ptr.cast::<f32>().cast_const());
-        let plan = Plan::new(data.len(), n, chunk.max(1));
+        let plan = Plan::new(data.len(), n, slot);
+        let at = |seg: usize, k: usize| (seg * SLOTS + k % SLOTS) * slot;
         let mut bells = Bells::new(link, plan.recvs(rank));
         for k in 0..plan.rounds {
+            if k >= SLOTS {
+                // This round's slots held round k − SLOTS: wait until the right neighbour is off them.
+                expect_byte(link, ROUND_DONE)?;
+            }
             // Reduce-scatter: send segment r; receive r−1−s, add, pass it on.
             if let Some(c) = plan.chunk(rank, k) {
-                // SAFETY (all region accesses below): `c` lies within `data.len()` floats,
-                // which `ensure` made fit both regions; the protocol in the module comment
-                // keeps the neighbour off this range while we touch it.
-                unsafe { copy_out(&data[c.clone()], mine.add(c.start)) };
+                // SAFETY (all region accesses below): a slot holds `slot` ≥ c.len() floats and
+                // `ensure` made both regions hold n × SLOTS slots; the protocol in the module
+                // comment keeps the neighbour off a slot while we touch it.
+                unsafe { copy_out(&data[c.clone()], mine.add(at(rank, k))) };
                 bells.ring(plan.id(rank, k))?;
             }
             for s in 0..n - 1 {
                 let seg = (rank + 2 * n - s - 1) % n;
                 if let Some(c) = plan.chunk(seg, k) {
                     bells.wait(plan.id(seg, k))?;
-                    unsafe { add_both(&mut data[c.clone()], left.add(c.start), mine.add(c.start)) };
+                    let slot_at = at(seg, k);
+                    unsafe { add_both(&mut data[c], left.add(slot_at), mine.add(slot_at)) };
                     bells.ring(plan.id(seg, k))?;
                 }
             }
@@ -304,18 +323,22 @@ impl Shm {
                 let seg = (rank + n - s) % n;
                 if let Some(c) = plan.chunk(seg, k) {
                     bells.wait(plan.id(seg, k))?;
-                    let out = &mut data[c.clone()];
-                    unsafe { copy_in(out, left.add(c.start)) };
+                    let out = &mut data[c];
+                    unsafe { copy_in(out, left.add(at(seg, k))) };
                     if s < n - 2 {
-                        unsafe { copy_out(out, mine.add(c.start)) };
+                        unsafe { copy_out(out, mine.add(at(seg, k))) };
                         bells.ring(plan.id(seg, k))?;
                     }
                 }
             }
+            // We are off round k's slots of the left region.
+            wire::write_all(link.left, &[ROUND_DONE]).map_err(|e| link.read_err(e))?;
         }
-        // We are off the left region; wait until the right neighbour is off ours.
-        wire::write_all(link.left, &[DONE]).map_err(|e| link.read_err(e))?;
-        expect_byte(link, DONE)
+        // The next operation may write any slot: wait for the rounds not yet acknowledged.
+        for _ in plan.rounds.saturating_sub(SLOTS)..plan.rounds {
+            expect_byte(link, ROUND_DONE)?;
+        }
+        Ok(())
     }
 }
 
