@@ -46,7 +46,8 @@ const MAPPED: u8 = 0x3A;
 static REGIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Identifies "this host's /dev/shm": kernel boot, UTS hostname and the tmpfs device, so two
-/// containers with private /dev/shm mounts on one kernel do not match. `None` when unknown.
+/// containers with private /dev/shm mounts on one kernel do not match. `None` when unknown or
+/// when /dev/shm cannot hold a region here (so "auto" picks TCP).
 pub(crate) fn host_id() -> Option<u64> {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
@@ -54,6 +55,19 @@ pub(crate) fn host_id() -> Option<u64> {
     let mut h = fnv(0xcbf2_9ce4_8422_2325, boot.trim().as_bytes());
     h = fnv(h, host.trim().as_bytes());
     h = fnv(h, &dev.dev().to_le_bytes());
+    let probe = format!(
+        "{SHM_DIR}/{PREFIX}{}-{}-probe",
+        std::process::id(),
+        REGIONS.fetch_add(1, Ordering::Relaxed)
+    );
+    let usable = create_region(Path::new(&probe), 4096);
+    if usable.is_ok() {
+        let _ = std::fs::remove_file(&probe);
+    }
+    if let Err(e) = usable {
+        tracing::info!(error = %e, "/dev/shm is not usable for shared-memory all-reduce");
+        return None;
+    }
     Some(h)
 }
 
@@ -117,14 +131,21 @@ fn create_region(path: &Path, len: usize) -> io::Result<Mapping> {
         .create_new(true)
         .mode(0o600)
         .open(path)?;
-    let len_off = libc::off_t::try_from(len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "region too large"))?;
-    // SAFETY: a valid open file descriptor.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_off) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
+    let reserve_and_map = || {
+        let len_off = libc::off_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "region too large"))?;
+        // SAFETY: a valid open file descriptor.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_off) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Mapping::map(&file, len, true)
+    };
+    let mapped = reserve_and_map();
+    if mapped.is_err() {
+        let _ = std::fs::remove_file(path);
     }
-    Mapping::map(&file, len, true)
+    mapped
 }
 
 fn open_region(path: &Path, len: usize) -> io::Result<Mapping> {
