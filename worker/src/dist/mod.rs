@@ -198,6 +198,7 @@ impl Worker {
                 WireDtype::F32
             },
             generation: place.generation,
+            transport: cfg.cluster.transport.parse().map_err(anyhow::Error::msg)?,
             ..RingOptions::default()
         };
         let listener = self.listener.try_clone()?;
