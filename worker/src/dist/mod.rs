@@ -495,12 +495,24 @@ impl Worker {
             generation: self.generation,
             reason: reason.into(),
         };
-        match self.rt.block_on(self.client.leave(req)) {
-            Ok(()) | Err(CallError::Stale(_)) => Ok(()),
-            Err(e) => bail!("leaving the run: {e}"),
+        // Leaving is a courtesy (missed heartbeats say the same, later): never outwait a pod's
+        // termination grace period retrying it against a coordinator that is gone.
+        // The timer must be created inside the runtime.
+        let call = async { tokio::time::timeout(LEAVE_TIMEOUT, self.client.leave(req)).await };
+        match self.rt.block_on(call) {
+            Ok(Ok(())) | Ok(Err(CallError::Stale(_))) => Ok(()),
+            Ok(Err(e)) => bail!("leaving the run: {e}"),
+            Err(_) => {
+                tracing::warn!(
+                    "the coordinator did not answer Leave within {LEAVE_TIMEOUT:?}; exiting anyway"
+                );
+                Ok(())
+            }
         }
     }
 }
+
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
