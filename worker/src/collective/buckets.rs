@@ -41,44 +41,21 @@ impl GradBuckets {
     /// from the last registered (their grads are ready first in backward). A parameter larger
     /// than `bucket_bytes` gets a bucket of its own. All parameters must be f32 on one device.
     pub fn new(params: &[Tensor], bucket_bytes: usize) -> Result<Self> {
-        let mut device: Option<Device> = None;
-        let mut buckets = Vec::new();
-        let mut members: Vec<Member> = Vec::new();
-        let mut filled: i64 = 0;
-        let limit = (bucket_bytes / 4).max(1) as i64;
-        for (i, p) in params.iter().enumerate().rev() {
-            if !p.defined() || !p.requires_grad() {
-                continue;
-            }
-            let kind = p.f_kind().map_err(tch_err)?;
-            if kind != Kind::Float {
-                return Err(invalid(format!("parameter {i} is {kind:?}, not f32")));
-            }
-            match device {
-                None => device = Some(p.device()),
-                Some(d) if d != p.device() => {
-                    return Err(invalid(format!(
-                        "parameter {i} is on {:?}, the others on {d:?}",
-                        p.device()
-                    )));
-                }
-                Some(_) => {}
-            }
-            let numel = p.numel() as i64;
-            if filled > 0 && filled + numel > limit {
-                buckets.push(Bucket::new(std::mem::take(&mut members), filled, device)?);
-                filled = 0;
-            }
-            members.push(Member {
-                param: p.shallow_clone(),
-                offset: filled,
-                numel,
-            });
-            filled += numel;
-        }
-        if !members.is_empty() {
-            buckets.push(Bucket::new(members, filled, device)?);
-        }
+        let (groups, device) = layout(params, bucket_bytes)?;
+        let buckets = groups
+            .into_iter()
+            .map(|(slots, numel)| {
+                let members = slots
+                    .iter()
+                    .map(|s| Member {
+                        param: params[s.index].shallow_clone(),
+                        offset: s.offset,
+                        numel: s.numel,
+                    })
+                    .collect();
+                Bucket::new(members, numel, Some(device))
+            })
+            .collect::<Result<_>>()?;
         Ok(GradBuckets { buckets })
     }
 
@@ -138,6 +115,62 @@ impl Bucket {
         }
         Ok(())
     }
+}
+
+/// One parameter's place in a bucket: `params[index]` at `offset..offset + numel` of the flat buffer.
+pub(crate) struct Slot {
+    pub index: usize,
+    pub offset: i64,
+    pub numel: i64,
+}
+
+/// One bucket's slots and its element count.
+pub(crate) type SlotGroup = (Vec<Slot>, i64);
+
+/// The bucket layout shared by `GradBuckets` and the overlapped reducer: the parameters that
+/// require grad, from the last registered (their grads are ready first in backward), grouped
+/// into buckets of about `bucket_bytes` (a larger parameter gets its own); each bucket's slots and
+/// element count, and the device of all parameters (f32, one device, else an error).
+pub(crate) fn layout(params: &[Tensor], bucket_bytes: usize) -> Result<(Vec<SlotGroup>, Device)> {
+    let mut device: Option<Device> = None;
+    let mut groups = Vec::new();
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut filled: i64 = 0;
+    let limit = (bucket_bytes / 4).max(1) as i64;
+    for (i, p) in params.iter().enumerate().rev() {
+        if !p.defined() || !p.requires_grad() {
+            continue;
+        }
+        let kind = p.f_kind().map_err(tch_err)?;
+        if kind != Kind::Float {
+            return Err(invalid(format!("parameter {i} is {kind:?}, not f32")));
+        }
+        match device {
+            None => device = Some(p.device()),
+            Some(d) if d != p.device() => {
+                return Err(invalid(format!(
+                    "parameter {i} is on {:?}, the others on {d:?}",
+                    p.device()
+                )));
+            }
+            Some(_) => {}
+        }
+        let numel = p.numel() as i64;
+        if filled > 0 && filled + numel > limit {
+            groups.push((std::mem::take(&mut slots), filled));
+            filled = 0;
+        }
+        slots.push(Slot {
+            index: i,
+            offset: filled,
+            numel,
+        });
+        filled += numel;
+    }
+    if !slots.is_empty() {
+        groups.push((slots, filled));
+    }
+    Ok((groups, device.unwrap_or(Device::Cpu)))
 }
 
 /// tch cannot assign `.grad`; a backward pass through `sum(p * 0)` makes autograd create a

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use crate::collective::buckets::materialize_grad;
+use crate::collective::buckets::{layout, materialize_grad};
 use crate::collective::{Collective, CollectiveError, Result};
 use hooks::GradHooks;
 
@@ -157,46 +157,22 @@ impl OverlappedReducer {
     /// Buckets of about `bucket_bytes` over the parameters that require grad (f32, one device),
     /// laid out as `GradBuckets::new` lays them out, and a grad hook on each.
     pub fn new(params: &[Tensor], bucket_bytes: usize) -> Result<Self> {
-        let limit = (bucket_bytes / 4).max(1) as i64;
-        let mut device = None;
-        let mut groups: Vec<(Vec<Member>, i64)> = Vec::new();
-        let mut members: Vec<Member> = Vec::new();
-        let mut filled: i64 = 0;
-        for (i, p) in params.iter().enumerate().rev() {
-            if !p.defined() || !p.requires_grad() {
-                continue;
-            }
-            let kind = p.f_kind().map_err(tch_err)?;
-            if kind != Kind::Float {
-                return Err(invalid(format!("parameter {i} is {kind:?}, not f32")));
-            }
-            match device {
-                None => device = Some(p.device()),
-                Some(d) if d != p.device() => {
-                    return Err(invalid(format!(
-                        "parameter {i} is on {:?}, not {d:?}",
-                        p.device()
-                    )));
-                }
-                Some(_) => {}
-            }
-            let numel = p.numel() as i64;
-            if filled > 0 && filled + numel > limit {
-                groups.push((std::mem::take(&mut members), filled));
-                filled = 0;
-            }
-            members.push(Member {
-                index: i,
-                param: p.shallow_clone(),
-                offset: filled,
-                numel,
-            });
-            filled += numel;
-        }
-        if !members.is_empty() {
-            groups.push((members, filled));
-        }
-        let device = device.unwrap_or(tch::Device::Cpu);
+        let (layout, device) = layout(params, bucket_bytes)?;
+        let groups: Vec<(Vec<Member>, i64)> = layout
+            .into_iter()
+            .map(|(slots, numel)| {
+                let members = slots
+                    .iter()
+                    .map(|s| Member {
+                        index: s.index,
+                        param: params[s.index].shallow_clone(),
+                        offset: s.offset,
+                        numel: s.numel,
+                    })
+                    .collect();
+                (members, numel)
+            })
+            .collect();
         let mut bucket_of = vec![None; params.len()];
         let mut buckets = Vec::new();
         for (b, (members, numel)) in groups.into_iter().enumerate() {
