@@ -297,8 +297,9 @@ fn exactly_once_across_a_sigkill_and_a_join() {
     assert_exactly_once(&data, &tmp.path().join("run"));
 }
 
-#[test]
-fn a_sigkilled_coordinator_resumes_and_the_run_finishes() {
+/// The coordinator is stopped by `stop` at step 3 and started again with --resume: the run goes
+/// past where it was and finishes, every sample used exactly once.
+fn coordinator_restarted(stop: impl FnOnce(&mut Proc)) {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = synth(tmp.path(), 400);
     let cfg = write_config(tmp.path(), &data, "");
@@ -309,8 +310,7 @@ fn a_sigkilled_coordinator_resumes_and_the_run_finishes() {
     let s = wait_until(http, "step 3", Duration::from_secs(120), |s| {
         step_of(s) >= 3
     });
-    coord.0.kill().expect("kill coordinator");
-    let _ = coord.0.wait();
+    stop(&mut coord);
     let _coord = coordinator(&cfg, grpc, http, true);
     let s2 = wait_until(
         http,
@@ -326,6 +326,14 @@ fn a_sigkilled_coordinator_resumes_and_the_run_finishes() {
         |s| s["state"] == "finished",
     );
     assert_exactly_once(&data, &tmp.path().join("run"));
+}
+
+#[test]
+fn a_sigkilled_coordinator_resumes_and_the_run_finishes() {
+    coordinator_restarted(|coord| {
+        coord.0.kill().expect("kill coordinator");
+        let _ = coord.0.wait();
+    });
 }
 
 /// One worker SIGKILLs itself at an exact moment of a step (see worker/src/dist/fault.rs); the
@@ -439,34 +447,9 @@ fn a_sigtermed_worker_leaves_cleanly_and_the_run_goes_on() {
 
 #[test]
 fn a_sigtermed_coordinator_journals_exits_and_resumes() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let data = synth(tmp.path(), 400);
-    let cfg = write_config(tmp.path(), &data, "");
-    let (grpc, http) = (free_port(), free_port());
-    let mut coord = coordinator(&cfg, grpc, http, false);
-    let _a = worker(grpc, "w-a");
-    let _b = worker(grpc, "w-b");
-    let s = wait_until(http, "step 3", Duration::from_secs(120), |s| {
-        step_of(s) >= 3
+    coordinator_restarted(|coord| {
+        sigterm(coord);
+        let status = exit_within(coord, Duration::from_secs(15));
+        assert_eq!(status.code(), Some(0), "a SIGTERMed coordinator exits 0");
     });
-    sigterm(&coord);
-    let status = exit_within(&mut coord, Duration::from_secs(15));
-    assert_eq!(status.code(), Some(0), "a SIGTERMed coordinator exits 0");
-    let _coord = coordinator(&cfg, grpc, http, true);
-    let s2 = wait_until(http, "the resumed run", Duration::from_secs(30), |x| {
-        step_of(x) >= step_of(&s)
-    });
-    assert!(
-        step_of(&s2) >= step_of(&s),
-        "resumed at step {} before step {}",
-        step_of(&s2),
-        step_of(&s)
-    );
-    wait_until(
-        http,
-        "the end of the epoch",
-        Duration::from_secs(240),
-        |s| s["state"] == "finished",
-    );
-    assert_exactly_once(&data, &tmp.path().join("run"));
 }
