@@ -3,55 +3,13 @@
 //! later. The workers' own audit logs must show every sample of the epoch's plan in exactly one
 //! applied update, and the survivors' parameters identical at every step.
 
+mod run_common;
+
+use run_common::*;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const TOKEN: &str = "elastic-test-token";
-
-fn bin(name: &str) -> PathBuf {
-    // Cargo puts every binary of the workspace beside this one.
-    let me = PathBuf::from(env!("CARGO_BIN_EXE_ferroclip"));
-    me.with_file_name(name)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn synth(dir: &Path, rows: u32) -> String {
-    let out = dir.join("data");
-    let status = Command::new(bin("ferroclip"))
-        .args([
-            "shards",
-            "synth",
-            "--rows",
-            &rows.to_string(),
-            "--seed",
-            "3",
-            "--image-size",
-            "16",
-        ])
-        .args([
-            "--rows-per-row-group",
-            "20",
-            "--val-fraction",
-            "0.1",
-            "--no-progress",
-            "--out",
-        ])
-        .arg(&out)
-        .status()
-        .expect("run shards synth");
-    assert!(status.success());
-    out.to_string_lossy().to_string()
-}
 
 fn write_config(dir: &Path, data: &str, extra: &str) -> PathBuf {
     let path = dir.join("run.toml");
@@ -96,85 +54,6 @@ collective_timeout_s = 5.0
     );
     std::fs::write(&path, text).expect("write config");
     path
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn coordinator(config: &Path, grpc: u16, http: u16, resume: bool) -> Proc {
-    let mut c = Command::new(bin("ferroclip"));
-    c.args(["coordinator", "--config"])
-        .arg(config)
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http}")])
-        .env("FERROCLIP_TOKEN", TOKEN)
-        .stdin(Stdio::null());
-    if resume {
-        c.arg("--resume");
-    }
-    Proc(c.spawn().expect("start coordinator"))
-}
-
-fn worker(grpc: u16, id: &str) -> Proc {
-    worker_with(grpc, id, &[])
-}
-
-fn worker_with(grpc: u16, id: &str, env: &[(&str, &str)]) -> Proc {
-    Proc(
-        Command::new(bin("ferroclip-worker"))
-            .args(["join", "--coordinator", &format!("http://127.0.0.1:{grpc}")])
-            .args(["--device", "cpu", "--threads", "1", "--worker-id", id])
-            .args(["--advertise-host", "127.0.0.1"])
-            .env("FERROCLIP_TOKEN", TOKEN)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start worker"),
-    )
-}
-
-/// The coordinator's /api/status as JSON (None while it is not up).
-fn status(http: u16) -> Option<serde_json::Value> {
-    let mut s = TcpStream::connect(("127.0.0.1", http)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let req = format!("GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let body = out.split("\r\n\r\n").nth(1)?;
-    serde_json::from_str(body).ok()
-}
-
-fn wait_until(
-    http: u16,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = status(http) {
-            if pred(&s) {
-                return s;
-            }
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out waiting for {what}: {:?}",
-            status(http)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn step_of(s: &serde_json::Value) -> u64 {
-    s["step"].as_u64().unwrap_or(0)
 }
 
 /// Every train key of the dataset.
@@ -257,7 +136,7 @@ fn assert_exactly_once(data: &str, run: &Path) {
 #[test]
 fn exactly_once_across_a_sigkill_and_a_join() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = synth(tmp.path(), 600);
+    let data = synth(tmp.path(), 600, 3);
     let cfg = write_config(tmp.path(), &data, "");
     let (grpc, http) = (free_port(), free_port());
     let _coord = coordinator(&cfg, grpc, http, false);
@@ -301,7 +180,7 @@ fn exactly_once_across_a_sigkill_and_a_join() {
 /// past where it was and finishes, every sample used exactly once.
 fn coordinator_restarted(stop: impl FnOnce(&mut Proc)) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = synth(tmp.path(), 400);
+    let data = synth(tmp.path(), 400, 3);
     let cfg = write_config(tmp.path(), &data, "");
     let (grpc, http) = (free_port(), free_port());
     let mut coord = coordinator(&cfg, grpc, http, false);
@@ -340,7 +219,7 @@ fn a_sigkilled_coordinator_resumes_and_the_run_finishes() {
 /// other two finish the epoch, every sample used exactly once.
 fn killed_at(fault: &str) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = synth(tmp.path(), 300);
+    let data = synth(tmp.path(), 300, 3);
     // Small buckets: the gradient all-reduce has several, so `allreduce` dies between two.
     let cfg = write_config(tmp.path(), &data, "bucket_mb = 0.02");
     let (grpc, http) = (free_port(), free_port());
@@ -410,7 +289,7 @@ fn exit_within(p: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
 #[test]
 fn a_sigtermed_worker_leaves_cleanly_and_the_run_goes_on() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = synth(tmp.path(), 400);
+    let data = synth(tmp.path(), 400, 3);
     let cfg = write_config(tmp.path(), &data, "");
     let (grpc, http) = (free_port(), free_port());
     let _coord = coordinator(&cfg, grpc, http, false);

@@ -3,60 +3,19 @@
 //! is rendered by headless Chromium, the Grafana dashboard's queries are checked against the
 //! scrape, and rank 0's TensorBoard event files are read back with their checksums.
 
+mod run_common;
+
+use run_common::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use prometheus_parse::{Scrape, Value};
 
-const TOKEN: &str = "observe-test-token";
-
-fn bin(name: &str) -> PathBuf {
-    // Cargo puts every binary of the workspace beside this one.
-    PathBuf::from(env!("CARGO_BIN_EXE_ferroclip")).with_file_name(name)
-}
-
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn synth(dir: &Path, rows: u32) -> String {
-    let out = dir.join("data");
-    let status = Command::new(bin("ferroclip"))
-        .args([
-            "shards",
-            "synth",
-            "--rows",
-            &rows.to_string(),
-            "--seed",
-            "5",
-        ])
-        .args(["--image-size", "16", "--rows-per-row-group", "20"])
-        .args(["--val-fraction", "0.1", "--no-progress", "--out"])
-        .arg(&out)
-        .status()
-        .expect("run shards synth");
-    assert!(status.success());
-    out.to_string_lossy().to_string()
 }
 
 fn write_config(dir: &Path, data: &str) -> PathBuf {
@@ -103,80 +62,6 @@ collective_timeout_s = 10.0
     );
     std::fs::write(&path, text).expect("write config");
     path
-}
-
-fn coordinator(config: &Path, grpc: u16, http: u16) -> Proc {
-    Proc(
-        Command::new(bin("ferroclip"))
-            .args(["coordinator", "--config"])
-            .arg(config)
-            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-            .args(["--http-addr", &format!("127.0.0.1:{http}")])
-            .env("FERROCLIP_TOKEN", TOKEN)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start coordinator"),
-    )
-}
-
-fn worker(grpc: u16, id: &str) -> Proc {
-    Proc(
-        Command::new(bin("ferroclip-worker"))
-            .args(["join", "--coordinator", &format!("http://127.0.0.1:{grpc}")])
-            .args(["--device", "cpu", "--threads", "1", "--worker-id", id])
-            .args(["--advertise-host", "127.0.0.1"])
-            .env("FERROCLIP_TOKEN", TOKEN)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start worker"),
-    )
-}
-
-/// A plain HTTP/1.1 GET: (status code, body). None while the server is not up.
-fn get(http: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", http)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
-
-fn status(http: u16) -> Option<serde_json::Value> {
-    let (code, body) = get(http, "/api/status", Some(TOKEN))?;
-    (code == 200).then(|| serde_json::from_str(&body).ok())?
-}
-
-fn wait_until(
-    http: u16,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = status(http) {
-            if pred(&s) {
-                return s;
-            }
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out waiting for {what}: {:?}",
-            status(http)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn step_of(s: &serde_json::Value) -> u64 {
-    s["step"].as_u64().unwrap_or(0)
 }
 
 fn scrape(http: u16) -> Scrape {
@@ -603,10 +488,10 @@ fn check_tensorboard(run: &Path, last_step: u64) {
 #[test]
 fn a_short_run_is_observable() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = synth(tmp.path(), 400);
+    let data = synth(tmp.path(), 400, 5);
     let cfg = write_config(tmp.path(), &data);
     let (grpc, http) = (free_port(), free_port());
-    let _coord = coordinator(&cfg, grpc, http);
+    let _coord = coordinator(&cfg, grpc, http, false);
     let _a = worker(grpc, "w-a");
     let _b = worker(grpc, "w-b");
 
@@ -750,7 +635,7 @@ fn spans_and_metrics_reach_an_otlp_endpoint() {
     });
 
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = synth(tmp.path(), 200);
+    let data = synth(tmp.path(), 200, 5);
     let cfg = write_config(tmp.path(), &data);
     let text = std::fs::read_to_string(&cfg).expect("config");
     std::fs::write(&cfg, text.replace("epochs = 4", "epochs = 1")).expect("config");
