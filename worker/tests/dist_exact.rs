@@ -28,6 +28,12 @@ fn config() -> RunConfig {
 /// torch's generator is global: rank threads seeding and drawing at once would interleave.
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// A trainer built under the generator lock (model init draws from torch's global generator).
+fn trainer(cfg: &RunConfig) -> Trainer {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    Trainer::new(cfg, 10).expect("trainer")
+}
+
 /// Step `s`'s 16 samples: random images, token rows "sot w.. eot 0..".
 fn global_batch(s: i64) -> (Tensor, Tensor) {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
@@ -50,7 +56,7 @@ fn params(t: &Trainer) -> Vec<(String, Tensor)> {
 }
 
 fn single(cfg: &RunConfig, steps: i64) -> Vec<(String, Tensor)> {
-    let mut t = Trainer::new(cfg, 10).expect("trainer");
+    let mut t = trainer(cfg);
     for s in 0..steps {
         let (img, tok) = global_batch(s);
         t.compute_grads_tensors(&img, &tok, 16, &mut Single)
@@ -83,7 +89,7 @@ fn two_ranks_split(cfg: &RunConfig, steps: i64, split: i64) -> Vec<Vec<(String, 
                     let mut ring =
                         RingCollective::connect(rank, &peers, listener, RingOptions::default())
                             .expect("ring");
-                    let mut t = Trainer::new(cfg, 10).expect("trainer");
+                    let mut t = trainer(cfg);
                     for s in 0..steps {
                         let (img, tok) = global_batch(s);
                         let (from, len) = if rank == 0 {
@@ -124,7 +130,7 @@ fn two_ranks_of_8_equal_one_process_of_16_contrastive() {
     assert_close(&ranks[0], &ranks[1], "rank 0 vs rank 1");
     assert_close(&ranks[0], &reference, "2×8 vs 1×16");
     // The test can fail: the parameters did move.
-    let init = params(&Trainer::new(&cfg, 10).expect("trainer"));
+    let init = params(&trainer(&cfg));
     let moved = init
         .iter()
         .zip(&reference)
@@ -144,7 +150,7 @@ fn two_ranks_of_8_equal_one_process_of_16_with_every_objective() {
     assert_close(&ranks[0], &ranks[1], "rank 0 vs rank 1");
     assert_close(&ranks[0], &reference, "2×8 vs 1×16");
     // The MLM head and the MAE decoder were trained too.
-    let init = params(&Trainer::new(&cfg, 10).expect("trainer"));
+    let init = params(&trainer(&cfg));
     for name in ["mlm.", "mae."] {
         let moved = init.iter().zip(&reference).any(|((n, a), (_, b))| {
             n.contains(name) && (a - b).abs().max().double_value(&[]) > 1e-5
