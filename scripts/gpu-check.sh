@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One check of a machine with an NVIDIA GPU, no internet, and PyTorch 2.11 in a Python env:
 #   CUDA and NCCL found; a 1-rank NCCL self-test; ViT-B-16 bf16 training samples/s and MFU of
-#   ferroclip-worker at a batch that fits; the same step in PyTorch eager for comparison.
+#   ferroclip-worker at a batch that fits; the same step in PyTorch eager for comparison; then a
+#   short `ferroclip train --device cuda` (coordinator + 1 worker over NCCL) when the `ferroclip`
+#   binary sits beside ferroclip-worker.
 # Finishes in under 8 minutes (each part has its own time limit).
 #
 #   scripts/gpu-check.sh PATH/TO/ferroclip-worker [PYTHON]      (PYTHON default: $PYTHON or python3)
@@ -95,6 +97,38 @@ PY_OUT=$(mktemp)
 timeout 140 "$PY" "$HERE/gpu_step_torch.py" "${PY_ARGS[@]}" 2>&1 | tee "$PY_OUT"
 rc=${PIPESTATUS[0]}
 [[ $rc == 0 ]] || fail pytorch "gpu_step_torch.py exited $rc$([[ $rc == 124 ]] && echo ' (timed out after 140 s)')"
+
+say "ferroclip train --device cuda: coordinator + 1 worker on NCCL, bf16 autocast (distributed path)"
+# Needs the `ferroclip` binary (no libtorch) beside ferroclip-worker, or FERROCLIP_BIN.
+FC=${FERROCLIP_BIN:-$(dirname "$BIN")/ferroclip}
+if [[ -x $FC ]]; then
+  RUN=$(mktemp -d)
+  cat >"$RUN/run.toml" <<EOF
+[run]
+dir = "$RUN/run"
+steps = 30
+[data]
+root = "$RUN/data"
+[model]
+preset = "tiny"
+[optim]
+global_batch = 256
+[checkpoint]
+every_steps = 0
+[cluster]
+backend = "nccl"
+EOF
+  timeout 30 "$FC" shards synth --out "$RUN/data" --rows 4000 --image-size 32 --no-progress >/dev/null \
+    || fail dist "shards synth failed"
+  FERROCLIP_WORKER_BIN=$BIN RUST_LOG=${RUST_LOG:-warn} timeout 150 \
+    "$FC" train --config "$RUN/run.toml" --workers 1 --device cuda 2>&1 | tail -n 15
+  rc=${PIPESTATUS[0]}
+  [[ $rc == 0 ]] || fail dist "ferroclip train --device cuda exited $rc"
+  ls -d "$RUN"/run/checkpoints/step-* >/dev/null 2>&1 || fail dist "no checkpoint written"
+  rm -rf "$RUN"
+else
+  echo "skipped: no ferroclip binary at $FC (set FERROCLIP_BIN)"
+fi
 
 say "Summary"
 "$PY" - "$RUST_OUT" "$PY_OUT" <<'EOF' || true

@@ -32,6 +32,9 @@ pub struct TrainArgs {
     /// Libtorch threads per worker (default: cores / workers).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// `cpu`, or `cuda`: worker i on GPU i (the config's cluster.backend must be nccl).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
     #[command(flatten)]
     pub store: crate::store_args::StoreArgs,
 }
@@ -86,8 +89,12 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         .unwrap_or((cores / args.workers as usize).max(1));
     let mut children: Vec<Child> = Vec::new();
     for i in 0..args.workers {
+        let device = match args.device.as_str() {
+            "cuda" => format!("cuda:{i}"),
+            other => other.to_string(),
+        };
         let child = Command::new(&bin)
-            .args(["join", "--coordinator", &url, "--device", "cpu"])
+            .args(["join", "--coordinator", &url, "--device", &device])
             .args(["--threads", &threads.to_string()])
             .args(["--worker-id", &format!("local-{i}")])
             .env("FERROCLIP_TOKEN", &token)

@@ -332,3 +332,30 @@ fn a_sigtermed_coordinator_journals_exits_and_resumes() {
         assert_eq!(status.code(), Some(0), "a SIGTERMed coordinator exits 0");
     });
 }
+
+#[test]
+fn a_gpu_config_on_cpu_workers_stops_at_once_naming_the_key() {
+    // cluster.backend = "nccl" with CPU workers must not hang the launcher or train on the wrong
+    // collective: every worker refuses before building anything, and the launcher says so.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 60, 1);
+    let cfg = write_config(tmp.path(), &data, "backend = \"nccl\"");
+    let t0 = Instant::now();
+    let out = Command::new(bin("ferroclip"))
+        .args(["train", "--workers", "2", "--config"])
+        .arg(&cfg)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run ferroclip train");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "train succeeded: {stderr}");
+    assert!(
+        stderr.contains("cluster.backend = \"nccl\"") && stderr.contains("--device cuda"),
+        "{stderr}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
+}

@@ -125,6 +125,9 @@ pub struct OptimSection {
     pub warmup_steps: u64,
     /// Clip gradients by global norm (0 = off).
     pub grad_clip: f64,
+    /// "auto" (bf16 autocast with fp32 master weights on a GPU, fp32 on CPU), "fp32" or
+    /// "amp_bf16" (GPU only).
+    pub precision: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +171,8 @@ pub struct ClusterSection {
     /// Ring all-reduce data path: "auto" (shared memory when every rank is on one host, else
     /// TCP), "tcp" or "shm".
     pub transport: String,
+    /// All-reduce gradient buckets while backward still runs (as DDP does).
+    pub overlap_allreduce: bool,
 }
 
 impl Default for RunSection {
@@ -244,6 +249,7 @@ impl Default for OptimSection {
             eps: 1e-6,
             warmup_steps: 10,
             grad_clip: 1.0,
+            precision: "auto".into(),
         }
     }
 }
@@ -270,6 +276,7 @@ impl Default for ClusterSection {
             bucket_mb: 25.0,
             allreduce_dtype: "fp32".into(),
             transport: "auto".into(),
+            overlap_allreduce: true,
         }
     }
 }
@@ -348,6 +355,12 @@ impl RunConfig {
                 format!("\"{}\" is not ring or nccl", self.cluster.backend),
             ));
         }
+        if !matches!(self.optim.precision.as_str(), "auto" | "fp32" | "amp_bf16") {
+            return Err(bad(
+                "optim.precision",
+                format!("\"{}\" is not auto, fp32 or amp_bf16", self.optim.precision),
+            ));
+        }
         if !matches!(self.cluster.allreduce_dtype.as_str(), "fp32" | "bf16") {
             return Err(bad(
                 "cluster.allreduce_dtype",
@@ -404,5 +417,7 @@ mod tests {
         assert!(err.to_string().contains("cluster.backend"), "{err}");
         let err = RunConfig::parse("[cluster]\ntransport = \"rdma\"\n", "c.toml").unwrap_err();
         assert!(err.to_string().contains("cluster.transport"), "{err}");
+        let err = RunConfig::parse("[optim]\nprecision = \"fp16\"\n", "c.toml").unwrap_err();
+        assert!(err.to_string().contains("optim.precision"), "{err}");
     }
 }

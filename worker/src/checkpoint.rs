@@ -62,7 +62,8 @@ fn invalid(path: &Path, message: impl Into<String>) -> CheckpointError {
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let owned: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), t.contiguous()))
+        // A GPU trainer's tensors are copied to host memory first (no-op on CPU).
+        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
         .collect();
     Tensor::write_safetensors(&owned, path).map_err(|e| invalid(path, e.to_string()))?;
     std::fs::File::open(path)

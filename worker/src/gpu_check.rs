@@ -116,24 +116,6 @@ pub fn set_autocast_bf16() -> Result<()> {
     Ok(())
 }
 
-/// Move every parameter and optimizer state tensor to `device` in place (`set_data` keeps the
-/// tensors' identity, so the model, the optimizer and any clones see the move).
-pub fn move_trainer(tr: &Trainer, device: Device) {
-    let _g = tch::no_grad_guard();
-    let mut all: Vec<Tensor> = tr
-        .model
-        .params
-        .iter()
-        .map(|(_, t)| t.shallow_clone())
-        .collect();
-    let n = all.len();
-    all.extend(tr.state_tensors().into_iter().skip(n));
-    for t in &mut all {
-        let moved = t.to_device(device);
-        t.set_data(&moved);
-    }
-}
-
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
@@ -279,7 +261,7 @@ fn train_bench(args: &GpuCheckArgs, device: Device, gpu_name: Option<&str>) -> R
         label = "fp32 (autocast is CUDA-only)";
     }
     let mut tr = Trainer::with_kind(&cfg, total, kind).context("building the model")?;
-    move_trainer(&tr, device);
+    tr.to_device(device);
     let c = tr.model.config.clone();
     let batch = if args.batch > 0 {
         args.batch

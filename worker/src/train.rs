@@ -12,11 +12,12 @@ use crate::collective::{Collective, CollectiveError};
 use crate::data::Batch;
 use crate::model::transformer::Attend;
 use crate::model::{masking, Clip, Heads, ModelConfig, ModelError};
+use crate::overlap::OverlappedReducer;
 use crate::{loss, optim};
 use ferroclip_proto::config::{Objectives, OptimSection, RunConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -66,6 +67,11 @@ pub struct Trainer {
     total_steps: u64,
     bucket_bytes: usize,
     buckets: Option<GradBuckets>,
+    /// All-reduce buckets during the model backward (`cluster.overlap_allreduce`).
+    overlap: bool,
+    reducer: Option<OverlappedReducer>,
+    /// Run forward and backward under CUDA bf16 autocast (`set_autocast`).
+    autocast: bool,
     /// Optimizer updates applied so far.
     step: u64,
     /// compute_grads calls since the last update (gradient accumulation).
@@ -117,6 +123,9 @@ impl Trainer {
             total_steps: total_steps.max(1),
             bucket_bytes,
             buckets: None,
+            overlap: cfg.cluster.overlap_allreduce,
+            reducer: None,
+            autocast: false,
             step: 0,
             calls: 0,
             last_times: PhaseTimes::default(),
@@ -125,6 +134,33 @@ impl Trainer {
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Moves every parameter and optimizer state tensor to `device` in place (`set_data` keeps
+    /// the tensors' identity, so the model, the optimizer and clones see the move). Call before
+    /// the first step: gradient buckets are laid out on the device of the first all-reduce.
+    pub fn to_device(&mut self, device: Device) {
+        let _g = tch::no_grad_guard();
+        let mut all: Vec<Tensor> = self
+            .model
+            .params
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let n = all.len();
+        all.extend(self.state_tensors().into_iter().skip(n));
+        for t in &mut all {
+            let moved = t.to_device(device);
+            t.set_data(&moved);
+        }
+        self.buckets = None;
+        self.reducer = None;
+    }
+
+    /// Forward and backward under CUDA autocast (bf16 once `gpu_check::set_autocast_bf16` ran;
+    /// parameters, gradients and the optimizer stay fp32).
+    pub fn set_autocast(&mut self, on: bool) {
+        self.autocast = on;
     }
 
     /// Sets the update counter (resume, or a joiner taking rank 0's state).
@@ -179,7 +215,9 @@ impl Trainer {
         global_batch: usize,
         coll: &mut dyn Collective,
     ) -> Result<StepLosses> {
-        let r = self.forward_backward(images, tokens, global_batch, coll);
+        let r = tch::autocast(self.autocast, || {
+            self.forward_backward(images, tokens, global_batch, coll)
+        });
         self.calls += 1;
         if r.is_err() {
             self.zero_grad();
@@ -334,19 +372,41 @@ impl Trainer {
             });
         }
         let tb = std::time::Instant::now();
-        if !surrogate.is_empty() {
-            Tensor::stack(&surrogate, 0)
-                .sum(self.model.kind())
-                .backward();
+        let forward_s = tb.duration_since(t0).as_secs_f64() - backward_s;
+        let model_loss =
+            (!surrogate.is_empty()).then(|| Tensor::stack(&surrogate, 0).sum(self.model.kind()));
+        // Overlapped: buckets are all-reduced while this backward runs, in the same order and
+        // layout as the plain path's, so a rank taking the plain path (no rows) still matches.
+        if let (true, true, Some(l)) = (self.overlap, coll.world_size() > 1, &model_loss) {
+            let reducer = match self.reducer.take() {
+                Some(r) => r,
+                None => {
+                    let params: Vec<Tensor> = self
+                        .model
+                        .params
+                        .iter()
+                        .map(|(_, t)| t.shallow_clone())
+                        .collect();
+                    OverlappedReducer::new(&params, self.bucket_bytes)?
+                }
+            };
+            let mut reducer = reducer;
+            let stats = reducer.backward(l, coll);
+            self.reducer = Some(reducer);
+            backward_s += stats?.backward_s;
+        } else {
+            if let Some(l) = &model_loss {
+                l.backward();
+            }
+            backward_s += tb.elapsed().as_secs_f64();
+            if coll.world_size() > 1 {
+                self.all_reduce_grads(coll)?;
+            }
         }
-        backward_s += tb.elapsed().as_secs_f64();
         self.last_times = PhaseTimes {
-            forward_s: t0.elapsed().as_secs_f64() - backward_s,
+            forward_s,
             backward_s,
         };
-        if coll.world_size() > 1 {
-            self.all_reduce_grads(coll)?;
-        }
         Ok(out)
     }
 

@@ -1,6 +1,7 @@
 //! Data-parallel exactness: 2 ranks × batch 8 over the real TCP ring must update the parameters
 //! exactly as 1 process × batch 16 on the same samples (contrastive over the global batch with
-//! gathered features and summed-back gradients, plus bucketed gradient all-reduce).
+//! gathered features and summed-back gradients, plus bucketed gradient all-reduce, overlapped
+//! with backward by default).
 
 use std::net::TcpListener;
 
@@ -157,6 +158,21 @@ fn two_ranks_of_8_equal_one_process_of_16_with_every_objective() {
         });
         assert!(moved, "no {name} parameter moved");
     }
+}
+
+#[test]
+fn overlapped_all_reduce_updates_exactly_as_the_plain_path() {
+    // cluster.overlap_allreduce (the default) all-reduces buckets during the model backward;
+    // the plain path after it. Same buckets, same order: the same sums.
+    let mut cfg = config();
+    let o = &mut cfg.objectives;
+    (o.contrastive, o.mlm, o.mae, o.patch_dropout) = (1.0, 0.5, 0.5, 0.25);
+    assert!(cfg.cluster.overlap_allreduce);
+    let overlapped = two_ranks(&cfg, 3);
+    cfg.cluster.overlap_allreduce = false;
+    let plain = two_ranks(&cfg, 3);
+    assert_close(&overlapped[0], &plain[0], "overlapped vs plain, rank 0");
+    assert_close(&overlapped[1], &plain[1], "overlapped vs plain, rank 1");
 }
 
 #[test]

@@ -8,7 +8,7 @@ pub mod image;
 pub mod loader;
 pub mod tokenizer;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 pub use image::{sample_seed, ImageError, ImageTransform, Interpolation, CLIP_MEAN, CLIP_STD};
 pub use loader::{Loader, LoaderError, LoaderOptions};
@@ -31,4 +31,23 @@ pub struct Batch {
 pub struct SampleRef {
     pub block: u32,
     pub row: u32,
+}
+
+impl Batch {
+    /// The batch on `device`. On a GPU the host tensors are pinned and copied without blocking,
+    /// so the copy queues behind the GPU work already issued instead of stalling the host.
+    pub fn to_device(self, device: Device) -> Result<Batch, tch::TchError> {
+        if device == Device::Cpu {
+            return Ok(self);
+        }
+        let copy = |t: &Tensor| -> Result<Tensor, tch::TchError> {
+            t.f_pin_memory(device)?
+                .f_to_device_(device, t.kind(), true, false)
+        };
+        Ok(Batch {
+            images: copy(&self.images)?,
+            tokens: copy(&self.tokens)?,
+            ..self
+        })
+    }
 }

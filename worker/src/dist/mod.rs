@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod fault;
+pub mod gpu;
 pub mod tensorboard;
 
 use std::net::TcpListener;
@@ -60,6 +61,8 @@ struct Worker {
     listener: TcpListener,
     collective_addr: String,
     trainer: Option<Trainer>,
+    /// Backend and precision for this device (set with the trainer).
+    plan: Option<gpu::Plan>,
     loader: Option<Loader>,
     audit: Option<Audit>,
     last_applied: u64,
@@ -88,6 +91,7 @@ pub fn run(opts: JoinOptions) -> Result<()> {
         listener,
         collective_addr,
         trainer: None,
+        plan: None,
         loader: None,
         audit: None,
         last_applied: 0,
@@ -164,10 +168,20 @@ impl Worker {
                 let rows: u64 = loader.block_rows().iter().map(|&r| r as u64).sum();
                 (rows * cfg.run.epochs as u64).div_ceil(cfg.optim.global_batch.max(1) as u64)
             };
-            let trainer = Trainer::new(cfg, total_steps)?;
-            if self.opts.device != Device::Cpu {
-                bail!("only the CPU device is supported by this build");
+            let plan = gpu::plan(self.opts.device, cfg)?;
+            if plan.nccl {
+                crate::collective::nccl::probe().context("cluster.backend = \"nccl\"")?;
             }
+            let mut trainer = Trainer::new(cfg, total_steps)?;
+            if self.opts.device != Device::Cpu {
+                trainer.to_device(self.opts.device);
+            }
+            if plan.autocast_bf16 {
+                crate::gpu_check::set_autocast_bf16().context("optim.precision: bf16 autocast")?;
+                trainer.set_autocast(true);
+            }
+            tracing::info!(device = ?self.opts.device, nccl = plan.nccl, bf16_autocast = plan.autocast_bf16, "model built");
+            self.plan = Some(plan);
             if cfg.run.audit {
                 let dir = PathBuf::from(&cfg.run.dir).join("audit");
                 self.audit = Some(Audit::open(&dir, &self.opts.worker_id)?);
@@ -191,7 +205,7 @@ impl Worker {
             .map(|p| p.collective_addr.clone())
             .collect();
         let ring_opts = RingOptions {
-            timeout: Duration::from_secs_f64(cfg.cluster.collective_timeout_s),
+            timeout: ring_opts_timeout(cfg),
             dtype: if cfg.cluster.allreduce_dtype == "bf16" {
                 WireDtype::Bf16
             } else {
@@ -211,9 +225,25 @@ impl Worker {
                     return Ok(Exit::Regroup);
                 }
             };
+        // GPU workers: this generation's NCCL group, its id handed out over the ring.
+        let mut nccl = None;
+        if let (Some(true), Device::Cuda(gpu)) = (self.plan.map(|p| p.nccl), self.opts.device) {
+            match gpu::nccl_group(&mut ring, gpu, ring_opts_timeout(cfg)) {
+                Ok(c) => nccl = Some(c),
+                Err(e) => {
+                    tracing::warn!("forming the NCCL group failed: {e}");
+                    self.report(place, &e);
+                    return Ok(Exit::Regroup);
+                }
+            }
+        }
+        let coll: &mut dyn Collective = match nccl.as_mut() {
+            Some(c) => c,
+            None => &mut ring,
+        };
         if place.needs_state {
             let trainer = self.trainer.as_mut().context("trainer")?;
-            if let Err(e) = broadcast_state(trainer, &mut ring, place.state_source_rank as usize) {
+            if let Err(e) = broadcast_state(trainer, coll, place.state_source_rank as usize) {
                 tracing::warn!("state broadcast failed: {e}");
                 self.report(place, &e);
                 return Ok(Exit::Regroup);
@@ -246,7 +276,7 @@ impl Worker {
                 }
             })
         };
-        let result = self.step_loop(cfg, place, &mut ring, &over);
+        let result = self.step_loop(cfg, place, coll, &over);
         hb.abort();
         result
     }
@@ -255,7 +285,7 @@ impl Worker {
         &mut self,
         cfg: &RunConfig,
         place: &v1::JoinResponse,
-        ring: &mut RingCollective,
+        coll: &mut dyn Collective,
         over: &AtomicBool,
     ) -> Result<Exit> {
         let gen = place.generation;
@@ -304,7 +334,7 @@ impl Worker {
                 })
                 .collect();
             fault::point("load");
-            let batch = loader.load(&refs)?;
+            let batch = loader.load(&refs)?.to_device(self.opts.device)?;
             let data_wait = t0.elapsed().as_secs_f64();
             drop(data_span);
             if let Some(a) = self.audit.as_mut() {
@@ -326,7 +356,7 @@ impl Worker {
                 allreduce_s = tracing::field::Empty
             )
             .entered();
-            let losses = match trainer.compute_grads(&batch, resp.global_batch as usize, ring) {
+            let losses = match trainer.compute_grads(&batch, resp.global_batch as usize, coll) {
                 Ok(l) => l,
                 Err(TrainError::Collective(ce)) => {
                     tracing::warn!(step, "step abandoned: {ce}");
@@ -514,6 +544,10 @@ impl Worker {
 
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+fn ring_opts_timeout(cfg: &RunConfig) -> Duration {
+    Duration::from_secs_f64(cfg.cluster.collective_timeout_s)
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -561,7 +595,8 @@ fn broadcast_state(
     for mut t in trainer.state_tensors() {
         coll.broadcast(&mut t, root)?;
     }
-    let mut step = tch::Tensor::from_slice(&[trainer.step() as f64]);
+    let device = trainer.model.logit_scale.device();
+    let mut step = tch::Tensor::from_slice(&[trainer.step() as f64]).to_device(device);
     coll.broadcast(&mut step, root)?;
     trainer.set_step(step.double_value(&[0]) as u64);
     Ok(())
