@@ -1,6 +1,6 @@
-//! Builds csrc/hooks.cpp (autograd gradient hooks, which tch does not expose) against the
-//! headers of the libtorch that torch-sys links: $LIBTORCH, or PyTorch's with
-//! LIBTORCH_USE_PYTORCH.
+//! Builds csrc/hooks.cpp (autograd gradient hooks) and csrc/optim.cpp (fused AdamW), which tch
+//! does not expose, against the headers of the libtorch that torch-sys links: $LIBTORCH, or
+//! PyTorch's with LIBTORCH_USE_PYTORCH.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,6 +29,7 @@ fn libtorch_root() -> PathBuf {
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/hooks.cpp");
+    println!("cargo:rerun-if-changed=csrc/optim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     let root = libtorch_root();
@@ -42,5 +43,6 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
         .file("csrc/hooks.cpp")
+        .file("csrc/optim.cpp")
         .compile("ferroclip_hooks");
 }

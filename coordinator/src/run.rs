@@ -12,9 +12,10 @@ use crate::journal::{CheckpointRecord, Snapshot, FORMAT_VERSION};
 use crate::ledger::Ledger;
 use crate::membership::{Limits, Member, Membership, Phase, WorkerInfo};
 
-/// Pending steps a rank may ask for ahead of the committed one (lets workers load the next
-/// batch while the current step runs).
-const LOOKAHEAD: usize = 2;
+/// Pending (assigned, uncommitted) steps at most. Workers load step s + 1 while step s runs;
+/// a rank that committed s may already ask for s + 2 while a slower peer has not reported s
+/// yet, hence 3.
+const LOOKAHEAD: usize = 3;
 const HISTORY: usize = 2000;
 const EVENTS: usize = 500;
 

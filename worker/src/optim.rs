@@ -2,6 +2,8 @@
 //! with linear warmup, and clipping by global norm. The state is plain tensors so checkpoints
 //! and the distributed join can move it.
 
+pub mod fused;
+
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,6 +37,8 @@ pub struct AdamW {
     slots: Vec<Slot>,
     /// Updates applied so far (bias correction uses it).
     pub steps: u64,
+    /// libtorch's fused kernel; off after it refused once (then the tensor-op path runs).
+    fused: bool,
 }
 
 impl AdamW {
@@ -53,6 +57,7 @@ impl AdamW {
             cfg,
             slots,
             steps: 0,
+            fused: true,
         }
     }
 
@@ -60,33 +65,66 @@ impl AdamW {
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
         let c = self.cfg;
+        for decay in [true, false] {
+            let picked: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].decay == decay && self.slots[i].param.grad().defined())
+                .collect();
+            if self.fused {
+                let group = fused::Group {
+                    params: picked.iter().map(|&i| &self.slots[i].param).collect(),
+                    grads: picked.iter().map(|&i| self.slots[i].param.grad()).collect(),
+                    exp_avgs: picked.iter().map(|&i| &self.slots[i].exp_avg).collect(),
+                    exp_avg_sqs: picked.iter().map(|&i| &self.slots[i].exp_avg_sq).collect(),
+                };
+                let hyper = fused::Hyper {
+                    step: self.steps,
+                    lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    weight_decay: if decay { c.weight_decay } else { 0.0 },
+                    eps: c.eps,
+                };
+                match fused::adamw(&group, &hyper) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        // The kernel checks dtypes and devices before it writes anything.
+                        tracing::info!("fused AdamW unavailable, using tensor ops: {e}");
+                        self.fused = false;
+                    }
+                }
+            }
+            for &i in &picked {
+                self.step_one(i, lr);
+            }
+        }
+    }
+
+    /// AdamW on one parameter with tensor ops (the fused kernel's fallback).
+    fn step_one(&mut self, i: usize, lr: f64) {
+        let c = self.cfg;
         let t = self.steps as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let s = &mut self.slots[i];
         tch::no_grad(|| {
-            for s in &mut self.slots {
-                let g = s.param.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let mut p = s.param.detach();
-                if s.decay && c.weight_decay != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                let _ = s.exp_avg.lerp_(&g, 1.0 - c.beta1);
-                // b2·v + (1-b2)·g² as one in-place op.
-                let _ = s.exp_avg_sq.lerp_(&g.square(), 1.0 - c.beta2);
-                if lr <= 0.0 {
-                    continue;
-                }
-                // p -= lr/bc1 · m / (√v/√bc2 + eps), with the step size folded into the
-                // denominator so the whole update allocates one temporary.
-                let mut denom = s.exp_avg_sq.sqrt();
-                let _ = denom.g_div_scalar_(bc2_sqrt);
-                let _ = denom.g_add_scalar_(c.eps);
-                let _ = denom.g_mul_scalar_(-bc1 / lr);
-                let _ = p.addcdiv_(&s.exp_avg, &denom);
+            let g = s.param.grad();
+            let mut p = s.param.detach();
+            if s.decay && c.weight_decay != 0.0 {
+                let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
+            let _ = s.exp_avg.lerp_(&g, 1.0 - c.beta1);
+            // b2·v + (1-b2)·g² as one in-place op.
+            let _ = s.exp_avg_sq.lerp_(&g.square(), 1.0 - c.beta2);
+            if lr <= 0.0 {
+                return;
+            }
+            // p -= lr/bc1 · m / (√v/√bc2 + eps), with the step size folded into the
+            // denominator so the whole update allocates one temporary.
+            let mut denom = s.exp_avg_sq.sqrt();
+            let _ = denom.g_div_scalar_(bc2_sqrt);
+            let _ = denom.g_add_scalar_(c.eps);
+            let _ = denom.g_mul_scalar_(-bc1 / lr);
+            let _ = p.addcdiv_(&s.exp_avg, &denom);
         });
     }
 
@@ -125,11 +163,11 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         if grads.is_empty() {
             return 0.0;
         }
-        let sq: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
-            .collect();
-        let total = Tensor::stack(&sq, 0)
+        // Per-tensor norms, then the norm of those, as torch does (no f64 copy of every grad).
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+        let total = Tensor::stack(&norms, 0)
+            .to_kind(Kind::Double)
+            .square()
             .sum(Kind::Double)
             .sqrt()
             .double_value(&[]);
@@ -143,4 +181,92 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         }
         total
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Named leaves with grads: two that decay (matrices), two that do not (a bias, a gain).
+    fn params(seed: i64) -> Vec<(String, Tensor)> {
+        tch::manual_seed(seed);
+        [
+            ("w1", vec![64, 32]),
+            ("b1", vec![64]),
+            ("w2", vec![16, 64]),
+            ("ln.weight", vec![16]),
+        ]
+        .into_iter()
+        .map(|(n, shape)| {
+            let p = Tensor::randn(shape.as_slice(), (Kind::Float, tch::Device::Cpu))
+                .set_requires_grad(true);
+            (n.to_string(), p)
+        })
+        .collect()
+    }
+
+    fn run(fused: bool, steps: i64) -> (Vec<Tensor>, bool) {
+        let ps = params(3);
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.2,
+        };
+        let mut opt = AdamW::new(&ps, cfg);
+        opt.fused = fused;
+        for s in 0..steps {
+            tch::manual_seed(100 + s);
+            for (_, p) in &ps {
+                let g = Tensor::randn(p.size().as_slice(), (Kind::Float, tch::Device::Cpu));
+                let mut grad = p.grad();
+                if grad.defined() {
+                    tch::no_grad(|| grad.copy_(&g));
+                } else {
+                    (p * &g).sum(Kind::Float).backward();
+                }
+            }
+            opt.step(1e-2);
+        }
+        (
+            ps.iter().map(|(_, p)| p.detach().copy()).collect(),
+            opt.fused,
+        )
+    }
+
+    #[test]
+    fn the_fused_kernel_runs_and_matches_the_tensor_op_update() {
+        let (fused, still_fused) = run(true, 5);
+        assert!(
+            still_fused,
+            "libtorch's fused AdamW refused f32 CPU tensors"
+        );
+        let (plain, _) = run(false, 5);
+        let init = params(3);
+        for ((a, b), (_, p0)) in fused.iter().zip(&plain).zip(&init) {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "fused vs tensor ops differ by {diff}");
+            let moved = (a - p0).abs().max().double_value(&[]);
+            assert!(moved > 1e-3, "a parameter did not move");
+        }
+    }
+
+    #[test]
+    fn clipping_uses_the_global_norm() {
+        let ps = params(4);
+        for (_, p) in &ps {
+            (p * 3.0).sum(Kind::Float).backward();
+        }
+        let grads: Vec<Tensor> = ps.iter().map(|(_, p)| p.shallow_clone()).collect();
+        let n: i64 = ps.iter().map(|(_, p)| p.numel() as i64).sum();
+        let want = 3.0 * (n as f64).sqrt();
+        let got = clip_grad_norm(&grads, 1.0);
+        assert!((got - want).abs() < 1e-3 * want, "{got} vs {want}");
+        let after: f64 = ps
+            .iter()
+            .map(|(_, p)| p.grad().square().sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt();
+        assert!((after - 1.0).abs() < 1e-4, "norm after clipping {after}");
+    }
 }

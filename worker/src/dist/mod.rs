@@ -63,7 +63,7 @@ struct Worker {
     trainer: Option<Trainer>,
     /// Backend and precision for this device (set with the trainer).
     plan: Option<gpu::Plan>,
-    loader: Option<Loader>,
+    loader: Option<Arc<Loader>>,
     audit: Option<Audit>,
     last_applied: u64,
     generation: u64,
@@ -187,7 +187,7 @@ impl Worker {
                 self.audit = Some(Audit::open(&dir, &self.opts.worker_id)?);
             }
             self.trainer = Some(trainer);
-            self.loader = Some(loader);
+            self.loader = Some(Arc::new(loader));
         }
         if !place.resume_checkpoint.is_empty() {
             let trainer = self.trainer.as_mut().context("trainer")?;
@@ -291,6 +291,7 @@ impl Worker {
         let gen = place.generation;
         let rank = place.rank;
         let mut step = place.next_step;
+        let mut ahead = Ahead(None);
         loop {
             if over.load(Ordering::Relaxed) {
                 return Ok(Exit::Regroup);
@@ -303,38 +304,40 @@ impl Worker {
             // Spans of the step and its parts (exported over OTLP when it is configured).
             let _step_span = tracing::info_span!("step", step, generation = gen, rank).entered();
             let data_span = tracing::info_span!("data_wait").entered();
-            let req = v1::NextStepRequest {
-                worker_id: self.opts.worker_id.clone(),
-                generation: gen,
-                step,
+            let fetcher = self.fetcher(gen)?;
+            // The batch the previous step loaded ahead, or (first step, or the lookahead was
+            // refused because a slower rank had not committed yet) load it now.
+            let early = match ahead.take().map(|h| h.join()) {
+                Some(Ok(Ok(n))) => Some(n),
+                Some(Ok(Err(e))) => {
+                    tracing::debug!(step, "lookahead fetch not taken: {e:#}");
+                    None
+                }
+                Some(Err(_)) => {
+                    tracing::warn!(step, "the lookahead thread panicked");
+                    None
+                }
+                None => None,
             };
-            let resp = match self.rt.block_on(self.client.next_step(req)) {
-                Ok(r) => r,
-                Err(CallError::Stale(_)) => return Ok(Exit::Regroup),
-                Err(e) => return Err(e.into()),
+            let next = match early {
+                Some(n) => n,
+                None => fetcher.fetch(step)?,
             };
-            if resp.regroup {
-                return Ok(Exit::Regroup);
-            }
-            if resp.end_of_run {
-                self.finish(cfg, place, step - 1)?;
-                return Ok(Exit::Done);
-            }
-            let loader = self.loader.as_ref().context("loader")?;
-            loader.prefetch(&resp.prefetch_blocks);
-            if let Some(first) = resp.samples.first() {
-                loader.set_epoch(first.epoch as u64);
-            }
-            let refs: Vec<SampleRef> = resp
-                .samples
-                .iter()
-                .map(|s| SampleRef {
-                    block: s.block,
-                    row: s.row,
-                })
-                .collect();
-            fault::point("load");
-            let batch = loader.load(&refs)?.to_device(self.opts.device)?;
+            let (global_batch, refs, batch) = match next {
+                Next::Regroup => return Ok(Exit::Regroup),
+                Next::End => {
+                    self.finish(cfg, place, step - 1)?;
+                    return Ok(Exit::Done);
+                }
+                Next::Batch {
+                    global_batch,
+                    refs,
+                    batch,
+                } => (global_batch, refs, batch),
+            };
+            // The coordinator assigns steps ahead of the committed one: step + 1's samples are
+            // fetched, decoded and copied to the device while this step computes.
+            ahead = Ahead(Some(std::thread::spawn(move || fetcher.fetch(step + 1))));
             let data_wait = t0.elapsed().as_secs_f64();
             drop(data_span);
             if let Some(a) = self.audit.as_mut() {
@@ -356,7 +359,7 @@ impl Worker {
                 allreduce_s = tracing::field::Empty
             )
             .entered();
-            let losses = match trainer.compute_grads(&batch, resp.global_batch as usize, coll) {
+            let losses = match trainer.compute_grads(&batch, global_batch, coll) {
                 Ok(l) => l,
                 Err(TrainError::Collective(ce)) => {
                     tracing::warn!(step, "step abandoned: {ce}");
@@ -458,6 +461,17 @@ impl Worker {
         }
     }
 
+    fn fetcher(&self, generation: u64) -> Result<Fetcher> {
+        Ok(Fetcher {
+            client: self.client.clone(),
+            rt: self.rt.handle().clone(),
+            loader: self.loader.clone().context("loader")?,
+            worker_id: self.opts.worker_id.clone(),
+            device: self.opts.device,
+            generation,
+        })
+    }
+
     /// Rank 0 writes the final checkpoint; everyone leaves.
     fn finish(&mut self, cfg: &RunConfig, place: &v1::JoinResponse, last_step: u64) -> Result<()> {
         if place.rank == 0 && last_step > 0 {
@@ -543,6 +557,84 @@ impl Worker {
 }
 
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the coordinator says of a step, with its batch loaded.
+enum Next {
+    Regroup,
+    End,
+    Batch {
+        global_batch: usize,
+        refs: Vec<SampleRef>,
+        batch: crate::data::Batch,
+    },
+}
+
+/// Asks for a step's samples and loads them; runs on the step loop or on a lookahead thread.
+struct Fetcher {
+    client: Client,
+    rt: tokio::runtime::Handle,
+    loader: Arc<Loader>,
+    worker_id: String,
+    device: Device,
+    generation: u64,
+}
+
+impl Fetcher {
+    fn fetch(&self, step: u64) -> Result<Next> {
+        let req = v1::NextStepRequest {
+            worker_id: self.worker_id.clone(),
+            generation: self.generation,
+            step,
+        };
+        let resp = match self.rt.block_on(self.client.next_step(req)) {
+            Ok(r) => r,
+            Err(CallError::Stale(_)) => return Ok(Next::Regroup),
+            Err(e) => return Err(e.into()),
+        };
+        if resp.regroup {
+            return Ok(Next::Regroup);
+        }
+        if resp.end_of_run {
+            return Ok(Next::End);
+        }
+        self.loader.prefetch(&resp.prefetch_blocks);
+        if let Some(first) = resp.samples.first() {
+            self.loader.set_epoch(first.epoch as u64);
+        }
+        let refs: Vec<SampleRef> = resp
+            .samples
+            .iter()
+            .map(|s| SampleRef {
+                block: s.block,
+                row: s.row,
+            })
+            .collect();
+        fault::point("load");
+        let batch = self.loader.load(&refs)?.to_device(self.device)?;
+        Ok(Next::Batch {
+            global_batch: resp.global_batch as usize,
+            refs,
+            batch,
+        })
+    }
+}
+
+/// The lookahead thread; waited for when the step loop ends, so no fetch outlives its generation.
+struct Ahead(Option<std::thread::JoinHandle<Result<Next>>>);
+
+impl Ahead {
+    fn take(&mut self) -> Option<std::thread::JoinHandle<Result<Next>>> {
+        self.0.take()
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
 
 fn ring_opts_timeout(cfg: &RunConfig) -> Duration {
     Duration::from_secs_f64(cfg.cluster.collective_timeout_s)
