@@ -67,8 +67,9 @@ pub struct Trainer {
     total_steps: u64,
     bucket_bytes: usize,
     buckets: Option<GradBuckets>,
-    /// All-reduce buckets during the model backward (`cluster.overlap_allreduce`).
-    overlap: bool,
+    /// All-reduce buckets during the model backward (`cluster.overlap_allreduce`; None = auto:
+    /// on when the batch is on a GPU).
+    overlap: Option<bool>,
     reducer: Option<OverlappedReducer>,
     /// Run forward and backward under CUDA bf16 autocast (`set_autocast`).
     autocast: bool,
@@ -123,7 +124,11 @@ impl Trainer {
             total_steps: total_steps.max(1),
             bucket_bytes,
             buckets: None,
-            overlap: cfg.cluster.overlap_allreduce,
+            overlap: match cfg.cluster.overlap_allreduce.as_str() {
+                "on" => Some(true),
+                "off" => Some(false),
+                _ => None,
+            },
             reducer: None,
             autocast: false,
             step: 0,
@@ -377,7 +382,8 @@ impl Trainer {
             (!surrogate.is_empty()).then(|| Tensor::stack(&surrogate, 0).sum(self.model.kind()));
         // Overlapped: buckets are all-reduced while this backward runs, in the same order and
         // layout as the plain path's, so a rank taking the plain path (no rows) still matches.
-        if let (true, true, Some(l)) = (self.overlap, coll.world_size() > 1, &model_loss) {
+        let overlap = self.overlap.unwrap_or(dev.is_cuda());
+        if let (true, true, Some(l)) = (overlap, coll.world_size() > 1, &model_loss) {
             let reducer = match self.reducer.take() {
                 Some(r) => r,
                 None => {
