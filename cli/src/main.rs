@@ -7,6 +7,11 @@ mod store_args;
 mod train;
 
 use anyhow::Result;
+
+// See Cargo.toml: mimalloc keeps freed image buffers for reuse instead of unmapping them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
