@@ -63,4 +63,21 @@ int ferroclip_fused_adamw(void** params, void** grads, void** exp_avgs, void** e
   }
 }
 
+// Drop a parameter's .grad (PyTorch's zero_grad(set_to_none=True)): the next backward then
+// hands the parameter its gradient buffer instead of zero-filling one and adding into it.
+int ferroclip_clear_grad(void* tensor) {
+  try {
+    if (tensor == nullptr) {
+      return -1;
+    }
+    auto& t = *static_cast<at::Tensor*>(tensor);
+    if (t.defined()) {
+      t.mutable_grad().reset();
+    }
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 }  // extern "C"

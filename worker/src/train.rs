@@ -461,10 +461,15 @@ impl Trainer {
         Ok(UpdateStats { lr, grad_norm })
     }
 
+    /// Drops every gradient (set to none, as PyTorch's default `zero_grad`): the next backward
+    /// hands each parameter its gradient instead of zero-filling 4 bytes per parameter and
+    /// adding into them.
     pub fn zero_grad(&mut self) {
         for (_, p) in self.model.params.iter() {
-            let mut p = p.shallow_clone();
-            p.zero_grad();
+            if !crate::optim::fused::clear_grad(p) {
+                let mut p = p.shallow_clone();
+                p.zero_grad();
+            }
         }
     }
 }

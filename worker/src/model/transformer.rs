@@ -62,13 +62,16 @@ impl Block {
             .linear(&self.in_proj_weight, Some(&self.in_proj_bias))
             .view([b, n, 3, self.heads, hd])
             .permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // unbind, not three selects: its backward stacks the three grads in one copy, where each
+        // select's backward zero-fills a qkv-sized buffer and copies its slice in.
+        let parts = qkv.unbind(0); // dim 0 is the 3 of the view above
+        let (q, k, v) = (&parts[0], &parts[1], &parts[2]);
         let (mask, causal) = match attend {
             Attend::All => (None, false),
             Attend::Causal => (None, true),
             Attend::Mask(m) => (Some(m), false),
         };
-        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false)
+        let a = Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, false)
             .transpose(1, 2)
             .reshape([b, n, w]);
         let x = x + self.out_proj.forward(&a);

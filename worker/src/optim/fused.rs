@@ -1,5 +1,6 @@
 //! Safe wrapper over csrc/optim.cpp: libtorch's fused AdamW kernel (`_fused_adamw_`), one pass
-//! over each parameter instead of the eight tensor ops of the unfused update.
+//! over each parameter instead of the eight tensor ops of the unfused update, and dropping a
+//! gradient (tch only zero-fills them).
 
 use std::ffi::{c_char, c_void, CStr};
 
@@ -21,6 +22,14 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+    fn ferroclip_clear_grad(tensor: *mut c_void) -> i32;
+}
+
+/// Drops `p`'s gradient (set to None, as torch's `zero_grad(set_to_none=True)`); the next
+/// backward gives it a fresh one instead of zero-filling and adding. False if libtorch refused.
+pub fn clear_grad(p: &Tensor) -> bool {
+    // SAFETY: p is a live tch tensor (a torch::Tensor*).
+    unsafe { ferroclip_clear_grad(p.as_ptr() as *mut c_void) == 0 }
 }
 
 /// The tensors of one update: parameters, their grads and moments, in the same order.
