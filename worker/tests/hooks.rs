@@ -237,22 +237,3 @@ fn overlapped_over_tcp_ring_equals_plain_path() {
     };
     assert!(!single.equal(r[0].0[0].as_ref().expect("grad")));
 }
-
-/// Not an assertion on speed (two ranks share this machine's cores): prints the times.
-#[test]
-fn overlap_timing_two_ranks() {
-    let r = compare(
-        &[512, 1024, 1024, 1024, 1024, 1024, 1024, 512],
-        64,
-        1 << 20,
-        4,
-    );
-    for (rank, (_, _, over, plain)) in r.iter().enumerate() {
-        println!(
-            "rank {rank}: overlapped backward+all-reduce {:.1} ms, plain {:.1} ms ({:.2}x)",
-            over * 1e3,
-            plain * 1e3,
-            plain / over
-        );
-    }
-}
