@@ -141,17 +141,21 @@ impl Trainer {
         self.step
     }
 
+    /// The parameters, in model order, as handles sharing their storage and grads.
+    fn param_handles(&self) -> Vec<Tensor> {
+        self.model
+            .params
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect()
+    }
+
     /// Moves every parameter and optimizer state tensor to `device` in place (`set_data` keeps
     /// the tensors' identity, so the model, the optimizer and clones see the move). Call before
     /// the first step: gradient buckets are laid out on the device of the first all-reduce.
     pub fn to_device(&mut self, device: Device) {
         let _g = tch::no_grad_guard();
-        let mut all: Vec<Tensor> = self
-            .model
-            .params
-            .iter()
-            .map(|(_, t)| t.shallow_clone())
-            .collect();
+        let mut all = self.param_handles();
         let n = all.len();
         all.extend(self.state_tensors().into_iter().skip(n));
         for t in &mut all {
@@ -384,19 +388,10 @@ impl Trainer {
         // layout as the plain path's, so a rank taking the plain path (no rows) still matches.
         let overlap = self.overlap.unwrap_or(dev.is_cuda());
         if let (true, true, Some(l)) = (overlap, coll.world_size() > 1, &model_loss) {
-            let reducer = match self.reducer.take() {
+            let mut reducer = match self.reducer.take() {
                 Some(r) => r,
-                None => {
-                    let params: Vec<Tensor> = self
-                        .model
-                        .params
-                        .iter()
-                        .map(|(_, t)| t.shallow_clone())
-                        .collect();
-                    OverlappedReducer::new(&params, self.bucket_bytes)?
-                }
+                None => OverlappedReducer::new(&self.param_handles(), self.bucket_bytes)?,
             };
-            let mut reducer = reducer;
             let stats = reducer.backward(l, coll);
             self.reducer = Some(reducer);
             backward_s += stats?.backward_s;
@@ -418,13 +413,7 @@ impl Trainer {
 
     fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<()> {
         if self.buckets.is_none() {
-            let params: Vec<Tensor> = self
-                .model
-                .params
-                .iter()
-                .map(|(_, t)| t.shallow_clone())
-                .collect();
-            self.buckets = Some(GradBuckets::new(&params, self.bucket_bytes)?);
+            self.buckets = Some(GradBuckets::new(&self.param_handles(), self.bucket_bytes)?);
         }
         if let Some(b) = self.buckets.as_mut() {
             b.all_reduce_grads(coll)?;
@@ -441,12 +430,7 @@ impl Trainer {
             self.optim.warmup_steps,
             self.total_steps,
         );
-        let params: Vec<Tensor> = self
-            .model
-            .params
-            .iter()
-            .map(|(_, t)| t.shallow_clone())
-            .collect();
+        let params = self.param_handles();
         // The all-reduce gives every parameter a grad (zeros where no objective reached it);
         // so does a single process, so that AdamW's decay treats them alike.
         for p in params.iter().filter(|p| !p.grad().defined()) {

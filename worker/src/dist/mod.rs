@@ -143,6 +143,11 @@ impl Worker {
     /// Builds the model and data pipeline once; loads a checkpoint when the coordinator says so.
     fn prepare(&mut self, cfg: &RunConfig, place: &v1::JoinResponse) -> Result<()> {
         if self.trainer.is_none() {
+            // The device must fit the run's backend before anything is opened or built.
+            let plan = gpu::plan(self.opts.device, cfg)?;
+            if plan.nccl {
+                crate::collective::nccl::probe().context("cluster.backend = \"nccl\"")?;
+            }
             let ctx = ModelConfig::from_section(&cfg.model)?;
             let tokenizer = Arc::new(Tokenizer::from_config(
                 &cfg.data.tokenizer,
@@ -168,10 +173,6 @@ impl Worker {
                 let rows: u64 = loader.block_rows().iter().map(|&r| r as u64).sum();
                 (rows * cfg.run.epochs as u64).div_ceil(cfg.optim.global_batch.max(1) as u64)
             };
-            let plan = gpu::plan(self.opts.device, cfg)?;
-            if plan.nccl {
-                crate::collective::nccl::probe().context("cluster.backend = \"nccl\"")?;
-            }
             let mut trainer = Trainer::new(cfg, total_steps)?;
             if self.opts.device != Device::Cpu {
                 trainer.to_device(self.opts.device);
