@@ -433,5 +433,11 @@ mod tests {
         assert!(err.to_string().contains("cluster.transport"), "{err}");
         let err = RunConfig::parse("[optim]\nprecision = \"fp16\"\n", "c.toml").unwrap_err();
         assert!(err.to_string().contains("optim.precision"), "{err}");
+        let err =
+            RunConfig::parse("[cluster]\noverlap_allreduce = \"yes\"\n", "c.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("cluster.overlap_allreduce"),
+            "{err}"
+        );
     }
 }
