@@ -57,6 +57,9 @@ impl Location {
             url: url.to_string(),
             source: e,
         };
+        if !matches!(scheme, "file" | "memory") {
+            tls_provider();
+        }
         let store: Arc<dyn ObjectStore> = match scheme {
             "file" => return local(rest),
             "memory" => memory_store(bucket),
@@ -203,6 +206,12 @@ fn memory_store(name: &str) -> Arc<dyn ObjectStore> {
         .clone()
 }
 
+/// reqwest is built without a default TLS crypto provider (see Cargo.toml): ring serves the
+/// whole process. Installing twice is harmless; the first wins.
+fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Fail in seconds, not minutes, on an unreachable endpoint or refused credentials.
 fn retry_config() -> RetryConfig {
     RetryConfig {
@@ -222,6 +231,26 @@ fn client_options(allow_http: bool) -> ClientOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An https endpoint makes the store build a TLS client (ring, installed by `open`) and
+    /// sign a request; a closed port then gives an error, never a panic.
+    #[tokio::test]
+    async fn https_endpoints_get_a_working_tls_client() {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        std::env::set_var("AWS_REGION", "us-east-1");
+        let opts = StoreOptions {
+            s3_endpoint: Some("https://127.0.0.1:9".into()),
+            allow_http: false,
+        };
+        let loc = Location::open("s3://bucket/key", &opts).unwrap();
+        use object_store::ObjectStoreExt;
+        let err = loc.store.head(&loc.path).await.unwrap_err().to_string();
+        assert!(
+            err.contains("127.0.0.1") || err.to_lowercase().contains("connect"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn local_paths_are_absolute_and_normalized() {
