@@ -4,6 +4,7 @@ pub mod build;
 pub mod cli;
 pub mod error;
 pub mod head;
+pub mod jpeg;
 pub mod manifest;
 mod pq;
 pub mod reader;

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{ImageFormat, ImageReader, Limits};
+
+use crate::jpeg;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -118,19 +120,13 @@ pub fn validate(
             "truncated JPEG (no end-of-image marker)",
         ));
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes.as_ref()), format);
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(opts.max_size);
-    limits.max_image_height = Some(opts.max_size);
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => reject(
-            "image_too_large",
-            format!("image exceeds {} px: {e}", opts.max_size),
-        ),
-        e => reject("image_decode", format!("image does not decode: {e}")),
-    })?;
-    let (w, h) = (img.width(), img.height());
+    let target = opts.resize;
+    let decoded = if format == ImageFormat::Jpeg {
+        decode_jpeg(bytes, opts)?
+    } else {
+        decode_other(bytes, format, opts)?
+    };
+    let Decoded { w, h, rgb } = decoded;
     if w.min(h) < opts.min_size {
         return Err(reject(
             "image_too_small",
@@ -141,11 +137,11 @@ pub fn validate(
         ));
     }
     let hash = content_hash(bytes);
-    match opts.resize {
+    match target {
         Some(short) if w.min(h) > short => {
             let (nw, nh) = scaled(w, h, short);
-            let rgb = img.into_rgb8();
-            let encoded = resize_encode(rgb.as_raw(), w, h, nw, nh, opts.quality)
+            let rgb = rgb.ok_or_else(|| reject("image_decode", "no pixels decoded"))?;
+            let encoded = resize_encode(&rgb, (nw, nh), opts.quality)
                 .map_err(|e| reject("image_decode", format!("resize failed: {e}")))?;
             Ok(Accepted {
                 image: Bytes::from(encoded),
@@ -162,6 +158,76 @@ pub fn validate(
             height: h,
             hash,
         }),
+    }
+}
+
+/// An image's original size and, when it will be resized, its pixels (possibly decoded at a
+/// reduced scale, never below the target short side).
+struct Decoded {
+    w: u32,
+    h: u32,
+    rgb: Option<jpeg::Rgb>,
+}
+
+fn decode_jpeg(bytes: &[u8], opts: &ValidateOptions) -> Result<Decoded, Rejection> {
+    let (w, h) = jpeg::dimensions(bytes)
+        .map_err(|e| reject("image_decode", format!("image does not decode: {e}")))?;
+    check_max(w, h, opts)?;
+    let resizing = opts
+        .resize
+        .filter(|&s| w.min(h) > s && w.min(h) >= opts.min_size);
+    let rgb = jpeg::decode(bytes, resizing)
+        .map_err(|e| reject("image_decode", format!("image does not decode: {e}")))?;
+    Ok(Decoded {
+        w,
+        h,
+        rgb: resizing.map(|_| rgb),
+    })
+}
+
+fn decode_other(
+    bytes: &[u8],
+    format: ImageFormat,
+    opts: &ValidateOptions,
+) -> Result<Decoded, Rejection> {
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(opts.max_size);
+    limits.max_image_height = Some(opts.max_size);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => reject(
+            "image_too_large",
+            format!("image exceeds {} px: {e}", opts.max_size),
+        ),
+        e => reject("image_decode", format!("image does not decode: {e}")),
+    })?;
+    let (w, h) = (img.width(), img.height());
+    let rgb = opts.resize.filter(|&s| w.min(h) > s).map(|_| jpeg::Rgb {
+        pixels: img.into_rgb8().into_raw(),
+        width: w,
+        height: h,
+    });
+    Ok(Decoded { w, h, rgb })
+}
+
+fn check_max(w: u32, h: u32, opts: &ValidateOptions) -> Result<(), Rejection> {
+    if w.max(h) > opts.max_size {
+        return Err(reject(
+            "image_too_large",
+            format!("image is {w}x{h}, exceeds {} px", opts.max_size),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes an image fully with the decoder `shards build` uses; returns its size.
+pub fn decoded_size(bytes: &[u8]) -> Result<(u32, u32), String> {
+    match image::guess_format(bytes).map_err(|e| e.to_string())? {
+        ImageFormat::Jpeg => jpeg::decode(bytes, None).map(|i| (i.width, i.height)),
+        _ => image::load_from_memory(bytes)
+            .map(|i| (i.width(), i.height()))
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -182,15 +248,14 @@ fn jpeg_has_end(bytes: &[u8]) -> bool {
     tail.windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
-fn resize_encode(
-    rgb: &[u8],
-    w: u32,
-    h: u32,
-    nw: u32,
-    nh: u32,
-    quality: u8,
-) -> Result<Vec<u8>, String> {
-    let src = ImageRef::new(w, h, rgb, PixelType::U8x3).map_err(|e| e.to_string())?;
+/// Resizes (bilinear) to `size` unless the decoder already produced it, then encodes.
+fn resize_encode(src: &jpeg::Rgb, size: (u32, u32), quality: u8) -> Result<Vec<u8>, String> {
+    let (nw, nh) = size;
+    if (src.width, src.height) == size {
+        return jpeg::encode(&src.pixels, nw, nh, quality);
+    }
+    let from = ImageRef::new(src.width, src.height, &src.pixels, PixelType::U8x3)
+        .map_err(|e| e.to_string())?;
     let mut dst = Image::new(nw, nh, PixelType::U8x3);
     // The resizer keeps scratch buffers; one per thread avoids reallocating them per image.
     thread_local! {
@@ -199,29 +264,18 @@ fn resize_encode(
     RESIZER.with(|r| {
         r.borrow_mut()
             .resize(
-                &src,
+                &from,
                 &mut dst,
                 &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
             )
             .map_err(|e| e.to_string())
     })?;
-    encode_jpeg(dst.buffer(), nw, nh, quality)
+    jpeg::encode(dst.buffer(), nw, nh, quality)
 }
 
+/// Baseline JPEG, 4:2:0 chroma (what libjpeg and so Pillow write by default).
 pub fn encode_jpeg(rgb: &[u8], w: u32, h: u32, quality: u8) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity((w * h) as usize / 2);
-    let (w16, h16) = (
-        u16::try_from(w).map_err(|_| "image too wide for JPEG")?,
-        u16::try_from(h).map_err(|_| "image too tall for JPEG")?,
-    );
-    let mut enc = jpeg_encoder::Encoder::new(&mut out, quality);
-    // 4:2:0 with averaged chroma, as libjpeg (and so Pillow) does by default at every quality;
-    // jpeg-encoder keeps full-resolution chroma from quality 90 up, twice the DCT work.
-    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
-    enc.set_chroma_subsampling_method(jpeg_encoder::ChromaSubsamplingMethod::Average);
-    enc.encode(rgb, w16, h16, jpeg_encoder::ColorType::Rgb)
-        .map_err(|e| e.to_string())?;
-    Ok(out)
+    jpeg::encode(rgb, w, h, quality)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use crate::error::ShardsError;
 use crate::manifest::*;
 use crate::reader::{get_all, samples_from_batch, Sample};
 use crate::store::{Location, StoreOptions};
+use crate::validate::decoded_size;
 
 /// A shard that failed, with the reason.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,15 +99,11 @@ fn decode_all(url: &str, bytes: bytes::Bytes) -> Result<(u64, Vec<u64>), String>
         let bad: Option<String> =
             samples
                 .par_iter()
-                .find_map_first(|s| match image::load_from_memory(&s.image) {
-                    Ok(img) if (img.width(), img.height()) == (s.width, s.height) => None,
-                    Ok(img) => Some(format!(
-                        "row {}: image is {}x{}, row says {}x{}",
-                        s.key,
-                        img.width(),
-                        img.height(),
-                        s.width,
-                        s.height
+                .find_map_first(|s| match decoded_size(&s.image) {
+                    Ok(size) if size == (s.width, s.height) => None,
+                    Ok((w, h)) => Some(format!(
+                        "row {}: image is {w}x{h}, row says {}x{}",
+                        s.key, s.width, s.height
                     )),
                     Err(e) => Some(format!("row {}: image does not decode: {e}", s.key)),
                 });
