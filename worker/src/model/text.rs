@@ -60,10 +60,20 @@ impl TextTower {
 
     /// Text embedding [B, E] (not normalised), pooled at the highest token id of each row:
     /// end-of-text is the largest id of CLIP's vocabulary (OpenCLIP's "argmax" pooling).
+    ///
+    /// Only the columns up to the batch's last end-of-text run: under causal attention a
+    /// position never sees later ones, so the trailing padding cannot change the result and
+    /// computing it is waste (captions are far shorter than the context, 77 in CLIP).
     pub fn encode(&self, tokens: &Tensor) -> Tensor {
-        let x = self.hidden(tokens, Attend::Causal, None);
         let b = tokens.size()[0];
         let eot = tokens.argmax(-1, false);
+        let n = tokens.size()[1];
+        let used = if b == 0 {
+            n
+        } else {
+            i64::try_from(eot.max()).map_or(n, |last| last + 1)
+        };
+        let x = self.hidden(&tokens.narrow(1, 0, used), Attend::Causal, None);
         let rows = Tensor::arange(b, (Kind::Int64, tokens.device()));
         x.index(&[Some(rows), Some(eot)])
             .matmul(&self.text_projection)
@@ -75,5 +85,66 @@ impl TextTower {
 
     pub fn vocab_size(&self) -> i64 {
         self.token_embedding.size()[0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `encode` skips the columns after the last end-of-text; the features and every gradient
+    /// must equal those of running the whole context.
+    #[test]
+    fn trimmed_encoding_equals_the_full_context() {
+        tch::manual_seed(3);
+        let mut p = Params::default();
+        let tower = TextTower::new(&mut p, &Scope::root(Kind::Float), 16, 50, 32, 2, 4, 8);
+        // End-of-text (49, the largest id) at columns 3 and 6; zero padding after.
+        let tokens = Tensor::from_slice2(&[
+            [48i64, 5, 7, 49, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [48, 9, 2, 11, 4, 8, 49, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ]);
+        let full = {
+            let x = tower.hidden(&tokens, Attend::Causal, None);
+            let eot = tokens.argmax(-1, false);
+            x.index(&[
+                Some(Tensor::arange(2, (Kind::Int64, tch::Device::Cpu))),
+                Some(eot),
+            ])
+            .matmul(&tower.text_projection)
+        };
+        let grads = |out: &Tensor| -> Vec<Tensor> {
+            p.iter().for_each(|(_, t)| {
+                let mut g = t.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            });
+            (out * out).sum(Kind::Float).backward();
+            p.iter().map(|(_, t)| t.grad().copy()).collect()
+        };
+        let g_full = grads(&full);
+        let trimmed = tower.encode(&tokens);
+        assert!(
+            trimmed.allclose(&full, 1e-5, 1e-5, false),
+            "{trimmed} vs {full}"
+        );
+        let g_trim = grads(&trimmed);
+        // Same sums in a different order: compare against each gradient's scale.
+        for ((name, _), (a, b)) in p.iter().zip(g_full.iter().zip(&g_trim)) {
+            let d = f64::try_from((a - b).abs().max()).unwrap();
+            let m = f64::try_from(a.abs().max()).unwrap();
+            assert!(
+                d <= 1e-5 * m + 1e-6,
+                "gradient of {name} differs by {d} (max {m})"
+            );
+        }
+        // The positions after the last end-of-text got no gradient either way.
+        let pos = &g_trim[1];
+        assert_eq!(
+            f64::try_from(pos.narrow(0, 7, 9).abs().sum(Kind::Float)).unwrap(),
+            0.0
+        );
+        assert!(f64::try_from(pos.narrow(0, 0, 7).abs().sum(Kind::Float)).unwrap() > 0.0);
     }
 }
