@@ -1,6 +1,7 @@
 //! JPEG decode and encode through libjpeg-turbo-rs, a pure-Rust port of libjpeg-turbo with its
-//! SIMD paths: about twice as fast as the image crate's encoder, and its decoder can scale by N/8
-//! inside the inverse DCT, so a downscale decodes fewer pixels instead of resizing all of them.
+//! SIMD paths: about twice as fast as the image crate's encoder. Its decoder can also scale by
+//! 1/2, 1/4 or 1/8 inside the inverse DCT (Pillow's "draft" mode), so a large downscale decodes
+//! fewer pixels; the odd eighths (7/8, ...) measured slower than a full decode plus a resize.
 
 use libjpeg_turbo_rs::common::types::ScalingFactor;
 use libjpeg_turbo_rs::decode::pipeline::Decoder;
@@ -21,7 +22,8 @@ pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
 }
 
 /// Decodes every scan fully (a corrupt or short scan is an error, not grey fill). With
-/// `min_short`, decodes at the smallest scale N/8 whose short side is still at least that.
+/// `min_short`, decodes at the smallest power-of-two reduction whose short side is still at
+/// least that.
 pub fn decode(bytes: &[u8], min_short: Option<u32>) -> Result<Rgb, String> {
     let mut d = Decoder::new(bytes).map_err(|e| e.to_string())?;
     let (w, h) = (d.header().width as u32, d.header().height as u32);
@@ -30,7 +32,8 @@ pub fn decode(bytes: &[u8], min_short: Option<u32>) -> Result<Rgb, String> {
     if let Some(target) = min_short {
         let n = scale_eighths(w.min(h), target);
         if n < 8 {
-            d.set_scale(ScalingFactor::new(n, 8));
+            // n is 1, 2 or 4: n/8 in lowest terms is 1/(8/n).
+            d.set_scale(ScalingFactor::try_new(1, 8 / n).map_err(|e| e.to_string())?);
         }
     }
     let img = d.decode_image().map_err(|e| e.to_string())?;
@@ -48,9 +51,10 @@ pub fn decode(bytes: &[u8], min_short: Option<u32>) -> Result<Rgb, String> {
     })
 }
 
-/// The smallest N in 1..=8 with ceil(short * N / 8) >= target (libjpeg's scaled size).
+/// The smallest N in {1, 2, 4, 8} with ceil(short * N / 8) >= target (libjpeg's scaled size).
 fn scale_eighths(short: u32, target: u32) -> u32 {
-    (1..=8u32)
+    [1u32, 2, 4, 8]
+        .into_iter()
         .find(|n| (short as u64 * *n as u64).div_ceil(8) >= target as u64)
         .unwrap_or(8)
 }
@@ -86,10 +90,12 @@ mod tests {
 
     #[test]
     fn scale_is_the_smallest_that_keeps_the_short_side() {
-        assert_eq!(scale_eighths(256, 224), 7);
+        assert_eq!(scale_eighths(256, 224), 8);
         assert_eq!(scale_eighths(512, 224), 4);
+        assert_eq!(scale_eighths(446, 224), 8);
+        assert_eq!(scale_eighths(447, 224), 4);
         assert_eq!(scale_eighths(1000, 224), 2);
-        assert_eq!(scale_eighths(225, 224), 8);
+        assert_eq!(scale_eighths(1792, 224), 1);
         assert_eq!(scale_eighths(100, 224), 8);
     }
 
