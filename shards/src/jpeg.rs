@@ -14,41 +14,54 @@ pub struct Rgb {
     pub height: u32,
 }
 
-/// Width and height from the frame header, without decoding the scan.
-pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
-    let d = Decoder::new(bytes).map_err(|e| e.to_string())?;
-    let h = d.header();
-    Ok((h.width as u32, h.height as u32))
+/// A JPEG whose headers are parsed: its size is known before the scan is decoded.
+pub struct Jpeg<'a>(Decoder<'a>);
+
+impl<'a> Jpeg<'a> {
+    pub fn open(bytes: &'a [u8]) -> Result<Self, String> {
+        Decoder::new(bytes).map(Jpeg).map_err(|e| e.to_string())
+    }
+
+    /// Width and height from the frame header.
+    pub fn size(&self) -> (u32, u32) {
+        let h = self.0.header();
+        (h.width as u32, h.height as u32)
+    }
+
+    /// Decodes every scan fully (a corrupt or short scan is an error, not grey fill). With
+    /// `min_short`, decodes at the smallest power-of-two reduction whose short side is still at
+    /// least that.
+    pub fn decode(self, min_short: Option<u32>) -> Result<Rgb, String> {
+        let (w, h) = self.size();
+        let mut d = self.0;
+        d.set_output_format(PixelFormat::Rgb);
+        d.set_stop_on_warning(true);
+        if let Some(target) = min_short {
+            let n = scale_eighths(w.min(h), target);
+            if n < 8 {
+                // n is 1, 2 or 4: n/8 in lowest terms is 1/(8/n).
+                d.set_scale(ScalingFactor::try_new(1, 8 / n).map_err(|e| e.to_string())?);
+            }
+        }
+        let img = d.decode_image().map_err(|e| e.to_string())?;
+        let (width, height) = (img.width as u32, img.height as u32);
+        if img.data.len() != width as usize * height as usize * 3 {
+            return Err(format!(
+                "decoder returned {} bytes for {width}x{height} RGB",
+                img.data.len()
+            ));
+        }
+        Ok(Rgb {
+            pixels: img.data,
+            width,
+            height,
+        })
+    }
 }
 
-/// Decodes every scan fully (a corrupt or short scan is an error, not grey fill). With
-/// `min_short`, decodes at the smallest power-of-two reduction whose short side is still at
-/// least that.
+/// Opens and fully decodes.
 pub fn decode(bytes: &[u8], min_short: Option<u32>) -> Result<Rgb, String> {
-    let mut d = Decoder::new(bytes).map_err(|e| e.to_string())?;
-    let (w, h) = (d.header().width as u32, d.header().height as u32);
-    d.set_output_format(PixelFormat::Rgb);
-    d.set_stop_on_warning(true);
-    if let Some(target) = min_short {
-        let n = scale_eighths(w.min(h), target);
-        if n < 8 {
-            // n is 1, 2 or 4: n/8 in lowest terms is 1/(8/n).
-            d.set_scale(ScalingFactor::try_new(1, 8 / n).map_err(|e| e.to_string())?);
-        }
-    }
-    let img = d.decode_image().map_err(|e| e.to_string())?;
-    let (width, height) = (img.width as u32, img.height as u32);
-    if img.data.len() != width as usize * height as usize * 3 {
-        return Err(format!(
-            "decoder returned {} bytes for {width}x{height} RGB",
-            img.data.len()
-        ));
-    }
-    Ok(Rgb {
-        pixels: img.data,
-        width,
-        height,
-    })
+    Jpeg::open(bytes)?.decode(min_short)
 }
 
 /// The smallest N in {1, 2, 4, 8} with ceil(short * N / 8) >= target (libjpeg's scaled size).
@@ -103,7 +116,7 @@ mod tests {
     fn round_trip_and_scaled_decode_match_the_full_image() {
         let (w, h) = (256, 192);
         let jpeg = encode(&gradient(w, h), w, h, 95).unwrap();
-        assert_eq!(dimensions(&jpeg).unwrap(), (256, 192));
+        assert_eq!(Jpeg::open(&jpeg).unwrap().size(), (256, 192));
         let full = decode(&jpeg, None).unwrap();
         assert_eq!((full.width, full.height), (256, 192));
         let max_err = full

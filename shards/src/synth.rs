@@ -14,10 +14,11 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::error::ShardsError;
+use crate::jpeg;
 use crate::manifest::COL_LABEL;
 use crate::reader::Classes;
 use crate::source::{RawBatch, RawRow, BATCH_ROWS};
-use crate::validate::{encode_jpeg, RawCaption};
+use crate::validate::RawCaption;
 
 pub const COLORS: [(&str, [u8; 3]); 4] = [
     ("red", [215, 40, 40]),
@@ -132,7 +133,7 @@ pub fn generate(seed: u64, index: u64, size: u32) -> Result<SynthRow, String> {
     if let Some(sec) = &second {
         draw(&mut px, size, sec);
     }
-    let jpeg = encode_jpeg(&px, size, size, 90)?;
+    let jpeg = jpeg::encode(&px, size, size, 90)?;
     let label = format!("{} {}", COLORS[main.color].0, SHAPES[main.kind]);
     let size_word = ["", "large ", "big "][rng.gen_range(0..3)];
     let lead = ["a", "a photo of a", "an image of a", "a picture of a"][rng.gen_range(0..4)];

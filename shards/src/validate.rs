@@ -9,10 +9,10 @@ use bytes::Bytes;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{ImageFormat, ImageReader, Limits};
-
-use crate::jpeg;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::jpeg;
 
 /// Options that change what a row becomes.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -120,13 +120,11 @@ pub fn validate(
             "truncated JPEG (no end-of-image marker)",
         ));
     }
-    let target = opts.resize;
-    let decoded = if format == ImageFormat::Jpeg {
+    let Decoded { w, h, rgb } = if format == ImageFormat::Jpeg {
         decode_jpeg(bytes, opts)?
     } else {
         decode_other(bytes, format, opts)?
     };
-    let Decoded { w, h, rgb } = decoded;
     if w.min(h) < opts.min_size {
         return Err(reject(
             "image_too_small",
@@ -137,10 +135,9 @@ pub fn validate(
         ));
     }
     let hash = content_hash(bytes);
-    match target {
-        Some(short) if w.min(h) > short => {
+    match (rgb, opts.resize) {
+        (Some(rgb), Some(short)) => {
             let (nw, nh) = scaled(w, h, short);
-            let rgb = rgb.ok_or_else(|| reject("image_decode", "no pixels decoded"))?;
             let encoded = resize_encode(&rgb, (nw, nh), opts.quality)
                 .map_err(|e| reject("image_decode", format!("resize failed: {e}")))?;
             Ok(Accepted {
@@ -161,7 +158,7 @@ pub fn validate(
     }
 }
 
-/// An image's original size and, when it will be resized, its pixels (possibly decoded at a
+/// An image's original size and, when it is to be resized, its pixels (possibly decoded at a
 /// reduced scale, never below the target short side).
 struct Decoded {
     w: u32,
@@ -169,19 +166,27 @@ struct Decoded {
     rgb: Option<jpeg::Rgb>,
 }
 
+/// The short side to resize to, if this image gets resized (never upscaled).
+fn resize_to(w: u32, h: u32, opts: &ValidateOptions) -> Option<u32> {
+    opts.resize.filter(|&s| w.min(h) > s)
+}
+
 fn decode_jpeg(bytes: &[u8], opts: &ValidateOptions) -> Result<Decoded, Rejection> {
-    let (w, h) = jpeg::dimensions(bytes)
-        .map_err(|e| reject("image_decode", format!("image does not decode: {e}")))?;
-    check_max(w, h, opts)?;
-    let resizing = opts
-        .resize
-        .filter(|&s| w.min(h) > s && w.min(h) >= opts.min_size);
-    let rgb = jpeg::decode(bytes, resizing)
-        .map_err(|e| reject("image_decode", format!("image does not decode: {e}")))?;
+    let undecodable = |e: String| reject("image_decode", format!("image does not decode: {e}"));
+    let jpeg = jpeg::Jpeg::open(bytes).map_err(undecodable)?;
+    let (w, h) = jpeg.size();
+    if w.max(h) > opts.max_size {
+        return Err(reject(
+            "image_too_large",
+            format!("image is {w}x{h}, exceeds {} px", opts.max_size),
+        ));
+    }
+    let target = resize_to(w, h, opts);
+    let rgb = jpeg.decode(target).map_err(undecodable)?;
     Ok(Decoded {
         w,
         h,
-        rgb: resizing.map(|_| rgb),
+        rgb: target.map(|_| rgb),
     })
 }
 
@@ -203,22 +208,12 @@ fn decode_other(
         e => reject("image_decode", format!("image does not decode: {e}")),
     })?;
     let (w, h) = (img.width(), img.height());
-    let rgb = opts.resize.filter(|&s| w.min(h) > s).map(|_| jpeg::Rgb {
+    let rgb = resize_to(w, h, opts).map(|_| jpeg::Rgb {
         pixels: img.into_rgb8().into_raw(),
         width: w,
         height: h,
     });
     Ok(Decoded { w, h, rgb })
-}
-
-fn check_max(w: u32, h: u32, opts: &ValidateOptions) -> Result<(), Rejection> {
-    if w.max(h) > opts.max_size {
-        return Err(reject(
-            "image_too_large",
-            format!("image is {w}x{h}, exceeds {} px", opts.max_size),
-        ));
-    }
-    Ok(())
 }
 
 /// Decodes an image fully with the decoder `shards build` uses; returns its size.
@@ -273,18 +268,13 @@ fn resize_encode(src: &jpeg::Rgb, size: (u32, u32), quality: u8) -> Result<Vec<u
     jpeg::encode(dst.buffer(), nw, nh, quality)
 }
 
-/// Baseline JPEG, 4:2:0 chroma (what libjpeg and so Pillow write by default).
-pub fn encode_jpeg(rgb: &[u8], w: u32, h: u32, quality: u8) -> Result<Vec<u8>, String> {
-    jpeg::encode(rgb, w, h, quality)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn jpeg(w: u32, h: u32) -> Bytes {
         let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
-        Bytes::from(encode_jpeg(&rgb, w, h, 90).unwrap())
+        Bytes::from(jpeg::encode(&rgb, w, h, 90).unwrap())
     }
 
     fn text(s: &str) -> RawCaption {

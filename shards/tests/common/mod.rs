@@ -23,7 +23,7 @@ pub fn jpeg(w: u32, h: u32, seed: u32) -> Vec<u8> {
             (x * 3 + y * 5 + lo * 37 + c * 60 + hi * ((x / 16) * 7 + (y / 16) * 11)) as u8
         })
         .collect();
-    ferroclip_shards::validate::encode_jpeg(&rgb, w, h, 90).unwrap()
+    ferroclip_shards::jpeg::encode(&rgb, w, h, 90).unwrap()
 }
 
 /// One input row for an img2dataset-style Parquet file.
