@@ -39,9 +39,14 @@ fn tch_err(e: tch::TchError) -> CollectiveError {
 impl GradBuckets {
     /// Group the parameters that require grad into buckets of about `bucket_bytes`, starting
     /// from the last registered (their grads are ready first in backward). A parameter larger
-    /// than `bucket_bytes` gets a bucket of its own. All parameters must be f32 on one device.
+    /// than `bucket_bytes` gets a bucket of its own. All parameters must share one float kind
+    /// (f32 in training, f64 in exactness tests) and one device.
     pub fn new(params: &[Tensor], bucket_bytes: usize) -> Result<Self> {
-        let (groups, device) = layout(params, bucket_bytes)?;
+        let Layout {
+            groups,
+            device,
+            kind,
+        } = layout(params, bucket_bytes)?;
         let buckets = groups
             .into_iter()
             .map(|(slots, numel)| {
@@ -53,7 +58,7 @@ impl GradBuckets {
                         numel: s.numel,
                     })
                     .collect();
-                Bucket::new(members, numel, Some(device))
+                Bucket::new(members, numel, kind, device)
             })
             .collect::<Result<_>>()?;
         Ok(GradBuckets { buckets })
@@ -78,9 +83,8 @@ impl GradBuckets {
 }
 
 impl Bucket {
-    fn new(members: Vec<Member>, numel: i64, device: Option<Device>) -> Result<Self> {
-        let device = device.unwrap_or(Device::Cpu);
-        let flat = Tensor::f_zeros([numel], (Kind::Float, device)).map_err(tch_err)?;
+    fn new(members: Vec<Member>, numel: i64, kind: Kind, device: Device) -> Result<Self> {
+        let flat = Tensor::f_zeros([numel], (kind, device)).map_err(tch_err)?;
         Ok(Bucket { flat, members })
     }
 
@@ -127,29 +131,42 @@ pub(crate) struct Slot {
 /// One bucket's slots and its element count.
 pub(crate) type SlotGroup = (Vec<Slot>, i64);
 
-/// The bucket layout shared by `GradBuckets` and the overlapped reducer: the parameters that
-/// require grad, from the last registered (their grads are ready first in backward), grouped
-/// into buckets of about `bucket_bytes` (a larger parameter gets its own); each bucket's slots and
-/// element count, and the device of all parameters (f32, one device, else an error).
-pub(crate) fn layout(params: &[Tensor], bucket_bytes: usize) -> Result<(Vec<SlotGroup>, Device)> {
-    let mut device: Option<Device> = None;
+/// The bucket layout shared by `GradBuckets` and the overlapped reducer.
+pub(crate) struct Layout {
+    /// Each bucket's slots and element count, in all-reduce order.
+    pub groups: Vec<SlotGroup>,
+    pub device: Device,
+    /// The parameters' one float kind (f32 in training; f64 for exactness tests).
+    pub kind: Kind,
+}
+
+/// The parameters that require grad, from the last registered (their grads are ready first in
+/// backward), grouped into buckets of about `bucket_bytes` (a larger parameter gets its own).
+/// All of them must share one device and one float kind (f32 or f64), else an error.
+pub(crate) fn layout(params: &[Tensor], bucket_bytes: usize) -> Result<Layout> {
+    let mut first: Option<(Device, Kind)> = None;
     let mut groups = Vec::new();
     let mut slots: Vec<Slot> = Vec::new();
     let mut filled: i64 = 0;
-    let limit = (bucket_bytes / 4).max(1) as i64;
+    let mut limit = 1;
     for (i, p) in params.iter().enumerate().rev() {
         if !p.defined() || !p.requires_grad() {
             continue;
         }
         let kind = p.f_kind().map_err(tch_err)?;
-        if kind != Kind::Float {
-            return Err(invalid(format!("parameter {i} is {kind:?}, not f32")));
+        if !matches!(kind, Kind::Float | Kind::Double) {
+            return Err(invalid(format!(
+                "parameter {i} is {kind:?}, not f32 or f64"
+            )));
         }
-        match device {
-            None => device = Some(p.device()),
-            Some(d) if d != p.device() => {
+        match first {
+            None => {
+                first = Some((p.device(), kind));
+                limit = (bucket_bytes / kind.elt_size_in_bytes()).max(1) as i64;
+            }
+            Some((d, k)) if d != p.device() || k != kind => {
                 return Err(invalid(format!(
-                    "parameter {i} is on {:?}, the others on {d:?}",
+                    "parameter {i} is {kind:?} on {:?}, the others {k:?} on {d:?}",
                     p.device()
                 )));
             }
@@ -170,7 +187,12 @@ pub(crate) fn layout(params: &[Tensor], bucket_bytes: usize) -> Result<(Vec<Slot
     if !slots.is_empty() {
         groups.push((slots, filled));
     }
-    Ok((groups, device.unwrap_or(Device::Cpu)))
+    let (device, kind) = first.unwrap_or((Device::Cpu, Kind::Float));
+    Ok(Layout {
+        groups,
+        device,
+        kind,
+    })
 }
 
 /// tch cannot assign `.grad`; a backward pass through `sum(p * 0)` makes autograd create a
@@ -179,7 +201,7 @@ pub(crate) fn materialize_grad(param: &Tensor) -> Result<Tensor> {
     tch::with_grad(|| {
         param
             .f_mul_scalar(0.0)
-            .and_then(|z| z.f_sum(Kind::Float))
+            .and_then(|z| z.f_sum(z.kind()))
             .and_then(|s| s.f_backward())
     })
     .map_err(tch_err)?;

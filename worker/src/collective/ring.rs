@@ -10,7 +10,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::str::FromStr;
 use std::time::Duration;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::host::{check_cpu, f32_data, row_key, tensor_bytes};
 use super::pipe::{self, Codec, Link, INLINE_BYTES};
@@ -372,6 +372,26 @@ impl RingCollective {
         )
     }
 
+    /// f64 sums, for gradient checks and exactness tests (training all-reduces f32): every rank
+    /// gathers every buffer and adds them in rank order, so all ranks get the same bits. Moves
+    /// n× the bytes of the ring all-reduce; tests use small models.
+    fn all_reduce_f64(&mut self, t: &mut Tensor) -> Result<()> {
+        const OP: &str = "all_reduce";
+        check_cpu(t, OP)?;
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let numel = t.numel() as i64;
+        let err = |e: tch::TchError| invalid(OP, e.to_string());
+        let all = self.all_gather(&t.f_reshape([1, numel]).map_err(err)?)?;
+        let mut sum = all.f_get(0).map_err(err)?.copy();
+        for r in 1..self.world_size as i64 {
+            sum = sum.f_add(&all.f_get(r).map_err(err)?).map_err(err)?;
+        }
+        t.f_copy_(&sum.f_view(t.size().as_slice()).map_err(err)?)
+            .map_err(err)
+    }
+
     /// Every rank's `rows` rows of `row_bytes` bytes each (`mine`), concatenated in rank
     /// order; returns the bytes and the total row count. `key` must be equal on all ranks
     /// (it identifies the row type).
@@ -567,6 +587,9 @@ impl Collective for RingCollective {
             return t
                 .f_copy_(&c)
                 .map_err(|e| invalid("all_reduce", e.to_string()));
+        }
+        if t.defined() && t.f_kind().ok() == Some(Kind::Double) {
+            return self.all_reduce_f64(t);
         }
         let data = f32_data(t, "all_reduce")?;
         self.all_reduce_f32(data)

@@ -13,9 +13,9 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use crate::collective::buckets::{layout, materialize_grad};
+use crate::collective::buckets::{layout, materialize_grad, Layout};
 use crate::collective::{Collective, CollectiveError, Result};
 use hooks::GradHooks;
 
@@ -154,11 +154,15 @@ pub struct OverlappedReducer {
 }
 
 impl OverlappedReducer {
-    /// Buckets of about `bucket_bytes` over the parameters that require grad (f32, one device),
-    /// laid out as `GradBuckets::new` lays them out, and a grad hook on each.
+    /// Buckets of about `bucket_bytes` over the parameters that require grad (one float kind,
+    /// one device), laid out as `GradBuckets::new` lays them out, and a grad hook on each.
     pub fn new(params: &[Tensor], bucket_bytes: usize) -> Result<Self> {
-        let (layout, device) = layout(params, bucket_bytes)?;
-        let groups: Vec<(Vec<Member>, i64)> = layout
+        let Layout {
+            groups,
+            device,
+            kind,
+        } = layout(params, bucket_bytes)?;
+        let groups: Vec<(Vec<Member>, i64)> = groups
             .into_iter()
             .map(|(slots, numel)| {
                 let members = slots
@@ -179,7 +183,7 @@ impl OverlappedReducer {
             for m in &members {
                 bucket_of[m.index] = Some(b);
             }
-            let flat = Tensor::f_zeros([numel], (Kind::Float, device)).map_err(tch_err)?;
+            let flat = Tensor::f_zeros([numel], (kind, device)).map_err(tch_err)?;
             buckets.push(Mutex::new(Bucket {
                 flat,
                 members,

@@ -1,0 +1,59 @@
+//! Helpers shared by the worker's integration tests: the tiny model every exactness test
+//! trains, torch's generator lock, and rank threads joined by a real TCP ring.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::net::TcpListener;
+
+use ferroclip_proto::config::RunConfig;
+use ferroclip_worker::collective::ring::{RingCollective, RingOptions};
+
+/// A two-layer ViT on 16×16 images (4×4 patches) and a two-layer text tower over 8 tokens of a
+/// 300-word vocabulary, with a one-layer MAE decoder: every code path, in milliseconds.
+pub fn tiny_config() -> RunConfig {
+    let mut c = RunConfig::default();
+    let m = &mut c.model;
+    m.preset = "custom".into();
+    (m.embed_dim, m.image_size, m.patch_size) = (Some(16), Some(16), Some(4));
+    (m.vision_width, m.vision_layers, m.vision_heads) = (Some(32), Some(2), Some(2));
+    (m.context_length, m.vocab_size) = (Some(8), Some(300));
+    (m.text_width, m.text_layers, m.text_heads) = (Some(32), Some(2), Some(2));
+    (m.decoder_width, m.decoder_layers, m.decoder_heads) = (Some(16), Some(1), Some(2));
+    c
+}
+
+/// torch's generator is global: rank threads seeding and drawing at once would interleave.
+pub static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f(rank, ring)` on `world` threads joined by a real TCP ring over loopback; returns the
+/// results in rank order.
+pub fn on_ring<T: Send>(
+    world: usize,
+    opts: RingOptions,
+    f: impl Fn(usize, &mut RingCollective) -> T + Sync,
+) -> Vec<T> {
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let (peers, opts, f) = (peers.clone(), opts.clone(), &f);
+                scope.spawn(move || {
+                    let mut ring =
+                        RingCollective::connect(rank, &peers, listener, opts).expect("ring");
+                    f(rank, &mut ring)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    })
+}
