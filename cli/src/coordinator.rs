@@ -22,14 +22,19 @@ pub struct CoordinatorArgs {
     /// Journal directory URL (default: <run.dir>/journal).
     #[arg(long)]
     pub journal: Option<String>,
-    /// Continue the run from its journal if one exists.
+    /// Start the run over even if the journal holds one. Without it, an existing journal of the
+    /// same run (name, seed, dataset) is resumed: a coordinator restarted with the same
+    /// arguments (a Kubernetes pod restart) continues the run unattended.
     #[arg(long)]
+    pub fresh: bool,
+    /// Accepted for compatibility: resuming an existing journal is the default.
+    #[arg(long, hide = true)]
     pub resume: bool,
     /// Exit once the run is finished (default: keep serving the dashboard).
     #[arg(long)]
     pub exit_when_done: bool,
     #[command(flatten)]
-    pub store: crate::store_args::StoreArgs,
+    pub store: ferroclip_shards::StoreArgs,
 }
 
 /// The run token: a shared secret every RPC and page must present.
@@ -60,7 +65,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         http_addr: Some(args.http_addr),
         token: args.token.resolve()?,
         journal: args.journal,
-        resume: args.resume,
+        fresh: args.fresh,
         store: args.store.options(),
     })
     .await?;
@@ -69,6 +74,11 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         _ = handle.finished(), if args.exit_when_done => tracing::info!("run finished"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: journaling and exiting"),
         _ = term.recv() => tracing::info!("SIGTERM: journaling and exiting"),
+        why = handle.fatal() => {
+            // Another coordinator holds the journal now (or its store stayed down): this one
+            // must not acknowledge anything more, nor write the journal on its way out.
+            anyhow::bail!("stopping: {why}");
+        }
         _ = std::future::pending::<()>(), if !args.exit_when_done => {}
     }
     handle.shutdown().await;

@@ -53,8 +53,13 @@ pub struct RenderArgs {
     /// CPU workers (TCP ring all-reduce) instead of GPUs (NCCL).
     #[arg(long)]
     pub cpu: bool,
-    /// Start the coordinator with --resume: continue the run from its journal.
+    /// Start the coordinator with --fresh: start the run over even if its journal holds one.
+    /// (Without it a coordinator resumes an existing journal of the same run: a restarted pod
+    /// continues unattended.)
     #[arg(long)]
+    pub fresh: bool,
+    /// Accepted for compatibility: resuming is the default.
+    #[arg(long, hide = true)]
     pub resume: bool,
 }
 
@@ -146,7 +151,7 @@ fn plan(args: &RenderArgs) -> Result<RunSpec> {
             "# ferroclip run config (rendered by `ferroclip k8s render`; every default filled in)\n{}",
             cfg.to_toml()
         ),
-        resume: args.resume,
+        fresh: args.fresh,
     })
 }
 

@@ -3,7 +3,6 @@
 mod coordinator;
 mod k8s;
 mod status;
-mod store_args;
 mod train;
 
 use anyhow::Result;

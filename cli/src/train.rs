@@ -20,8 +20,12 @@ pub struct TrainArgs {
     /// Worker processes to start on this machine.
     #[arg(long, default_value_t = 2)]
     pub workers: u32,
-    /// Continue the run in run.dir from its journal and latest checkpoint.
+    /// Start the run over even if run.dir holds one (by default its journal is resumed, with
+    /// the latest checkpoint).
     #[arg(long)]
+    pub fresh: bool,
+    /// Accepted for compatibility: resuming is the default.
+    #[arg(long, hide = true)]
     pub resume: bool,
     /// HTTP address of the dashboard and /metrics (port 0 = any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -36,7 +40,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     pub device: String,
     #[command(flatten)]
-    pub store: crate::store_args::StoreArgs,
+    pub store: ferroclip_shards::StoreArgs,
 }
 
 fn worker_binary(explicit: Option<PathBuf>) -> Result<PathBuf> {
@@ -72,7 +76,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         http_addr: Some(args.http_addr),
         token: token.clone(),
         journal: None,
-        resume: args.resume,
+        fresh: args.fresh,
         store: args.store.options(),
     })
     .await?;
@@ -97,6 +101,8 @@ pub async fn run(args: TrainArgs) -> Result<()> {
             .args(["join", "--coordinator", &url, "--device", &device])
             .args(["--threads", &threads.to_string()])
             .args(["--worker-id", &format!("local-{i}")])
+            // The workers read the same data and run directory.
+            .args(args.store.to_args())
             .env("FERROCLIP_TOKEN", &token)
             // Own process group: a terminal's Ctrl-C reaches only the launcher, which then
             // stops the run in order.
@@ -108,7 +114,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         children.push(child);
     }
 
-    let bar = ProgressBar::new(config.run.steps.max(1));
+    let bar = ProgressBar::new(handle.shared.run.lock().await.total_steps().max(1));
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} {wide_bar} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -136,9 +142,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
             );
             (s.step, msg, run.finished(), run.total_steps())
         };
-        if let Some(t) = total {
-            bar.set_length(t);
-        }
+        bar.set_length(total.max(1));
         bar.set_position(step);
         bar.set_message(msg);
         if finished {

@@ -201,7 +201,7 @@ fn cpu_run_asks_for_no_gpus_and_uses_the_ring() {
 }
 
 #[test]
-fn run_name_namespace_images_and_resume_reach_every_object() {
+fn run_name_namespace_images_and_fresh_reach_every_object() {
     let mut args = CPU_ARGS.to_vec();
     args.extend_from_slice(&[
         "--run-name",
@@ -214,7 +214,7 @@ fn run_name_namespace_images_and_resume_reach_every_object() {
         "reg.example/ferroclip-worker:9",
         "--run-dir",
         "gs://b/runs/exp7/",
-        "--resume",
+        "--fresh",
     ]);
     let (_, docs) = render(&args);
     for d in &docs {
@@ -258,7 +258,7 @@ fn run_name_namespace_images_and_resume_reach_every_object() {
         .collect();
     assert_eq!(
         &args[9..],
-        ["--journal", "gs://b/runs/exp7/journal", "--resume"]
+        ["--journal", "gs://b/runs/exp7/journal", "--fresh"]
     );
     assert_eq!(run_config(&docs, "exp7").run.dir, "gs://b/runs/exp7/");
 }
@@ -382,9 +382,9 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
 fn rendered_manifests_validate_against_kubernetes_schemas() {
     let Some(validator) = validator() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut resume = GPU_ARGS.to_vec();
-    resume.extend_from_slice(&["--run-name", "r2", "--namespace", "ml", "--resume"]);
-    for (n, args) in [GPU_ARGS, CPU_ARGS, &resume].into_iter().enumerate() {
+    let mut fresh = GPU_ARGS.to_vec();
+    fresh.extend_from_slice(&["--run-name", "r2", "--namespace", "ml", "--fresh"]);
+    for (n, args) in [GPU_ARGS, CPU_ARGS, &fresh].into_iter().enumerate() {
         let (text, _) = render(args);
         let file = dir.path().join(format!("render-{n}.yaml"));
         std::fs::write(&file, text).expect("write");

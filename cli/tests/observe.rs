@@ -491,7 +491,7 @@ fn a_short_run_is_observable() {
     let data = synth(tmp.path(), 400, 5);
     let cfg = write_config(tmp.path(), &data);
     let (grpc, http) = (free_port(), free_port());
-    let _coord = coordinator(&cfg, grpc, http, false);
+    let _coord = coordinator(&cfg, grpc, http);
     let _a = worker(grpc, "w-a");
     let _b = worker(grpc, "w-b");
 

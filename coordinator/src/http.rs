@@ -80,12 +80,17 @@ async fn status(
     let run = shared.run.lock().await;
     let s = run.status();
     let skip = run.history.len().saturating_sub(keep);
+    let bound = match run.bound() {
+        ferroclip_plan::Bound::Steps(n) => serde_json::json!({"steps": n}),
+        ferroclip_plan::Bound::Epochs(e) => serde_json::json!({"epochs": e}),
+    };
     let body = serde_json::json!({
         "run": run.config.run.name,
         "state": s.state,
         "generation": s.generation,
         "step": s.step,
         "total_steps": run.total_steps(),
+        "bound": bound,
         "epoch": s.epoch,
         "epochs": run.config.run.epochs,
         "epoch_progress": s.epoch_progress,
@@ -93,6 +98,8 @@ async fn status(
         "uptime_s": run.started.elapsed().as_secs_f64(),
         "last_checkpoint": s.last_checkpoint,
         "checkpoint_age_s": run.checkpoint_age_s(),
+        "journal": shared.journal_url(),
+        "store_wait_s": shared.store_wait_s(),
         "workers": s.workers.iter().map(|w| {
             let st = run.worker_stats.get(&w.worker_id).cloned().unwrap_or_default();
             serde_json::json!({
@@ -100,6 +107,7 @@ async fn status(
                 "seconds_since_heartbeat": w.seconds_since_heartbeat,
                 "step_time_s": w.step_time_s, "data_wait_s": w.data_wait_s,
                 "allreduce_s": st.allreduce_s, "last_step": st.step,
+                "store_wait_s": w.store_wait_s,
             })
         }).collect::<Vec<_>>(),
         "history": run.history.iter().skip(skip).collect::<Vec<_>>(),
@@ -119,8 +127,12 @@ async fn metrics(
     if !authorized(&shared, &headers, &q) {
         return unauthorized();
     }
+    let service = crate::metrics::Service {
+        rejected: shared.rejected.load(Ordering::Relaxed),
+        journal_store_wait_s: shared.store_wait_s(),
+    };
     let run = shared.run.lock().await;
-    let body = crate::metrics::render(&run, shared.rejected.load(Ordering::Relaxed));
+    let body = crate::metrics::render(&run, service);
     (
         [(
             header::CONTENT_TYPE,

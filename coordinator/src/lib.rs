@@ -1,15 +1,16 @@
 //! ferroclip's coordinator: owns a run's membership, data plan, step commits and checkpoints.
 //! Never links libtorch.
 
+pub mod fault;
 pub mod http;
 pub mod journal;
-pub mod ledger;
 pub mod membership;
 pub mod metrics;
 pub mod otel;
-pub mod plan;
 pub mod run;
 pub mod service;
+pub mod stats;
+pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,16 +19,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use ferroclip_proto::config::RunConfig;
 use ferroclip_proto::v1::coordinator_server::CoordinatorServer;
-use ferroclip_shards::{open_url, Dataset, StoreOptions};
-use futures::TryStreamExt;
-use object_store::ObjectStoreExt;
+use ferroclip_shards::store::Location;
+use ferroclip_shards::{Dataset, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalError};
 use crate::run::Run;
 use crate::service::{CoordinatorService, Shared};
+use crate::writer::Writer;
 
 /// One span per RPC, named after its method in OpenTelemetry; heartbeats only at debug level.
 fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
@@ -48,8 +49,9 @@ pub struct ServeOptions {
     pub token: String,
     /// Journal directory URL; default `<run.dir>/journal`.
     pub journal: Option<String>,
-    /// Continue from an existing journal (without it, an existing journal is an error).
-    pub resume: bool,
+    /// Start the run over even if the journal holds one (default: an existing journal of this
+    /// run is resumed, so a restarted coordinator continues unattended).
+    pub fresh: bool,
     pub store: StoreOptions,
 }
 
@@ -63,7 +65,7 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Waits until every worker has left a finished run.
+    /// Waits until the run is finished.
     pub async fn finished(&self) {
         loop {
             if self.shared.run.lock().await.finished() {
@@ -73,17 +75,30 @@ impl Handle {
         }
     }
 
-    /// Journals and stops serving.
-    pub async fn shutdown(self) {
-        {
-            let run = self.shared.run.lock().await;
-            if let Err(e) = self.shared.journal.save(&run.snapshot()).await {
-                tracing::error!("final journal write failed: {e}");
-            }
-        }
+    /// Resolves when this coordinator has lost its journal (another coordinator took it, or
+    /// its store stayed down beyond `store.retry_budget_s`): it no longer acknowledges
+    /// anything and should exit.
+    pub async fn fatal(&self) -> String {
+        self.shared.fatal().await
+    }
+
+    /// Journals (marking the journal released, so the next coordinator need not wait out a
+    /// lease) and stops serving.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown_journal().await;
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+    }
+}
+
+impl Drop for Handle {
+    /// Without `shutdown`, serving and journaling stop at once, as in a crash (in-process tests
+    /// use this to kill a coordinator).
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
         }
     }
 }
@@ -109,27 +124,49 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
         .journal
         .clone()
         .unwrap_or_else(|| format!("{}/journal", cfg.run.dir.trim_end_matches('/')));
-    let (store, path) = open_url(&journal_url, &opts.store)
+    let budget = Duration::from_secs_f64(cfg.store.retry_budget_s);
+    let store = StoreOptions {
+        retry_budget: budget,
+        ..opts.store.clone()
+    };
+    let dir = Location::open(&journal_url, &store)
         .with_context(|| format!("journal location {journal_url}"))?;
-    let journal = Journal::new(store, &path, &journal_url);
-
+    let mut journal = Journal::new(dir, budget);
     let mut run = Run::new(cfg.clone(), block_rows);
-    match journal.load().await? {
-        Some(snap) if opts.resume => run.restore(snap),
-        Some(_) => bail!(
-            "{} exists: this run directory already holds a run. Pass --resume to continue it, \
-             or set run.dir to a new directory",
-            journal.url()
-        ),
-        None => {
-            run.event("start", format!("run {} starts", cfg.run.name));
-            journal.save(&run.snapshot()).await?;
+    match journal.claim(opts.fresh).await? {
+        Some(snap) => {
+            if let Some(why) = run.identity.mismatch(&snap.identity) {
+                return Err(JournalError::OtherRun {
+                    url: journal.url(),
+                    why,
+                }
+                .into());
+            }
+            run.restore(snap);
         }
+        None if opts.fresh => run.event(
+            "start",
+            format!(
+                "run {} starts over (--fresh) in {}",
+                cfg.run.name,
+                journal.url()
+            ),
+        ),
+        None => run.event("start", format!("run {} starts", cfg.run.name)),
     }
-    let shared = Shared::new(run, journal, opts.token.clone(), opts.store.clone());
+    journal.prune().await;
+    let first = run.snapshot();
+    let (writer, writer_task) = Writer::spawn(journal, first.clone(), budget);
+    // The claim is complete once our first snapshot is durable: fail fast if another
+    // coordinator won the race, or the store is down beyond the budget.
+    writer
+        .durable(1, budget + Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow::anyhow!("{journal_url}: {e}"))?;
+    let shared = Shared::new(run, writer, first, journal_url, opts.token.clone(), store);
     otel::register(&shared);
     let (shutdown, rx) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let mut tasks = vec![writer_task];
 
     let listener = TcpListener::bind(opts.grpc_addr)
         .await
@@ -178,23 +215,4 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
         shutdown,
         tasks,
     })
-}
-
-/// Deletes old checkpoints (every object under each URL). Failures are logged, not fatal.
-pub async fn delete_checkpoints(urls: Vec<String>, opts: &StoreOptions) {
-    for url in urls {
-        let result = async {
-            let (store, prefix) = open_url(&url, opts)?;
-            let objects: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
-            for meta in objects {
-                store.delete(&meta.location).await?;
-            }
-            anyhow::Ok(())
-        }
-        .await;
-        match result {
-            Ok(()) => tracing::info!("deleted old checkpoint {url}"),
-            Err(e) => tracing::warn!("could not delete old checkpoint {url}: {e:#}"),
-        }
-    }
 }

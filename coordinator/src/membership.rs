@@ -27,8 +27,10 @@ pub enum Phase {
     /// Collecting joins for the next generation.
     Forming,
     Training,
-    /// The data is used up: members write the last checkpoint and leave.
+    /// No step is left to assign: the last steps commit, rank 0 writes the final checkpoint.
+    /// Deaths and leaves still end the generation (the remaining steps run in a new one).
     Finishing,
+    /// The final checkpoint is recorded: workers are told to leave.
     Finished,
 }
 
@@ -114,8 +116,12 @@ impl Membership {
         }
     }
 
-    /// A worker asks to join. Returns true if this ended the current generation.
+    /// A worker asks to join. Returns true if this ended the current generation. A worker
+    /// already waiting with the same details (its Join call was retried) changes nothing.
     pub fn join(&mut self, info: WorkerInfo, now: Instant) -> bool {
+        if self.phase == Phase::Forming && self.waiting.contains(&info) {
+            return false;
+        }
         let was_member = self
             .members
             .iter()
@@ -125,12 +131,12 @@ impl Membership {
         self.waiting.push(info.clone());
         self.last_arrival = Some(now);
         match self.phase {
-            Phase::Training if was_member => {
+            Phase::Training | Phase::Finishing if was_member => {
                 // A member re-joining has left its generation (its collective failed).
                 self.end_generation(None, now);
                 true
             }
-            Phase::Training => {
+            Phase::Training | Phase::Finishing => {
                 self.regroup_requested = self.members.len() < self.limits.max_workers as usize;
                 false
             }
@@ -138,9 +144,11 @@ impl Membership {
         }
     }
 
-    /// Ends the generation: every member except `dead` is expected back.
+    /// Ends the generation (training or finishing: a death in the run's last steps, or while
+    /// the final checkpoint is written, re-forms too): every member except `dead` is expected
+    /// back.
     pub fn end_generation(&mut self, dead: Option<&str>, now: Instant) {
-        if self.phase != Phase::Training {
+        if !matches!(self.phase, Phase::Training | Phase::Finishing) {
             if let Some(d) = dead {
                 self.expected.remove(d);
                 self.waiting.retain(|w| w.worker_id != d);
@@ -161,15 +169,13 @@ impl Membership {
         self.regroup_requested = false;
     }
 
-    /// A worker leaves for good.
+    /// A worker leaves for good. Until the run is finished its generation ends (the others
+    /// regroup and take over its share); afterwards it is simply gone.
     pub fn leave(&mut self, worker_id: &str, now: Instant) {
         match self.phase {
-            Phase::Training => self.end_generation(Some(worker_id), now),
-            Phase::Finishing | Phase::Finished => {
+            Phase::Training | Phase::Finishing => self.end_generation(Some(worker_id), now),
+            Phase::Finished => {
                 self.members.retain(|m| m.info.worker_id != worker_id);
-                if self.members.is_empty() {
-                    self.phase = Phase::Finished;
-                }
             }
             Phase::Forming => {
                 self.waiting.retain(|w| w.worker_id != worker_id);

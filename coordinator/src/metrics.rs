@@ -139,6 +139,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Seconds since the coordinator started.",
     ),
     (
+        "ferroclip_store_wait_seconds",
+        "gauge",
+        "Seconds a process has been waiting on an unavailable object store (0: it is not), by role: the coordinator's journal, or a worker.",
+    ),
+    (
         "ferroclip_step_metric",
         "gauge",
         "Any other figure workers report (mean over ranks).",
@@ -228,12 +233,21 @@ fn escape(v: &str) -> String {
 }
 
 /// The whole /metrics page. `rejected` counts RPCs and HTTP requests refused so far.
-pub fn render(run: &Run, rejected: u64) -> String {
-    text(&samples(run, rejected))
+/// What the page shows besides the run's state: the service's counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Service {
+    pub rejected: u64,
+    /// Seconds the journal has been waiting on its store.
+    pub journal_store_wait_s: f64,
+}
+
+pub fn render(run: &Run, service: Service) -> String {
+    text(&samples(run, service))
 }
 
 /// Every current sample of the run (non-finite values left out).
-pub fn samples(run: &Run, rejected: u64) -> Vec<Sample> {
+pub fn samples(run: &Run, service: Service) -> Vec<Sample> {
+    let rejected = service.rejected;
     let mut p = Page::default();
     let s = run.status();
     let (epoch, progress) = run.epoch_progress();
@@ -243,9 +257,7 @@ pub fn samples(run: &Run, rejected: u64) -> Vec<Sample> {
         1.0,
     );
     p.put("ferroclip_step", &[], s.step as f64);
-    if let Some(total) = run.total_steps() {
-        p.put("ferroclip_total_steps", &[], total as f64);
-    }
+    p.put("ferroclip_total_steps", &[], run.total_steps() as f64);
     p.put("ferroclip_epoch", &[], epoch as f64);
     p.put("ferroclip_epoch_progress", &[], progress);
     p.put("ferroclip_samples_per_second", &[], run.throughput());
@@ -305,7 +317,17 @@ pub fn samples(run: &Run, rejected: u64) -> Vec<Sample> {
             &labels,
             w.seconds_since_heartbeat,
         );
+        p.put(
+            "ferroclip_store_wait_seconds",
+            &[("role", "worker"), ("worker", w.worker_id.as_str())],
+            w.store_wait_s,
+        );
     }
+    p.put(
+        "ferroclip_store_wait_seconds",
+        &[("role", "journal")],
+        service.journal_store_wait_s,
+    );
     let c = &run.counters;
     p.put("ferroclip_workers", &[], s.workers.len() as f64);
     p.put("ferroclip_generation", &[], s.generation as f64);

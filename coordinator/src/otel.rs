@@ -20,8 +20,11 @@ pub fn register(shared: &Arc<Shared>) {
             let Ok(run) = shared.run.try_lock() else {
                 return;
             };
-            let rejected = shared.rejected.load(Ordering::Relaxed);
-            for s in samples(&run, rejected)
+            let service = crate::metrics::Service {
+                rejected: shared.rejected.load(Ordering::Relaxed),
+                journal_store_wait_s: shared.store_wait_s(),
+            };
+            for s in samples(&run, service)
                 .into_iter()
                 .filter(|s| s.name == name)
             {

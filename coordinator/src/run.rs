@@ -1,65 +1,44 @@
-//! The state of one run: membership + sample ledger + checkpoints + metrics, and the rules that
-//! tie them together. The gRPC service (`service.rs`) is a thin layer over these methods.
+//! The state of one run: membership + sample ledger + checkpoints, and the rules that tie them
+//! together (who trains which step, when a step commits, when the run is over). Pure state
+//! over an explicit clock: no I/O, so the gRPC service (`service.rs`) journals what changed
+//! outside the lock, and the rules can be unit tested (`run/tests.rs`).
+//!
+//! The step contract: every step feeds the full global batch (the ledger's), every sample of
+//! an epoch is used in exactly one committed step, and every run ends: a death, a join or a
+//! restart in the last steps re-forms the generation and the remaining steps run in it; the
+//! run is finished only once the final step's checkpoint is recorded.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use ferroclip_plan::{Bound, Ledger, StepAssignment};
 use ferroclip_proto::config::RunConfig;
 use ferroclip_proto::v1;
 use tonic::Status;
 
-use crate::journal::{CheckpointRecord, Snapshot, FORMAT_VERSION};
-use crate::ledger::Ledger;
+use crate::journal::{CheckpointRecord, Identity, Owner, Snapshot, FORMAT_VERSION};
 use crate::membership::{Limits, Member, Membership, Phase, WorkerInfo};
+use crate::stats::{self, push_bounded, unix_now, EVENTS, HISTORY};
+pub use crate::stats::{Counters, Event, StepRecord, WorkerStats};
 
 /// Pending (assigned, uncommitted) steps at most. Workers load step s + 1 while step s runs;
 /// a rank that committed s may already ask for s + 2 while a slower peer has not reported s
 /// yet, hence 3.
 const LOOKAHEAD: usize = 3;
-const HISTORY: usize = 2000;
-const EVENTS: usize = 500;
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Event {
-    pub unix_s: f64,
-    pub kind: String,
-    pub message: String,
-}
-
-/// Per-step metrics after a commit: means over ranks, samples summed.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StepRecord {
-    pub step: u64,
-    pub unix_s: f64,
-    pub samples: u64,
-    pub metrics: BTreeMap<String, f64>,
-}
-
-/// A worker's figures from its last CommitStep (seconds, bytes per second).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct WorkerStats {
-    pub step: u64,
-    pub step_time_s: f64,
-    pub data_wait_s: f64,
-    pub forward_s: f64,
-    pub backward_s: f64,
-    pub allreduce_s: f64,
-    pub optimizer_s: f64,
-    pub allreduce_busbw: f64,
-}
-
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct Counters {
-    pub worker_deaths: u64,
-    pub recoveries: u64,
-    pub last_recovery_s: f64,
-    pub rejected_rpcs: u64,
-    pub generations: u64,
+/// What CommitStep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// This report completed the step (or a retry found it committed already).
+    Step,
+    /// Recorded; other ranks have not reported yet (or this was a retried report).
+    Waiting,
 }
 
 pub struct Run {
     pub config: RunConfig,
     pub config_toml: String,
+    pub identity: Identity,
     pub ledger: Ledger,
     pub members: Membership,
     pub checkpoints: Vec<CheckpointRecord>,
@@ -70,7 +49,7 @@ pub struct Run {
     /// step → (samples, metrics) of each rank that reported it.
     rank_metrics: BTreeMap<u64, Vec<(u32, Vec<v1::Metric>)>>,
     placements: HashMap<String, v1::JoinResponse>,
-    pub worker_stats: HashMap<String, WorkerStats>,
+    pub worker_stats: stats::WorkerTable,
     pub history: VecDeque<StepRecord>,
     pub events: VecDeque<Event>,
     pub counters: Counters,
@@ -80,41 +59,42 @@ pub struct Run {
     pub last_checkpoint_at: Option<Instant>,
     pub started: Instant,
     epoch_len: u64,
+    /// Steps the run takes (the LR schedule's length; every one a full global batch but the
+    /// last of an epoch-limited run).
+    total_steps: u64,
     pub block_count: u32,
-    /// Ctrl-C / SIGTERM: end the run at the next step boundary.
+    /// Ctrl-C / SIGTERM of the launcher: end the run at the next step boundary.
     stop_requested: bool,
-    /// Ranks of the current generation (members who leave a finishing run still count).
+    /// Ranks of the current generation.
     generation_world: usize,
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    /// Where checkpoints must be (`<run.dir>/checkpoints`): records elsewhere are refused.
+    checkpoint_root: String,
 }
 
 impl Run {
     pub fn new(config: RunConfig, block_rows: Vec<u32>) -> Self {
-        let c = &config.cluster;
-        let limits = Limits {
-            min_workers: c.min_workers,
-            max_workers: c.max_workers,
-            settle: Duration::from_secs_f64(c.settle_s),
-            rejoin_timeout: Duration::from_secs_f64(c.heartbeat_timeout_s),
-        };
-        let epochs = (config.run.steps == 0).then_some(config.run.epochs);
+        let identity = Identity::new(
+            &config.run.name,
+            config.run.seed,
+            &config.data.root,
+            &config.data.train_split,
+            &block_rows,
+        );
         let block_count = block_rows.len() as u32;
         let mut ledger = Ledger::new(
             config.run.seed,
             config.data.shuffle_window_blocks,
             block_rows,
-            epochs,
+            Bound::of(config.run.steps, config.run.epochs),
         );
         let epoch_len = ledger.epoch_len();
+        let total_steps = ledger.total_steps(config.optim.global_batch);
+        let limits = limits(&config);
         Self {
             config_toml: config.to_toml(),
+            checkpoint_root: ferroclip_shards::checkpoints::root_url(&config.run.dir),
             config,
+            identity,
             ledger,
             members: Membership::new(limits, 0),
             checkpoints: Vec::new(),
@@ -130,16 +110,17 @@ impl Run {
             last_checkpoint_at: None,
             started: Instant::now(),
             epoch_len,
+            total_steps,
             block_count,
             stop_requested: false,
             generation_world: 0,
         }
     }
 
-    /// Ends the run at the next step boundary: rank 0 checkpoints, everyone leaves.
+    /// Ends the run at the next step boundary: rank 0 checkpoints, then everyone leaves.
     pub fn request_stop(&mut self) {
         self.stop_requested = true;
-        if self.members.phase() == Phase::Forming {
+        if self.members.phase() == Phase::Forming && self.ledger.committed_step() == 0 {
             self.members.set_phase(Phase::Finished);
         }
         self.event(
@@ -148,68 +129,67 @@ impl Run {
         );
     }
 
-    /// Steps the whole run will take, if known.
-    pub fn total_steps(&self) -> Option<u64> {
-        if self.config.run.steps > 0 {
-            return Some(self.config.run.steps);
-        }
-        let samples = self.epoch_len * self.config.run.epochs as u64;
-        Some(samples.div_ceil(self.config.optim.global_batch.max(1) as u64))
+    /// Steps the whole run takes.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
     }
 
-    /// Continues from a journal snapshot (coordinator restart or `--resume`).
+    /// What bounds the run (shown so a step-limited run's epochs make sense).
+    pub fn bound(&self) -> Bound {
+        self.ledger.bound()
+    }
+
+    /// Continues from a journal snapshot (coordinator restart).
     pub fn restore(&mut self, snap: Snapshot) {
         self.ledger
             .restore(snap.committed_step, snap.data, snap.pending);
         self.checkpoints = snap.checkpoints;
-        self.members = Membership::new(self.limits(), snap.generation);
+        self.last_checkpoint_at = (!self.checkpoints.is_empty()).then(Instant::now);
+        self.members = Membership::new(limits(&self.config), snap.generation);
         if snap.finished {
             self.members.set_phase(Phase::Finished);
         }
         self.event(
             "resume",
             format!(
-                "resumed from journal at step {} (generation {})",
+                "resumed from the journal at step {} (generation {})",
                 snap.committed_step, snap.generation
             ),
         );
     }
 
-    fn limits(&self) -> Limits {
-        let c = &self.config.cluster;
-        Limits {
-            min_workers: c.min_workers,
-            max_workers: c.max_workers,
-            settle: Duration::from_secs_f64(c.settle_s),
-            rejoin_timeout: Duration::from_secs_f64(c.heartbeat_timeout_s),
-        }
-    }
-
+    /// What the journal keeps (the owner and time are the journal's to fill in).
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             format_version: FORMAT_VERSION,
-            run_name: self.config.run.name.clone(),
+            identity: self.identity.clone(),
+            owner: Owner {
+                host: String::new(),
+                pid: 0,
+                nonce: 0,
+            },
+            written_unix_s: 0.0,
+            released: false,
             generation: self.members.generation(),
             committed_step: self.ledger.committed_step(),
             data: self.ledger.committed_state().clone(),
             pending: self.ledger.pending().cloned().collect(),
             checkpoints: self.checkpoints.clone(),
-            finished: self.members.phase() == Phase::Finished,
+            finished: self.finished(),
         }
     }
 
     pub fn event(&mut self, kind: &str, message: String) {
         tracing::info!(kind, "{message}");
-        self.events.push_back(Event {
+        let e = Event {
             unix_s: unix_now(),
             kind: kind.to_string(),
             message,
-        });
-        while self.events.len() > EVENTS {
-            self.events.pop_front();
-        }
+        };
+        push_bounded(&mut self.events, e, EVENTS);
     }
 
+    /// (epoch, fraction of it used) of the committed data position.
     pub fn epoch_progress(&self) -> (u32, f64) {
         let state = self.ledger.committed_state();
         let done_before = self.epoch_len * state.epoch as u64;
@@ -221,24 +201,9 @@ impl Run {
         (state.epoch, frac.min(1.0))
     }
 
-    /// Samples per second over the last steps (one step's rate is noisy).
+    /// Samples per second over the last steps.
     pub fn throughput(&self) -> f64 {
-        const WINDOW: usize = 20;
-        let n = self.history.len();
-        if n < 2 {
-            return 0.0;
-        }
-        let first = &self.history[n.saturating_sub(WINDOW + 1)];
-        let Some(last) = self.history.back() else {
-            return 0.0;
-        };
-        let dt = last.unix_s - first.unix_s;
-        let samples = last.samples_total().saturating_sub(first.samples_total());
-        if dt > 0.0 {
-            samples as f64 / dt
-        } else {
-            0.0
-        }
+        stats::throughput(&self.history)
     }
 
     /// Seconds since the newest checkpoint was recorded by this coordinator.
@@ -260,8 +225,8 @@ impl Run {
     pub fn join(&mut self, info: WorkerInfo, now: Instant) {
         self.placements.remove(&info.worker_id);
         let id = info.worker_id.clone();
-        let was_training = self.members.phase() == Phase::Training;
-        if self.members.join(info, now) && was_training {
+        let was_running = matches!(self.members.phase(), Phase::Training | Phase::Finishing);
+        if self.members.join(info, now) && was_running {
             self.generation_failed(format!("worker {id} re-joined: its generation ended"), now);
         } else {
             self.event("join", format!("worker {id} asks to join"));
@@ -271,6 +236,22 @@ impl Run {
     /// The worker's place once its generation has formed.
     pub fn placement(&self, worker_id: &str) -> Option<v1::JoinResponse> {
         self.placements.get(worker_id).cloned()
+    }
+
+    /// A retried Join (its answer was lost, or came back UNAVAILABLE while the journal could
+    /// not be written): the same worker (same details) is already placed in the current
+    /// generation and has not started it (`last_generation` is older). It gets the same place
+    /// instead of ending the generation it has not even begun.
+    pub fn placed_again(
+        &self,
+        info: &WorkerInfo,
+        last_generation: u64,
+    ) -> Option<v1::JoinResponse> {
+        let current = self.members.generation();
+        let running = matches!(self.members.phase(), Phase::Training | Phase::Finishing);
+        let same = self.members.members().iter().any(|m| m.info == *info);
+        let p = self.placements.get(&info.worker_id)?;
+        (running && same && last_generation < current && p.generation == current).then(|| p.clone())
     }
 
     /// A Join call went away (the worker died while waiting).
@@ -286,10 +267,10 @@ impl Run {
         self.event("generation-end", why);
     }
 
-    /// Periodic work: dead-worker detection and generation formation. Returns true if a
-    /// generation formed (Join callers should look for their placement).
+    /// Periodic work: dead-worker detection (in the last steps too) and generation formation.
+    /// Returns true if a generation formed (Join callers should look for their placement).
     pub fn tick(&mut self, now: Instant) -> bool {
-        if self.members.phase() == Phase::Training {
+        if matches!(self.members.phase(), Phase::Training | Phase::Finishing) {
             let timeout = Duration::from_secs_f64(self.config.cluster.heartbeat_timeout_s);
             if let Some(dead) = self.members.silent(timeout, now).into_iter().next() {
                 self.members.end_generation(Some(&dead), now);
@@ -378,12 +359,14 @@ impl Run {
                     next_step,
                     state_source_rank: state_source,
                     needs_state,
-                    nccl_unique_id: Vec::new(),
                     resume_checkpoint: resume_checkpoint.clone(),
+                    total_steps: self.total_steps,
                 },
             );
         }
-        let ids: Vec<&str> = members.iter().map(|m| m.info.worker_id.as_str()).collect();
+        // Workers that left the run: their figures go.
+        let ids: BTreeSet<&str> = members.iter().map(|m| m.info.worker_id.as_str()).collect();
+        self.worker_stats.retain(|id, _| ids.contains(id.as_str()));
         let msg = format!(
             "generation {generation}: {} workers {:?}, next step {next_step}{}",
             members.len(),
@@ -395,32 +378,41 @@ impl Run {
             }
         );
         self.event("generation", msg);
+        // A restart can find the last step done and its checkpoint recorded.
+        self.maybe_finish();
     }
 
     // ---- Steps ----
 
     pub fn heartbeat(
         &mut self,
-        worker_id: &str,
-        generation: u64,
+        req: &v1::HeartbeatRequest,
         now: Instant,
     ) -> Result<v1::HeartbeatResponse, Status> {
-        self.member(worker_id, generation)?;
-        self.members.touch(worker_id, now);
-        Ok(v1::HeartbeatResponse {
-            generation_over: false,
-            stop: self.members.phase() == Phase::Finished,
-        })
+        if self.finished() {
+            // Whoever still beats may leave: there is nothing left to do.
+            return Ok(v1::HeartbeatResponse { stop: true });
+        }
+        self.member(&req.worker_id, req.generation)?;
+        self.members.touch(&req.worker_id, now);
+        let s = self.worker_stats.entry(req.worker_id.clone()).or_default();
+        s.store_wait_s = if req.store_wait_s.is_finite() {
+            req.store_wait_s.max(0.0)
+        } else {
+            0.0
+        };
+        Ok(v1::HeartbeatResponse { stop: false })
     }
 
-    /// Whether the step `step` needs a journal write before it is answered.
+    /// This rank's samples of `step`. Idempotent: asking again for an assigned step gives the
+    /// same answer (the service journals a new assignment before answering).
     pub fn next_step(
         &mut self,
         worker_id: &str,
         generation: u64,
         step: u64,
         now: Instant,
-    ) -> Result<(v1::NextStepResponse, bool), Status> {
+    ) -> Result<v1::NextStepResponse, Status> {
         let rank = self.member(worker_id, generation)?.rank;
         self.members.touch(worker_id, now);
         let committed = self.ledger.committed_step();
@@ -429,9 +421,8 @@ impl Run {
                 "step {step} is already committed (committed step {committed})"
             )));
         }
-        let mut wrote = false;
         if self.ledger.assignment(step).is_none() {
-            let next_unassigned = committed + self.ledger.pending().count() as u64 + 1;
+            let next_unassigned = self.ledger.next_unassigned();
             if step != next_unassigned {
                 return Err(Status::out_of_range(format!(
                     "step {step} cannot be assigned yet: next assignable step is {next_unassigned}"
@@ -442,29 +433,23 @@ impl Run {
                     "step {step} is more than {LOOKAHEAD} steps ahead of the committed step {committed}"
                 )));
             }
-            let finishing = self.members.phase() == Phase::Finishing || self.stop_requested;
-            let limit = self.config.run.steps;
-            if finishing || (limit > 0 && step > limit) {
-                return Ok((self.end_of_run(step), false));
+            if self.stop_requested {
+                return Ok(self.end_of_run(step));
             }
             if self.members.regroup_requested {
                 self.members.end_generation(None, now);
                 self.event("regroup", format!("admitting joiners before step {step}"));
-                return Ok((
-                    v1::NextStepResponse {
-                        step,
-                        regroup: true,
-                        ..Default::default()
-                    },
-                    false,
-                ));
+                return Ok(v1::NextStepResponse {
+                    step,
+                    regroup: true,
+                    ..Default::default()
+                });
             }
             let world = self.members.world_size();
             let batch = self.config.optim.global_batch;
             if self.ledger.assign_next(world, batch).is_none() {
-                return Ok((self.end_of_run(step), false));
+                return Ok(self.end_of_run(step));
             }
-            wrote = true;
         }
         let Some(a) = self.ledger.assignment(step).cloned() else {
             return Err(Status::internal("assignment vanished"));
@@ -476,8 +461,8 @@ impl Run {
                 self.ledger
                     .span_samples(span)
                     .into_iter()
-                    .map(|(epoch, s)| v1::SampleRef {
-                        epoch,
+                    .map(|s| v1::SampleRef {
+                        epoch: s.epoch,
                         block: s.block,
                         row: s.row,
                     }),
@@ -485,45 +470,40 @@ impl Run {
         }
         let prefetch = self.prefetch_blocks(rank, &a);
         let rank_batches = a.rank_batches();
-        Ok((
-            v1::NextStepResponse {
-                step,
-                samples,
-                global_batch: rank_batches.iter().sum(),
-                end_of_run: false,
-                regroup: false,
-                prefetch_blocks: prefetch,
-                rank_batches,
-            },
-            wrote,
-        ))
+        Ok(v1::NextStepResponse {
+            step,
+            samples,
+            global_batch: rank_batches.iter().sum(),
+            end_of_run: false,
+            regroup: false,
+            prefetch_blocks: prefetch,
+            rank_batches,
+        })
     }
 
     /// Blocks of the chunks `rank` holds after step `a`: what it reads next.
-    fn prefetch_blocks(&mut self, rank: u32, a: &crate::ledger::StepAssignment) -> Vec<u32> {
+    fn prefetch_blocks(&mut self, rank: u32, a: &StepAssignment) -> Vec<u32> {
         let held = a.after.leases.get(&rank).cloned().unwrap_or_default();
         let mut blocks = Vec::new();
         for chunk in held {
-            let from = a.after.open.get(&chunk).copied().unwrap_or(0);
-            let to = self.ledger.chunk_rows(chunk);
-            for (_, s) in self
-                .ledger
-                .span_samples(&crate::ledger::Span { chunk, from, to })
-            {
-                if !blocks.contains(&s.block) {
-                    blocks.push(s.block);
+            for b in self.ledger.chunk_blocks(chunk) {
+                if !blocks.contains(&b) {
+                    blocks.push(b);
                 }
             }
         }
         blocks
     }
 
+    /// No step `step`: the run's data or step limit is reached (or a stop was asked for).
     fn end_of_run(&mut self, step: u64) -> v1::NextStepResponse {
         if self.members.phase() == Phase::Training {
             self.members.set_phase(Phase::Finishing);
             self.event(
                 "finishing",
-                format!("no step {step}: the run's data or step limit is reached"),
+                format!(
+                    "no step {step}: the run's last steps commit and rank 0 writes the final checkpoint"
+                ),
             );
         }
         v1::NextStepResponse {
@@ -533,49 +513,55 @@ impl Run {
         }
     }
 
-    /// Records a rank's report; returns true if the step committed (journal it).
+    /// Records a rank's report of an applied step. Idempotent: a retried report of a step this
+    /// rank already reported, or of one already committed, changes nothing.
     pub fn commit_step(
         &mut self,
         req: &v1::CommitStepRequest,
         now: Instant,
-    ) -> Result<bool, Status> {
+    ) -> Result<Committed, Status> {
         let rank = self.member(&req.worker_id, req.generation)?.rank;
         self.members.touch(&req.worker_id, now);
+        if req.step <= self.ledger.committed_step() {
+            return Ok(Committed::Step);
+        }
         if self.ledger.assignment(req.step).is_none() {
             return Err(Status::invalid_argument(format!(
-                "step {} is not pending (committed step {})",
+                "step {} was never assigned (committed step {})",
                 req.step,
                 self.ledger.committed_step()
             )));
         }
-        let stats = self.worker_stats.entry(req.worker_id.clone()).or_default();
-        stats.step = req.step;
-        for m in &req.metrics {
-            match m.name.as_str() {
-                "time/step_s" => stats.step_time_s = m.value,
-                "time/data_wait_s" => stats.data_wait_s = m.value,
-                "time/forward_s" => stats.forward_s = m.value,
-                "time/backward_s" => stats.backward_s = m.value,
-                "time/allreduce_s" => stats.allreduce_s = m.value,
-                "time/optimizer_s" => stats.optimizer_s = m.value,
-                "allreduce/busbw_bytes_per_s" => stats.allreduce_busbw = m.value,
-                _ => {}
-            }
+        if !self.reports.entry(req.step).or_default().insert(rank) {
+            return Ok(Committed::Waiting);
         }
-        self.reports.entry(req.step).or_default().insert(rank);
+        self.worker_stats
+            .entry(req.worker_id.clone())
+            .or_default()
+            .take_metrics(req.step, &req.metrics);
         self.rank_metrics
             .entry(req.step)
             .or_default()
             .push((req.samples, req.metrics.clone()));
         let world = self.generation_world;
-        let all = self.reports.get(&req.step).map(|r| r.len()).unwrap_or(0) == world;
+        let all = self.reports.get(&req.step).map_or(0, |r| r.len()) == world;
         if !all || !self.ledger.commit(req.step) {
-            return Ok(false);
+            return Ok(Committed::Waiting);
         }
-        let samples = self.history_samples();
+        let consumed = self.ledger.committed_state().consumed;
+        let before = self.history.back().map_or(0, |h| h.samples_total());
         let metrics = self.rank_metrics.remove(&req.step).unwrap_or_default();
+        self.rank_metrics = self.rank_metrics.split_off(&(req.step + 1));
         self.reports = self.reports.split_off(&(req.step + 1));
-        self.record_history(req.step, samples, &metrics, world);
+        let record = stats::step_record(
+            req.step,
+            consumed.saturating_sub(before),
+            consumed,
+            &metrics,
+            world,
+            self.history.back(),
+        );
+        push_bounded(&mut self.history, record, HISTORY);
         if let Some(t) = self.failure_at.take() {
             let secs = now.duration_since(t).as_secs_f64();
             self.counters.recoveries += 1;
@@ -595,64 +581,8 @@ impl Run {
         for (step, url) in ready {
             self.record_checkpoint(step, url);
         }
-        Ok(true)
-    }
-
-    /// Samples of the step just committed.
-    fn history_samples(&self) -> u64 {
-        let now = self.ledger.committed_state().consumed;
-        let before = self.history.back().map(|h| h.samples_total()).unwrap_or(0);
-        now.saturating_sub(before)
-    }
-
-    fn record_history(
-        &mut self,
-        step: u64,
-        samples: u64,
-        ranks: &[(u32, Vec<v1::Metric>)],
-        world: usize,
-    ) {
-        // Losses are local means: weighted by the rank's samples (a rank without rows reports
-        // 0, which is no estimate). Everything else (times, lr) is a plain mean over ranks.
-        let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-        for (rows, metrics) in ranks {
-            for m in metrics {
-                let w = if m.name.starts_with("loss/") {
-                    *rows as f64
-                } else {
-                    1.0
-                };
-                let e = sums.entry(m.name.clone()).or_default();
-                e.0 += w * m.value;
-                e.1 += w;
-            }
-        }
-        let mut out: BTreeMap<String, f64> = sums
-            .into_iter()
-            .filter(|(_, (_, w))| *w > 0.0)
-            .map(|(k, (sum, w))| (k, sum / w))
-            .collect();
-        out.insert(
-            "samples_total".into(),
-            self.ledger.committed_state().consumed as f64,
-        );
-        out.insert("workers".into(), world as f64);
-        let unix_s = unix_now();
-        if let Some(prev) = self.history.back() {
-            let dt = unix_s - prev.unix_s;
-            if dt > 0.0 {
-                out.insert("samples_per_s".into(), samples as f64 / dt);
-            }
-        }
-        self.history.push_back(StepRecord {
-            step,
-            unix_s,
-            samples,
-            metrics: out,
-        });
-        while self.history.len() > HISTORY {
-            self.history.pop_front();
-        }
+        self.maybe_finish();
+        Ok(Committed::Step)
     }
 
     pub fn report_failure(
@@ -684,28 +614,42 @@ impl Run {
         Ok(())
     }
 
-    /// Rank 0 wrote a checkpoint for `step`; it counts once the step is committed.
-    pub fn commit_checkpoint(&mut self, req: &v1::CommitCheckpointRequest) -> Result<bool, Status> {
+    // ---- Checkpoints and the end of the run ----
+
+    /// Rank 0 wrote a checkpoint for `step`; it counts once the step is committed. Only
+    /// `<run.dir>/checkpoints/step-N` of that very step is accepted (pruning deletes only
+    /// what was recorded here). Idempotent: the same record twice is one record.
+    pub fn commit_checkpoint(&mut self, req: &v1::CommitCheckpointRequest) -> Result<(), Status> {
         self.member(&req.worker_id, req.generation)?;
-        if req.url.is_empty() {
-            return Err(Status::invalid_argument("checkpoint url is empty"));
+        let root = &self.checkpoint_root;
+        if ferroclip_shards::checkpoints::step_of(root, &req.url) != Some(req.step) {
+            return Err(Status::invalid_argument(format!(
+                "checkpoint {:?} of step {} is not {}",
+                req.url,
+                req.step,
+                ferroclip_shards::checkpoints::step_url(root, req.step)
+            )));
         }
-        if req.step <= self.ledger.committed_step() {
-            if req.step != self.ledger.committed_step() {
-                return Err(Status::invalid_argument(format!(
-                    "checkpoint of step {} is older than the committed step {}",
-                    req.step,
-                    self.ledger.committed_step()
-                )));
-            }
+        let committed = self.ledger.committed_step();
+        if req.step < committed {
+            return Err(Status::invalid_argument(format!(
+                "checkpoint of step {} is older than the committed step {committed}",
+                req.step
+            )));
+        }
+        if req.step == committed {
             self.record_checkpoint(req.step, req.url.clone());
-            return Ok(true);
+            self.maybe_finish();
+        } else if !self.pending_checkpoints.iter().any(|(s, _)| *s == req.step) {
+            self.pending_checkpoints.push((req.step, req.url.clone()));
         }
-        self.pending_checkpoints.push((req.step, req.url.clone()));
-        Ok(false)
+        Ok(())
     }
 
     fn record_checkpoint(&mut self, step: u64, url: String) {
+        if self.checkpoints.last().is_some_and(|c| c.step == step) {
+            return; // the final step's checkpoint is recorded once
+        }
         self.last_checkpoint_at = Some(Instant::now());
         self.checkpoints.push(CheckpointRecord {
             step,
@@ -718,7 +662,25 @@ impl Run {
         );
     }
 
-    /// Checkpoints beyond the last `keep` (to delete from the store).
+    /// The run is finished when no step is left (or a stop was asked for), nothing is pending,
+    /// and the last committed step's checkpoint is recorded.
+    fn maybe_finish(&mut self) {
+        if self.finished() || self.ledger.pending().count() > 0 {
+            return;
+        }
+        let step = self.ledger.committed_step();
+        let recorded = self.checkpoints.last().is_some_and(|c| c.step == step);
+        if step > 0 && recorded && (self.stop_requested || !self.ledger.has_more()) {
+            self.members.set_phase(Phase::Finished);
+            self.event(
+                "finished",
+                format!("the run is finished at step {step}: its checkpoint is recorded"),
+            );
+        }
+    }
+
+    /// Recorded checkpoints beyond the newest `checkpoint.keep` (never the newest), to delete
+    /// from the store; they are forgotten here first.
     pub fn prune_checkpoints(&mut self) -> Vec<String> {
         let keep = self.config.checkpoint.keep.max(1) as usize;
         if self.checkpoints.len() <= keep {
@@ -728,12 +690,15 @@ impl Run {
         self.checkpoints.drain(..old).map(|c| c.url).collect()
     }
 
+    /// Where recorded checkpoints live (what pruning may touch).
+    pub fn checkpoint_root(&self) -> &str {
+        &self.checkpoint_root
+    }
+
     pub fn leave(&mut self, req: &v1::LeaveRequest, now: Instant) -> Result<(), Status> {
         let phase = self.members.phase();
-        if phase != Phase::Forming {
+        if matches!(phase, Phase::Training | Phase::Finishing) {
             self.member(&req.worker_id, req.generation)?;
-        }
-        if phase == Phase::Training {
             self.failure_at.get_or_insert(now);
             self.event(
                 "leave",
@@ -741,9 +706,7 @@ impl Run {
             );
         }
         self.members.leave(&req.worker_id, now);
-        if self.members.phase() == Phase::Finished && phase != Phase::Finished {
-            self.event("finished", "every worker left: the run is finished".into());
-        }
+        self.worker_stats.remove(&req.worker_id);
         Ok(())
     }
 
@@ -769,6 +732,7 @@ impl Run {
                     step_time_s: s.step_time_s,
                     data_wait_s: s.data_wait_s,
                     allreduce_s: s.allreduce_s,
+                    store_wait_s: s.store_wait_s,
                 }
             })
             .collect();
@@ -798,6 +762,8 @@ impl Run {
                 .last()
                 .map(|c| c.url.clone())
                 .unwrap_or_default(),
+            total_steps: self.total_steps,
+            store_wait_s: 0.0,
         }
     }
 
@@ -815,8 +781,15 @@ impl Run {
     }
 }
 
-impl StepRecord {
-    fn samples_total(&self) -> u64 {
-        self.metrics.get("samples_total").copied().unwrap_or(0.0) as u64
+fn limits(config: &RunConfig) -> Limits {
+    let c = &config.cluster;
+    Limits {
+        min_workers: c.min_workers,
+        max_workers: c.max_workers,
+        settle: Duration::from_secs_f64(c.settle_s),
+        rejoin_timeout: Duration::from_secs_f64(c.heartbeat_timeout_s),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,8 @@
 //! The gRPC face of the coordinator (`ferroclip.v1.Coordinator`): checks the token and the
-//! request, then hands over to `Run` under one lock. Anything a worker is told is journaled first.
+//! request, hands over to `Run` under one lock (pure state, no I/O), stages the changed state
+//! with the journal writer, releases the lock, and answers only once that state is durable.
+//! So anything a worker is told survives a coordinator crash, retries get the same answer, and
+//! heartbeats never wait on the store.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,15 +12,23 @@ use ferroclip_proto::v1::{self, coordinator_server::Coordinator};
 use tokio::sync::{Mutex, Notify};
 use tonic::{Request, Response, Status};
 
-use crate::journal::Journal;
+use crate::journal::Snapshot;
 use crate::membership::WorkerInfo;
-use crate::run::Run;
+use crate::run::{Committed, Run};
+use crate::writer::Writer;
+
+/// Longest an RPC waits for its state to be durable before answering UNAVAILABLE (the worker
+/// retries; every call is idempotent).
+const DURABLE_WAIT: Duration = Duration::from_secs(10);
 
 pub struct Shared {
     pub run: Mutex<Run>,
     /// Woken whenever a generation forms.
     pub formed: Notify,
-    pub journal: Journal,
+    writer: Writer,
+    /// The version last handed to the writer and its state (taken while `run` is locked).
+    staged: std::sync::Mutex<(u64, Snapshot)>,
+    journal_url: String,
     token: String,
     pub rejected: AtomicU64,
     /// How to reach object stores (deleting old checkpoints).
@@ -25,20 +36,29 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// `first` is the state the writer was started with (version 1).
     pub fn new(
         run: Run,
-        journal: Journal,
+        writer: Writer,
+        first: Snapshot,
+        journal_url: String,
         token: String,
         store: ferroclip_shards::StoreOptions,
     ) -> Arc<Self> {
         Arc::new(Self {
             run: Mutex::new(run),
             formed: Notify::new(),
-            journal,
+            writer,
+            staged: std::sync::Mutex::new((1, first)),
+            journal_url,
             token,
             rejected: AtomicU64::new(0),
             store,
         })
+    }
+
+    pub fn journal_url(&self) -> &str {
+        &self.journal_url
     }
 
     /// Constant-time comparison of a presented token with the run's.
@@ -69,22 +89,83 @@ impl Shared {
         }
     }
 
-    async fn save(&self, run: &Run) -> Result<(), Status> {
-        self.journal
-            .save(&run.snapshot())
-            .await
-            .map_err(|e| Status::unavailable(format!("coordinator cannot write its journal: {e}")))
+    /// UNAVAILABLE once the journal is lost (another coordinator took it, or its store stayed
+    /// down): this coordinator must not acknowledge anything any more.
+    fn alive(&self) -> Result<(), Status> {
+        match self.writer.progress().fatal {
+            Some(why) => Err(Status::unavailable(format!(
+                "this coordinator has stopped acknowledging: {why}"
+            ))),
+            None => Ok(()),
+        }
     }
 
-    /// Periodic work: failure detection and generation formation.
+    /// Hands the run's state to the journal writer if it changed; returns the version that
+    /// must be durable before the caller answers.
+    pub fn stage(&self, run: &Run) -> u64 {
+        let snap = run.snapshot();
+        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        if staged.1 != snap {
+            staged.0 += 1;
+            staged.1 = snap.clone();
+            self.writer.submit(staged.0, snap);
+        }
+        staged.0
+    }
+
+    /// Waits until `version` is durable; UNAVAILABLE (retry) when it is not in time.
+    pub async fn durable(&self, version: u64) -> Result<(), Status> {
+        self.writer
+            .durable(version, DURABLE_WAIT)
+            .await
+            .map_err(Status::unavailable)
+    }
+
+    /// Seconds the journal has been failing to reach its store (0 when it is not).
+    pub fn store_wait_s(&self) -> f64 {
+        self.writer
+            .progress()
+            .failing_since
+            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    /// Resolves when this coordinator has lost its journal for good.
+    pub async fn fatal(&self) -> String {
+        self.writer.fatal().await
+    }
+
+    /// Writes the final snapshot (marked released) and stops the writer.
+    pub async fn shutdown_journal(&self) {
+        let run = self.run.lock().await;
+        let version = self.stage(&run) + 1;
+        let snap = run.snapshot();
+        drop(run);
+        self.writer
+            .finish(version, snap, Duration::from_secs(10))
+            .await;
+    }
+
+    /// Periodic work: failure detection and generation formation (journaled in the
+    /// background; Join callers wait for it to be durable).
     pub async fn tick(&self) {
         let mut run = self.run.lock().await;
         if run.tick(Instant::now()) {
-            if let Err(e) = self.save(&run).await {
-                tracing::error!("{}", e.message());
-            }
+            self.stage(&run);
             drop(run);
             self.formed.notify_waiters();
+        } else {
+            self.stage(&run);
+        }
+    }
+
+    /// Deletes pruned checkpoints (after the journal stopped listing them). Failures are
+    /// logged: a leftover directory costs space, never correctness.
+    async fn delete_checkpoints(&self, root: &str, urls: Vec<String>) {
+        for url in urls {
+            match ferroclip_shards::checkpoints::delete_url(root, &url, &self.store).await {
+                Ok(()) => tracing::info!("deleted old checkpoint {url}"),
+                Err(e) => tracing::warn!("could not delete old checkpoint {url}: {e}"),
+            }
         }
     }
 }
@@ -101,6 +182,7 @@ impl CoordinatorService {
 
     fn check<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
         self.shared.auth(req)?;
+        self.shared.alive()?;
         if worker_id.is_empty() {
             return Err(self
                 .shared
@@ -168,6 +250,12 @@ impl Coordinator for CoordinatorService {
                     ..Default::default()
                 }));
             }
+            if let Some(p) = run.placed_again(&info, r.last_generation) {
+                let version = self.shared.stage(&run);
+                drop(run);
+                self.shared.durable(version).await?;
+                return Ok(Response::new(p));
+            }
             run.join(info, Instant::now());
         }
         self.shared.tick().await;
@@ -180,14 +268,22 @@ impl Coordinator for CoordinatorService {
             let notified = self.shared.formed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(p) = self.shared.run.lock().await.placement(&guard.worker_id) {
+            let placed = {
+                let run = self.shared.run.lock().await;
+                run.placement(&guard.worker_id)
+                    .map(|p| (p, self.shared.stage(&run)))
+            };
+            if let Some((p, version)) = placed {
                 guard.done = true;
+                // The generation is journaled before anyone trains in it.
+                self.shared.durable(version).await?;
                 return Ok(Response::new(p));
             }
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
+            self.shared.alive()?;
         }
     }
 
@@ -198,7 +294,7 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
-        let out = run.heartbeat(&r.worker_id, r.generation, Instant::now());
+        let out = run.heartbeat(r, Instant::now());
         drop(run);
         self.counted(out).map(Response::new)
     }
@@ -211,10 +307,10 @@ impl Coordinator for CoordinatorService {
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
         let out = run.next_step(&r.worker_id, r.generation, r.step, Instant::now());
-        let (resp, changed) = self.counted(out)?;
-        if changed || resp.regroup || resp.end_of_run {
-            self.shared.save(&run).await?;
-        }
+        let version = self.shared.stage(&run);
+        drop(run);
+        let resp = self.counted(out)?;
+        self.shared.durable(version).await?;
         Ok(Response::new(resp))
     }
 
@@ -225,14 +321,21 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
-        let committed = self.counted(run.commit_step(r, Instant::now()))?;
-        if committed {
-            let old = run.prune_checkpoints();
-            self.shared.save(&run).await?;
-            drop(run);
-            crate::delete_checkpoints(old, &self.shared.store).await;
-        }
-        Ok(Response::new(v1::CommitStepResponse { committed }))
+        let out = run.commit_step(r, Instant::now());
+        let old = if matches!(out, Ok(Committed::Step)) {
+            run.prune_checkpoints()
+        } else {
+            Vec::new()
+        };
+        let root = run.checkpoint_root().to_string();
+        let version = self.shared.stage(&run);
+        drop(run);
+        let committed = self.counted(out)?;
+        self.shared.durable(version).await?;
+        self.shared.delete_checkpoints(&root, old).await;
+        Ok(Response::new(v1::CommitStepResponse {
+            committed: committed == Committed::Step,
+        }))
     }
 
     async fn report_failure(
@@ -243,9 +346,11 @@ impl Coordinator for CoordinatorService {
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
         let out = run.report_failure(r, Instant::now());
+        let version = self.shared.stage(&run);
         drop(run);
         self.counted(out)?;
         self.shared.tick().await;
+        self.shared.durable(version).await?;
         Ok(Response::new(v1::ReportFailureResponse {}))
     }
 
@@ -256,13 +361,18 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
-        let recorded = self.counted(run.commit_checkpoint(r))?;
-        if recorded {
-            let old = run.prune_checkpoints();
-            self.shared.save(&run).await?;
-            drop(run);
-            crate::delete_checkpoints(old, &self.shared.store).await;
-        }
+        let out = run.commit_checkpoint(r);
+        let old = if out.is_ok() {
+            run.prune_checkpoints()
+        } else {
+            Vec::new()
+        };
+        let root = run.checkpoint_root().to_string();
+        let version = self.shared.stage(&run);
+        drop(run);
+        self.counted(out)?;
+        self.shared.durable(version).await?;
+        self.shared.delete_checkpoints(&root, old).await;
         Ok(Response::new(v1::CommitCheckpointResponse {}))
     }
 
@@ -274,10 +384,11 @@ impl Coordinator for CoordinatorService {
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
         let out = run.leave(r, Instant::now());
-        self.counted(out)?;
-        self.shared.save(&run).await?;
+        let version = self.shared.stage(&run);
         drop(run);
+        self.counted(out)?;
         self.shared.tick().await;
+        self.shared.durable(version).await?;
         Ok(Response::new(v1::LeaveResponse {}))
     }
 
@@ -286,6 +397,8 @@ impl Coordinator for CoordinatorService {
         req: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         self.shared.auth(&req)?;
-        Ok(Response::new(self.shared.run.lock().await.status()))
+        let mut s = self.shared.run.lock().await.status();
+        s.store_wait_s = self.shared.store_wait_s();
+        Ok(Response::new(s))
     }
 }

@@ -124,7 +124,7 @@ async fn committed_figures_become_metrics() {
         http_addr: Some("127.0.0.1:0".parse().expect("addr")),
         token: TOKEN.into(),
         journal: None,
-        resume: false,
+        fresh: false,
         store: Default::default(),
     })
     .await
@@ -240,6 +240,7 @@ async fn committed_figures_become_metrics() {
         .heartbeat(authed(v1::HeartbeatRequest {
             worker_id: id.to_string(),
             generation: 1,
+            store_wait_s: 0.0,
         }))
         .await
         .unwrap_err();

@@ -77,7 +77,7 @@ fn join_req(id: &str, applied: u64) -> v1::JoinRequest {
 
 async fn start(
     cfg: RunConfig,
-    resume: bool,
+    fresh: bool,
 ) -> (ferroclip_coordinator::Handle, CoordinatorClient<Channel>) {
     let h = serve(ServeOptions {
         config: cfg,
@@ -85,7 +85,7 @@ async fn start(
         http_addr: Some("127.0.0.1:0".parse().expect("addr")),
         token: TOKEN.into(),
         journal: None,
-        resume,
+        fresh,
         store: Default::default(),
     })
     .await
@@ -139,6 +139,7 @@ async fn rejects_bad_calls_and_commits_good_steps() {
             v1::HeartbeatRequest {
                 worker_id: id.into(),
                 generation: g,
+                store_wait_s: 0.0,
             },
             Some(TOKEN),
         )
@@ -192,20 +193,23 @@ async fn rejects_bad_calls_and_commits_good_steps() {
             .into_inner();
         assert!(commit.committed);
     }
-    // Committing an old step again is refused; the run goes on.
-    let e = c
-        .commit_step(authed(
+    // Committing an old step again (a retry after a lost answer) says it is committed and
+    // changes nothing; a step never assigned is refused. The run goes on.
+    let commit = |step| {
+        authed(
             v1::CommitStepRequest {
                 worker_id: "a".into(),
                 generation: 1,
-                step: 2,
+                step,
                 samples: 8,
                 metrics: vec![],
             },
             Some(TOKEN),
-        ))
-        .await
-        .unwrap_err();
+        )
+    };
+    let again = c.commit_step(commit(2)).await.expect("retried commit");
+    assert!(again.into_inner().committed);
+    let e = c.commit_step(commit(9)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let s = c
         .status(authed(v1::StatusRequest {}, Some(TOKEN)))
@@ -277,24 +281,30 @@ async fn a_restarted_coordinator_resumes_from_its_journal() {
         .expect("next")
         .into_inner();
     first.extend(r3.samples.iter().map(|s| (s.epoch, s.block, s.row)));
-    drop(h);
+    drop(h); // a crash: no final journal write, the lease runs out
 
-    // Without --resume an existing journal is refused with a clear message.
+    // Another run's journal (another seed) is refused, naming what differs.
+    let mut other = cfg.clone();
+    other.run.seed += 1;
     let err = serve(ServeOptions {
-        config: cfg.clone(),
+        config: other,
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: None,
         token: TOKEN.into(),
         journal: None,
-        resume: false,
+        fresh: false,
         store: Default::default(),
     })
     .await
     .err()
     .expect("refused");
-    assert!(err.to_string().contains("--resume"), "{err}");
+    assert!(
+        err.to_string().contains("run.seed") && err.to_string().contains("--fresh"),
+        "{err}"
+    );
 
-    let (h, mut c) = start(cfg, true).await;
+    // The same arguments resume it, unattended.
+    let (h, mut c) = start(cfg, false).await;
     // The worker re-joins saying it applied step 3: the journaled assignment of step 3 commits.
     let place = c
         .join(authed(join_req("a", 3), Some(TOKEN)))

@@ -34,6 +34,7 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     pub eval: EvalSection,
     pub cluster: ClusterSection,
+    pub store: StoreSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +178,23 @@ pub struct ClusterSection {
     pub overlap_allreduce: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// How long block reads, checkpoint and journal writes keep retrying an object store that
+    /// fails transiently (an outage, refused connections, 5xx) while the run waits, before
+    /// giving up. Minutes, not seconds: stores blink.
+    pub retry_budget_s: f64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            retry_budget_s: 300.0,
+        }
+    }
+}
+
 impl Default for RunSection {
     fn default() -> Self {
         Self {
@@ -317,10 +335,53 @@ impl RunConfig {
         if self.optim.global_batch == 0 {
             return Err(bad("optim.global_batch", "must be at least 1".into()));
         }
-        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+        // Every number that reaches a Duration, a division or an index is finite and in range.
+        let positive = |field: &'static str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be a finite number > 0, got {v}")))
+            }
+        };
+        let non_negative = |field: &'static str, v: f64| {
+            if v >= 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be a finite number >= 0, got {v}")))
+            }
+        };
+        positive("optim.lr", self.optim.lr)?;
+        positive("optim.eps", self.optim.eps)?;
+        non_negative("optim.weight_decay", self.optim.weight_decay)?;
+        non_negative("optim.grad_clip", self.optim.grad_clip)?;
+        for (field, v) in [
+            ("optim.beta1", self.optim.beta1),
+            ("optim.beta2", self.optim.beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(bad(field, format!("must be in [0, 1), got {v}")));
+            }
+        }
+        let c = &self.cluster;
+        non_negative("cluster.settle_s", c.settle_s)?;
+        positive("cluster.heartbeat_interval_s", c.heartbeat_interval_s)?;
+        positive("cluster.heartbeat_timeout_s", c.heartbeat_timeout_s)?;
+        positive("cluster.collective_timeout_s", c.collective_timeout_s)?;
+        non_negative("cluster.bucket_mb", c.bucket_mb)?;
+        positive("store.retry_budget_s", self.store.retry_budget_s)?;
+        if c.heartbeat_interval_s >= c.heartbeat_timeout_s {
             return Err(bad(
-                "optim.lr",
-                format!("must be > 0, got {}", self.optim.lr),
+                "cluster.heartbeat_interval_s",
+                format!(
+                    "{} must be below cluster.heartbeat_timeout_s ({}), or every worker is declared dead",
+                    c.heartbeat_interval_s, c.heartbeat_timeout_s
+                ),
+            ));
+        }
+        if self.run.steps == 0 && self.run.epochs == 0 {
+            return Err(bad(
+                "run.epochs",
+                "must be at least 1 when run.steps is 0 (else the run has no step)".into(),
             ));
         }
         for (field, v) in [
@@ -333,9 +394,9 @@ impl RunConfig {
             }
         }
         let o = &self.objectives;
-        if o.contrastive < 0.0 || o.mlm < 0.0 || o.mae < 0.0 {
-            return Err(bad("objectives", "weights must be >= 0".into()));
-        }
+        non_negative("objectives.contrastive", o.contrastive)?;
+        non_negative("objectives.mlm", o.mlm)?;
+        non_negative("objectives.mae", o.mae)?;
         if o.contrastive + o.mlm + o.mae <= 0.0 {
             return Err(bad(
                 "objectives",
@@ -387,10 +448,9 @@ impl RunConfig {
                 format!("\"{}\" is not auto, tcp or shm", self.cluster.transport),
             ));
         }
-        if self.data.crop_scale[0] <= 0.0
-            || self.data.crop_scale[0] > self.data.crop_scale[1]
-            || self.data.crop_scale[1] > 1.0
-        {
+        let [lo, hi] = self.data.crop_scale;
+        // Written so that NaN fails every comparison into the error.
+        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
             return Err(bad(
                 "data.crop_scale",
                 format!("{:?} is not 0 < lo <= hi <= 1", self.data.crop_scale),
@@ -439,5 +499,56 @@ mod tests {
             err.to_string().contains("cluster.overlap_allreduce"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn numbers_that_reach_durations_and_indices_are_checked_naming_the_key() {
+        for (text, key) in [
+            (
+                "[cluster]\nheartbeat_timeout_s = nan\n",
+                "cluster.heartbeat_timeout_s",
+            ),
+            (
+                "[cluster]\nheartbeat_timeout_s = -1.0\n",
+                "cluster.heartbeat_timeout_s",
+            ),
+            (
+                "[cluster]\nheartbeat_interval_s = inf\n",
+                "cluster.heartbeat_interval_s",
+            ),
+            (
+                "[cluster]\nheartbeat_interval_s = 0.0\n",
+                "cluster.heartbeat_interval_s",
+            ),
+            (
+                "[cluster]\nheartbeat_interval_s = 10.0\nheartbeat_timeout_s = 5.0\n",
+                "cluster.heartbeat_interval_s",
+            ),
+            (
+                "[cluster]\ncollective_timeout_s = 0.0\n",
+                "cluster.collective_timeout_s",
+            ),
+            ("[cluster]\nsettle_s = -0.5\n", "cluster.settle_s"),
+            ("[cluster]\nbucket_mb = inf\n", "cluster.bucket_mb"),
+            ("[store]\nretry_budget_s = 0.0\n", "store.retry_budget_s"),
+            ("[store]\nretry_budget_s = nan\n", "store.retry_budget_s"),
+            ("[data]\ncrop_scale = [nan, 1.0]\n", "data.crop_scale"),
+            ("[data]\ncrop_scale = [0.5, nan]\n", "data.crop_scale"),
+            ("[optim]\nlr = nan\n", "optim.lr"),
+            ("[optim]\neps = 0.0\n", "optim.eps"),
+            ("[optim]\nbeta2 = 1.0\n", "optim.beta2"),
+            ("[optim]\nweight_decay = -0.1\n", "optim.weight_decay"),
+            ("[optim]\ngrad_clip = nan\n", "optim.grad_clip"),
+            ("[objectives]\nmlm = nan\n", "objectives.mlm"),
+            ("[run]\nepochs = 0\n", "run.epochs"),
+        ] {
+            let err = RunConfig::parse(text, "k.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("k.toml"),
+                "{text:?}: {err}"
+            );
+        }
+        // A step-limited run may say epochs = 0.
+        RunConfig::parse("[run]\nsteps = 10\nepochs = 0\n", "ok.toml").expect("valid");
     }
 }

@@ -10,19 +10,15 @@ use crate::error::ShardsError;
 use crate::manifest::{Manifest, CLASSES_FILE, MANIFEST_FILE};
 use crate::reader::get_all;
 use crate::source::{ColumnNames, InputPlan};
-use crate::store::{Location, StoreOptions};
+use crate::store::{Location, StoreArgs, StoreOptions};
 use crate::synth::SynthOptions;
 use crate::validate::ValidateOptions;
 use crate::writer::Sizing;
 
 #[derive(Args, Debug)]
 pub struct ShardsArgs {
-    /// S3-compatible endpoint (MinIO, Ceph, ...), e.g. http://127.0.0.1:9000. AWS_* variables are read too.
-    #[arg(long, global = true, env = "FERROCLIP_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    /// Allow plain-HTTP endpoints.
-    #[arg(long, global = true)]
-    pub allow_http: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
     #[command(subcommand)]
     pub command: ShardsCommand,
 }
@@ -164,9 +160,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub async fn run(args: ShardsArgs) -> anyhow::Result<()> {
+    // Interactive tools: say that the store is unreachable within seconds (runs wait minutes).
     let store = StoreOptions {
-        s3_endpoint: args.s3_endpoint.clone(),
-        allow_http: args.allow_http,
+        retry_budget: std::time::Duration::from_secs(15),
+        ..args.store.options()
     };
     match args.command {
         ShardsCommand::Build(b) => run_build(b, store).await,

@@ -54,6 +54,8 @@ pub struct Dataset {
 
 struct Inner {
     root: Location,
+    /// How long a read retries an unavailable store.
+    retry_budget: std::time::Duration,
     manifest: Manifest,
     classes: Option<Classes>,
     /// Per split: (shard index, row group) of each block.
@@ -68,8 +70,19 @@ impl std::fmt::Debug for Dataset {
 }
 
 impl Dataset {
-    /// Opens a dataset root (the directory/prefix holding `manifest.json`).
+    /// Opens a dataset root (the directory/prefix holding `manifest.json`), riding out a store
+    /// outage of up to `opts.retry_budget`.
     pub async fn open(url: &str, opts: &StoreOptions) -> Result<Dataset, ShardsError> {
+        crate::retry::with_retry(
+            &format!("opening the dataset {url}"),
+            opts.retry_budget,
+            ShardsError::is_transient,
+            || Self::open_once(url, opts),
+        )
+        .await
+    }
+
+    async fn open_once(url: &str, opts: &StoreOptions) -> Result<Dataset, ShardsError> {
         let root = Location::open(url, opts)?;
         let mloc = root.join(MANIFEST_FILE);
         let bytes = get_all(&mloc).await?;
@@ -99,6 +112,7 @@ impl Dataset {
         Ok(Dataset {
             inner: Arc::new(Inner {
                 root,
+                retry_budget: opts.retry_budget,
                 manifest,
                 classes,
                 blocks,
@@ -143,7 +157,18 @@ impl Dataset {
     }
 
     /// The rows of one block, fetched with one ranged GET (after the shard's footer is cached).
+    /// A store outage is retried for up to the store options' `retry_budget`.
     pub async fn read_block(&self, split: &str, block: u32) -> Result<Vec<Sample>, ShardsError> {
+        crate::retry::with_retry(
+            &format!("reading block {block} of {} split {split}", self.url()),
+            self.inner.retry_budget,
+            ShardsError::is_transient,
+            || self.read_block_once(split, block),
+        )
+        .await
+    }
+
+    async fn read_block_once(&self, split: &str, block: u32) -> Result<Vec<Sample>, ShardsError> {
         let blocks = self.split_blocks(split)?;
         let b = blocks.get(block as usize).ok_or(ShardsError::NoSuchBlock {
             split: split.to_string(),

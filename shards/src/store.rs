@@ -16,12 +16,61 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use crate::error::ShardsError;
 
 /// Settings that URLs alone cannot carry. `AWS_*` (and GCS/Azure) environment variables are read too.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// An S3-compatible endpoint such as `http://127.0.0.1:9000` (MinIO, Ceph, s3s-fs, ...).
     pub s3_endpoint: Option<String>,
     /// Allow plain `http://` endpoints.
     pub allow_http: bool,
+    /// How long reads and writes of a run keep retrying a store that fails transiently (an
+    /// outage, a refused connection, 5xx) before giving up (`store.retry_budget_s`).
+    pub retry_budget: Duration,
+}
+
+/// `store.retry_budget_s`'s default: object stores blink for minutes, not seconds.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(300);
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            s3_endpoint: None,
+            allow_http: false,
+            retry_budget: DEFAULT_RETRY_BUDGET,
+        }
+    }
+}
+
+/// The object-store flags of every command that reads datasets or writes run directories.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// S3-compatible endpoint (MinIO, Ceph, ...), e.g. http://127.0.0.1:9000. AWS_* variables are read too.
+    #[arg(long, global = true, env = "FERROCLIP_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Allow plain-HTTP object-store endpoints.
+    #[arg(long, global = true)]
+    pub allow_http: bool,
+}
+
+impl StoreArgs {
+    pub fn options(&self) -> StoreOptions {
+        StoreOptions {
+            s3_endpoint: self.s3_endpoint.clone(),
+            allow_http: self.allow_http,
+            ..StoreOptions::default()
+        }
+    }
+
+    /// The same flags as arguments for a child process (the local launcher's workers).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.s3_endpoint {
+            out.extend(["--s3-endpoint".to_string(), e.clone()]);
+        }
+        if self.allow_http {
+            out.push("--allow-http".into());
+        }
+        out
+    }
 }
 
 /// Opens the store a URL points into and returns it with the object path inside it.
@@ -125,6 +174,24 @@ impl Location {
             path,
             display_prefix: self.display_prefix.clone(),
         }
+    }
+
+    /// The file behind a path of this store, when the store is the local file system.
+    pub fn local_file(&self, path: &Path) -> Option<std::path::PathBuf> {
+        (self.display_prefix == "/").then(|| std::path::PathBuf::from(format!("/{path}")))
+    }
+
+    /// Makes a just-written object durable where that is up to us: on the local file system,
+    /// the file and its directory are fsynced (object stores acknowledge durable writes).
+    pub fn sync(&self, path: &Path) -> std::io::Result<()> {
+        let Some(file) = self.local_file(path) else {
+            return Ok(());
+        };
+        std::fs::File::open(&file)?.sync_all()?;
+        if let Some(dir) = file.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// A human-readable URL of a path in this store.
@@ -241,7 +308,7 @@ mod tests {
         std::env::set_var("AWS_REGION", "us-east-1");
         let opts = StoreOptions {
             s3_endpoint: Some("https://127.0.0.1:9".into()),
-            allow_http: false,
+            ..StoreOptions::default()
         };
         let loc = Location::open("s3://bucket/key", &opts).unwrap();
         use object_store::ObjectStoreExt;
@@ -270,6 +337,7 @@ mod tests {
         let opts = StoreOptions {
             s3_endpoint: Some("http://127.0.0.1:1".into()),
             allow_http: true,
+            ..StoreOptions::default()
         };
         let loc = Location::open("s3://bucket/some/prefix/", &opts).unwrap();
         assert_eq!(loc.path.as_ref(), "some/prefix");

@@ -27,6 +27,7 @@ fn store_opts(s: &S3Server) -> StoreOptions {
     StoreOptions {
         s3_endpoint: Some(s.endpoint.clone()),
         allow_http: true,
+        ..StoreOptions::default()
     }
 }
 

@@ -210,3 +210,38 @@ pub fn select(spec: &str) -> Result<tch::Device, DeviceError> {
     tracing::info!(device = %format!("cuda:{index}"), lib_dir = %lib_dir.display(), "CUDA libtorch loaded");
     Ok(tch::Device::Cuda(index))
 }
+
+/// Make CUDA autocast use bf16 (libtorch's default is fp16; tch has no call for the dtype):
+/// `at::autocast::set_autocast_dtype(c10::DeviceType::CUDA, c10::ScalarType::BFloat16)`
+/// looked up in the loaded libtorch. Both enums are int8 in C++; the call passes them as ints.
+pub fn set_autocast_bf16() -> anyhow::Result<()> {
+    const SET: &[u8] = b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0";
+    const GET: &[u8] = b"_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE\0";
+    const CUDA: i8 = 1;
+    const BFLOAT16: i8 = 15;
+    // SAFETY: dlsym on the global namespace with NUL-terminated names.
+    let (set, get) = unsafe {
+        (
+            libc::dlsym(libc::RTLD_DEFAULT, SET.as_ptr().cast()),
+            libc::dlsym(libc::RTLD_DEFAULT, GET.as_ptr().cast()),
+        )
+    };
+    if set.is_null() || get.is_null() {
+        anyhow::bail!("at::autocast::set_autocast_dtype is not exported by this libtorch");
+    }
+    // SAFETY: the C++ functions take (DeviceType, ScalarType) / (DeviceType), int8 enums.
+    type SetFn = extern "C" fn(i8, i8);
+    type GetFn = extern "C" fn(i8) -> i8;
+    let (set, get) = unsafe {
+        (
+            std::mem::transmute::<*mut libc::c_void, SetFn>(set),
+            std::mem::transmute::<*mut libc::c_void, GetFn>(get),
+        )
+    };
+    set(CUDA, BFLOAT16);
+    let now = get(CUDA);
+    if now != BFLOAT16 {
+        anyhow::bail!("autocast dtype is {now} after setting bf16 ({BFLOAT16})");
+    }
+    Ok(())
+}

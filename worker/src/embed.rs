@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferroclip_proto::config::RunConfig;
 use ferroclip_shards::store::Location;
-use ferroclip_shards::StoreOptions;
+use ferroclip_shards::{StoreArgs, StoreOptions};
 use object_store::{ObjectStoreExt, PutPayload};
 use tch::{Kind, Tensor};
 
@@ -41,12 +41,8 @@ pub struct EmbedArgs {
     /// Libtorch intra-op threads (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
-    /// S3-compatible endpoint for the checkpoint, data and output.
-    #[arg(long, env = "FERROCLIP_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    /// Allow plain-HTTP object-store endpoints.
-    #[arg(long)]
-    pub allow_http: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// A checkpoint's CLIP towers and tokenizer, for inference.
@@ -61,8 +57,8 @@ pub struct Encoder {
 impl Encoder {
     /// Loads `url` (a checkpoint, or the newest under it); no optimizer state is read.
     pub fn load(url: &str, store: &StoreOptions) -> Result<Self> {
-        let url = checkpoint::resolve_url(url, store)?;
-        let c = checkpoint::read_url(&url, store, false)?;
+        let url = checkpoint::resolve(url, store)?;
+        let c = checkpoint::read(&url, store, false)?;
         let cfg = RunConfig::parse(&c.state.config, &format!("{url}/trainer.json"))?;
         let model = Clip::new(&c.state.model, Heads::default(), 0, Kind::Float)?;
         model.load_state_dict(&c.tensors, &url, false)?;
@@ -115,12 +111,7 @@ impl Encoder {
             .block_rows()
             .iter()
             .enumerate()
-            .flat_map(|(b, &rows)| {
-                (0..rows).map(move |row| SampleRef {
-                    block: b as u32,
-                    row,
-                })
-            })
+            .flat_map(|(b, &rows)| (0..rows).map(move |row| SampleRef::at(b as u32, row)))
             .collect();
         let _guard = tch::no_grad_guard();
         let mut keys = Vec::with_capacity(refs.len());
@@ -195,10 +186,7 @@ pub fn run_cli(args: EmbedArgs) -> Result<()> {
     }
     // Fail on a bad extension before any model is loaded.
     output::Format::from_path(&args.out)?;
-    let store = StoreOptions {
-        s3_endpoint: args.s3_endpoint.clone(),
-        allow_http: args.allow_http,
-    };
+    let store = args.store.options();
     let enc = Encoder::load(&args.checkpoint, &store)?;
     let (column, ids, emb) = match (&args.images, &args.texts) {
         (Some(data), _) => {

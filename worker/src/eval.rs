@@ -63,12 +63,7 @@ pub fn evaluate(
     )?;
     let mut refs: Vec<SampleRef> = blocks
         .iter()
-        .flat_map(|b| {
-            (0..b.rows).map(move |row| SampleRef {
-                block: b.index,
-                row,
-            })
-        })
+        .flat_map(|b| (0..b.rows).map(move |row| SampleRef::at(b.index, row)))
         .collect();
     if max_samples > 0 {
         refs.truncate(max_samples);
@@ -169,16 +164,14 @@ pub fn run_cli(
     max_samples: usize,
     store: &StoreOptions,
 ) -> Result<EvalReport> {
-    let path = std::path::Path::new(checkpoint);
-    let json_path = path.join("trainer.json");
-    let json =
-        std::fs::read(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
-    let state: crate::checkpoint::TrainerState = serde_json::from_slice(&json)
-        .with_context(|| format!("parsing {}", json_path.display()))?;
+    // A checkpoint, or the newest under a directory, on any store.
+    let url = crate::checkpoint::resolve(checkpoint, store)?;
+    let c = crate::checkpoint::read(&url, store, true)?;
+    let state = c.state.clone();
     let cfg =
-        ferroclip_proto::config::RunConfig::parse(&state.config, &json_path.display().to_string())?;
+        ferroclip_proto::config::RunConfig::parse(&state.config, &format!("{url}/trainer.json"))?;
     let mut trainer = crate::train::Trainer::new(&cfg, 1)?;
-    crate::checkpoint::load(path, &mut trainer)?;
+    crate::checkpoint::restore(&mut trainer, &c.state, &c.tensors, c.optim, &c.url)?;
     let ctx = trainer.model.config.context_length as usize;
     let tokenizer = Arc::new(Tokenizer::from_config(&cfg.data.tokenizer, ctx)?);
     let r = evaluate(&trainer.model, tokenizer, data, store, split, max_samples)?;

@@ -81,41 +81,6 @@ pub fn peak_bf16_tflops(name: &str) -> Option<f64> {
     table.iter().find(|(k, _)| n.contains(k)).map(|(_, v)| *v)
 }
 
-/// Make CUDA autocast use bf16 (libtorch's default is fp16; tch has no call for the dtype):
-/// `at::autocast::set_autocast_dtype(c10::DeviceType::CUDA, c10::ScalarType::BFloat16)`
-/// looked up in the loaded libtorch. Both enums are int8 in C++; the call passes them as ints.
-pub fn set_autocast_bf16() -> Result<()> {
-    const SET: &[u8] = b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0";
-    const GET: &[u8] = b"_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE\0";
-    const CUDA: i8 = 1;
-    const BFLOAT16: i8 = 15;
-    // SAFETY: dlsym on the global namespace with NUL-terminated names.
-    let (set, get) = unsafe {
-        (
-            libc::dlsym(libc::RTLD_DEFAULT, SET.as_ptr().cast()),
-            libc::dlsym(libc::RTLD_DEFAULT, GET.as_ptr().cast()),
-        )
-    };
-    if set.is_null() || get.is_null() {
-        bail!("at::autocast::set_autocast_dtype is not exported by this libtorch");
-    }
-    // SAFETY: the C++ functions take (DeviceType, ScalarType) / (DeviceType), int8 enums.
-    type SetFn = extern "C" fn(i8, i8);
-    type GetFn = extern "C" fn(i8) -> i8;
-    let (set, get) = unsafe {
-        (
-            std::mem::transmute::<*mut libc::c_void, SetFn>(set),
-            std::mem::transmute::<*mut libc::c_void, GetFn>(get),
-        )
-    };
-    set(CUDA, BFLOAT16);
-    let now = get(CUDA);
-    if now != BFLOAT16 {
-        bail!("autocast dtype is {now} after setting bf16 ({BFLOAT16})");
-    }
-    Ok(())
-}
-
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
@@ -251,7 +216,7 @@ fn train_bench(args: &GpuCheckArgs, device: Device, gpu_name: Option<&str>) -> R
     };
     let mut kind = kind;
     if autocast && device != Device::Cpu {
-        if let Err(e) = set_autocast_bf16() {
+        if let Err(e) = crate::device::set_autocast_bf16() {
             println!("bf16 autocast unavailable ({e:#}): running the model in bf16 instead");
             (kind, autocast, label) =
                 (Kind::BFloat16, false, "bf16 weights (autocast unavailable)");

@@ -26,7 +26,8 @@ enum Command {
     Embed(ferroclip_worker::embed::EmbedArgs),
     /// Zero-shot classification and retrieval recall of a checkpoint on a dataset split.
     Eval {
-        /// Checkpoint directory (holds trainer.json and model.safetensors).
+        /// A checkpoint (a `step-N` directory) or a directory holding them (the newest is
+        /// used): a path or an object-store URL.
         #[arg(long)]
         checkpoint: String,
         /// Dataset URL (holds manifest.json; classes.json gives the zero-shot classes).
@@ -37,6 +38,8 @@ enum Command {
         /// Evaluate at most this many samples (0 = all).
         #[arg(long, default_value_t = 0)]
         max_samples: usize,
+        #[command(flatten)]
+        store: ferroclip_shards::StoreArgs,
     },
     /// GPU facts, a 1-rank NCCL self-test and bf16 training throughput/MFU (scripts/gpu-check.sh).
     GpuCheck(ferroclip_worker::gpu_check::GpuCheckArgs),
@@ -84,13 +87,14 @@ fn main() -> anyhow::Result<()> {
             data,
             split,
             max_samples,
+            store,
         } => {
             ferroclip_worker::eval::run_cli(
                 &checkpoint,
                 &data,
                 &split,
                 max_samples,
-                &Default::default(),
+                &store.options(),
             )?;
         }
         Command::GpuCheck(args) => ferroclip_worker::gpu_check::run(args)?,

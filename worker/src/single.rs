@@ -1,9 +1,10 @@
 //! `ferroclip-worker train --config FILE`: one process, no coordinator. The same pieces as the
-//! distributed loop (epoch plan, Loader, Trainer, checkpoints, eval) with the `Single`
-//! collective. Batches are the next `global_batch` samples of the epoch plan (the last batch of
-//! an epoch may be smaller); a background thread prepares the next batches while a step runs.
-//! Checkpoints go to `<run.dir>/checkpoints` (any object-store URL) and carry the data position,
-//! so `--resume` continues with exactly the samples and losses an uninterrupted run would see.
+//! distributed loop (the plan crate's ledger, Loader, Trainer, checkpoints, eval) with the
+//! `Single` collective: every step feeds `global_batch` samples, steps run across epoch
+//! boundaries and only the run's very last step may be short, exactly as under a coordinator.
+//! A background thread prepares the next batches while a step runs. Checkpoints go to
+//! `<run.dir>/checkpoints` (any object-store URL) and carry the ledger's data position, so
+//! `--resume` continues with exactly the samples and losses an uninterrupted run would see.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -11,9 +12,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferroclip_coordinator::plan::EpochPlan;
+use ferroclip_plan::{Bound, DataState, Ledger};
 use ferroclip_proto::config::RunConfig;
-use ferroclip_shards::StoreOptions;
+use ferroclip_shards::{StoreArgs, StoreOptions};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::Single;
@@ -35,12 +36,8 @@ pub struct TrainArgs {
     /// Libtorch intra-op threads (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
-    /// S3-compatible endpoint for the dataset and run directory.
-    #[arg(long, env = "FERROCLIP_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    /// Allow plain-HTTP object-store endpoints.
-    #[arg(long)]
-    pub allow_http: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// No progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -86,123 +83,15 @@ fn tokenizer(cfg: &RunConfig, ctx: i64) -> Result<Arc<Tokenizer>> {
     }))
 }
 
-/// Where the next sample comes from: (epoch, offset into the epoch plan).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Position {
-    epoch: u32,
-    cursor: u64,
-}
+type Prepared = Result<(Batch, DataState)>;
 
-/// Walks the epoch plans (a pure function of seed, epoch and the manifest) batch by batch.
-struct Feed {
-    seed: u64,
-    window: u32,
-    block_rows: Vec<u32>,
-    plan: EpochPlan,
-    pos: Position,
-    /// The chunk holding `pos.cursor`, its first sample's offset, and its sample order.
-    chunk: usize,
-    chunk_start: u64,
-    samples: Vec<SampleRef>,
-}
-
-impl Feed {
-    fn new(seed: u64, window: u32, block_rows: Vec<u32>, pos: Position) -> Self {
-        let plan = EpochPlan::new(seed, pos.epoch, &block_rows, window);
-        let mut f = Self {
-            seed,
-            window,
-            block_rows,
-            plan,
-            pos: Position {
-                epoch: pos.epoch,
-                cursor: 0,
-            },
-            chunk: 0,
-            chunk_start: 0,
-            samples: Vec::new(),
-        };
-        f.load_chunk(0, 0);
-        f.skip(pos.cursor);
-        f
-    }
-
-    fn load_chunk(&mut self, index: usize, start: u64) {
-        self.chunk = index;
-        self.chunk_start = start;
-        self.samples = self
-            .plan
-            .chunk_samples(index)
-            .into_iter()
-            .map(|s| SampleRef {
-                block: s.block,
-                row: s.row,
-            })
-            .collect();
-    }
-
-    /// Moves the cursor forward by `n` samples within the epoch.
-    fn skip(&mut self, n: u64) {
-        let target = (self.pos.cursor + n).min(self.plan.len());
-        while self.chunk < self.plan.chunks().len()
-            && target >= self.chunk_start + self.samples.len() as u64
-            && target < self.plan.len()
-        {
-            let next = self.chunk_start + self.samples.len() as u64;
-            self.load_chunk(self.chunk + 1, next);
-        }
-        self.pos.cursor = target;
-    }
-
-    /// The next batch of at most `n` samples, never crossing an epoch's end; the position
-    /// after it.
-    fn next_batch(&mut self, n: u64) -> (Vec<SampleRef>, Position) {
-        if self.pos.cursor >= self.plan.len() {
-            let epoch = self.pos.epoch + 1;
-            *self = Self::new(
-                self.seed,
-                self.window,
-                std::mem::take(&mut self.block_rows),
-                Position { epoch, cursor: 0 },
-            );
-        }
-        let mut out = Vec::with_capacity(n as usize);
-        while (out.len() as u64) < n && self.pos.cursor < self.plan.len() {
-            let i = (self.pos.cursor - self.chunk_start) as usize;
-            let take = (self.samples.len() - i).min(n as usize - out.len());
-            out.extend_from_slice(&self.samples[i..i + take]);
-            self.skip(take as u64);
-        }
-        (out, self.pos)
-    }
-
-    /// Blocks of the current and the next chunk: what the loader should fetch ahead.
-    fn upcoming_blocks(&self) -> Vec<u32> {
-        let chunks = self.plan.chunks();
-        let mut out: Vec<u32> = Vec::new();
-        for c in chunks.iter().skip(self.chunk).take(2) {
-            out.extend(&c.blocks);
-        }
-        out
-    }
-}
-
-/// Steps in the run: `run.steps`, else whole epochs of batches (the last one of each may be short).
-fn total_steps(cfg: &RunConfig, samples_per_epoch: u64) -> u64 {
-    if cfg.run.steps > 0 {
-        cfg.run.steps
-    } else {
-        samples_per_epoch.div_ceil(cfg.optim.global_batch.max(1) as u64) * cfg.run.epochs as u64
-    }
-}
-
-type Prepared = Result<(Batch, Position)>;
-
-/// The background thread making batches in plan order, `depth` ahead of the step loop.
+/// The background thread making batches in plan order, `depth` ahead of the step loop. It
+/// walks the very ledger the coordinator runs, with one rank: the same steps, epoch boundaries
+/// and step count as `ferroclip train --workers N` for the same run.toml.
 fn spawn_batches(
     loader: Loader,
-    mut feed: Feed,
-    batch: u64,
+    mut ledger: Ledger,
+    batch: u32,
     count: u64,
     depth: usize,
 ) -> Result<(mpsc::Receiver<Prepared>, std::thread::JoinHandle<()>)> {
@@ -211,12 +100,25 @@ fn spawn_batches(
         .name("ferroclip-batches".into())
         .spawn(move || {
             for _ in 0..count {
-                let (refs, pos) = feed.next_batch(batch);
-                loader.set_epoch(pos.epoch as u64);
-                loader.prefetch(&feed.upcoming_blocks());
+                let Some(a) = ledger.assign_next(1, batch).cloned() else {
+                    return; // the run's data is used up: the step loop sees the channel close
+                };
+                let refs: Vec<SampleRef> = a.ranks[0]
+                    .iter()
+                    .flat_map(|span| ledger.span_samples(span))
+                    .collect();
+                let upcoming: Vec<u32> = a
+                    .after
+                    .leases
+                    .values()
+                    .flatten()
+                    .flat_map(|c| ledger.chunk_blocks(*c))
+                    .collect();
+                loader.prefetch(&upcoming);
+                ledger.commit(a.step);
                 let item = loader
                     .load(&refs)
-                    .map(|b| (b, pos))
+                    .map(|b| (b, a.after))
                     .map_err(anyhow::Error::from);
                 let failed = item.is_err();
                 // A closed receiver means the step loop is done.
@@ -232,8 +134,8 @@ fn spawn_batches(
 /// Trains per `cfg` in this process; see the module docs.
 pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
     let store = StoreOptions {
-        s3_endpoint: args.s3_endpoint.clone(),
-        allow_http: args.allow_http,
+        retry_budget: std::time::Duration::from_secs_f64(cfg.store.retry_budget_s),
+        ..args.store.options()
     };
     let mc = ModelConfig::from_section(&cfg.model)?;
     let tok = tokenizer(cfg, mc.context_length)?;
@@ -261,17 +163,20 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
             cfg.data.train_split
         );
     }
-    let total = total_steps(cfg, per_epoch);
+    let mut ledger = Ledger::new(
+        cfg.run.seed,
+        cfg.data.shuffle_window_blocks,
+        block_rows,
+        Bound::of(cfg.run.steps, cfg.run.epochs),
+    );
+    let gb = cfg.optim.global_batch.max(1);
+    let total = ledger.total_steps(gb);
     let mut trainer = Trainer::new(cfg, total)?;
     let ckpt_root = join_url(&cfg.run.dir, "checkpoints");
-    let latest = checkpoint::latest_url(&ckpt_root, &store)?;
-    let mut pos = Position {
-        epoch: 0,
-        cursor: 0,
-    };
+    let latest = checkpoint::latest(&ckpt_root, &store)?;
     match (args.resume, latest) {
         (true, Some(url)) => {
-            let st = checkpoint::load_url(&url, &store, &mut trainer)
+            let st = checkpoint::load(&url, &store, &mut trainer)
                 .with_context(|| format!("resuming from {url}"))?;
             if st.seed != cfg.run.seed {
                 bail!(
@@ -280,11 +185,11 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
                     cfg.run.seed
                 );
             }
-            pos = Position {
-                epoch: st.epoch,
-                cursor: st.cursor,
+            let Some(data) = st.data.clone() else {
+                bail!("{url} holds no data position (a checkpoint of a coordinated run: its position is in the coordinator's journal)");
             };
-            tracing::info!(step = st.step, epoch = st.epoch, cursor = st.cursor, "resumed from {url}");
+            tracing::info!(step = st.step, epoch = data.epoch, samples = data.consumed, "resumed from {url}");
+            ledger.restore(st.step, data, Vec::new());
         }
         (true, None) => tracing::info!("no checkpoint under {ckpt_root}: starting fresh"),
         (false, Some(url)) => bail!(
@@ -299,14 +204,7 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
         tracing::info!("nothing to do: step {} of {total} reached", first - 1);
         return Ok(summary);
     }
-    let gb = cfg.optim.global_batch.max(1) as u64;
-    let feed = Feed::new(
-        cfg.run.seed,
-        cfg.data.shuffle_window_blocks,
-        block_rows,
-        pos,
-    );
-    let (batches, producer) = spawn_batches(loader, feed, gb, last + 1 - first, 2)?;
+    let (batches, producer) = spawn_batches(loader, ledger, gb, last + 1 - first, 2)?;
     let val = ValSet::check(cfg, &store);
 
     let pb = if args.no_progress {
@@ -325,7 +223,7 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
         let t0 = Instant::now();
         let (batch, after) = batches
             .recv()
-            .context("the batch thread stopped")?
+            .context("the batch thread stopped before the run's last step")?
             .with_context(|| format!("loading the batch of step {step}"))?;
         let wait = t0.elapsed().as_secs_f64();
         let n = batch.keys.len();
@@ -364,12 +262,12 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
             let state = TrainerState {
                 step,
                 epoch: after.epoch,
-                cursor: after.cursor,
                 seed: cfg.run.seed,
                 model: trainer.model.config.clone(),
                 config: cfg.to_toml(),
+                data: Some(after.clone()),
             };
-            let url = checkpoint::save_url(
+            let url = checkpoint::save(
                 &ckpt_root,
                 &store,
                 &trainer,
@@ -442,49 +340,5 @@ impl ValSet {
             return None;
         }
         Some(ValSet { split })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn all(mut f: Feed, batch: u64, steps: usize) -> Vec<(Vec<SampleRef>, Position)> {
-        (0..steps).map(|_| f.next_batch(batch)).collect()
-    }
-
-    #[test]
-    fn a_feed_resumed_at_any_position_continues_the_same_sequence() {
-        let rows = vec![5, 3, 7, 4, 6];
-        let start = Position {
-            epoch: 0,
-            cursor: 0,
-        };
-        let full = all(Feed::new(7, 2, rows.clone(), start), 4, 14);
-        // 25 samples per epoch in batches of 4: 6 full batches then a short one.
-        let lens: Vec<usize> = full.iter().take(7).map(|b| b.0.len()).collect();
-        assert_eq!(lens, vec![4, 4, 4, 4, 4, 4, 1]);
-        assert_eq!(
-            full[6].1,
-            Position {
-                epoch: 0,
-                cursor: 25
-            }
-        );
-        assert_eq!(
-            full[7].1,
-            Position {
-                epoch: 1,
-                cursor: 4
-            }
-        );
-        let mut seen: Vec<SampleRef> = full.iter().take(7).flat_map(|b| b.0.clone()).collect();
-        seen.sort();
-        seen.dedup();
-        assert_eq!(seen.len(), 25, "every sample once per epoch");
-        for k in 0..13 {
-            let resumed = all(Feed::new(7, 2, rows.clone(), full[k].1), 4, 14 - k - 1);
-            assert_eq!(&resumed[..], &full[k + 1..], "resumed after batch {k}");
-        }
     }
 }

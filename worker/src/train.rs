@@ -166,7 +166,7 @@ impl Trainer {
         self.reducer = None;
     }
 
-    /// Forward and backward under CUDA autocast (bf16 once `gpu_check::set_autocast_bf16` ran;
+    /// Forward and backward under CUDA autocast (bf16 once `device::set_autocast_bf16` ran;
     /// parameters, gradients and the optimizer stay fp32).
     pub fn set_autocast(&mut self, on: bool) {
         self.autocast = on;

@@ -1,6 +1,7 @@
 //! Checkpoint round trip, exact resume, and incomplete checkpoints never being loaded.
 
 use ferroclip_proto::config::RunConfig;
+use ferroclip_shards::StoreOptions;
 use ferroclip_worker::checkpoint::{self, TrainerState};
 use ferroclip_worker::collective::Single;
 use ferroclip_worker::train::Trainer;
@@ -47,11 +48,19 @@ fn state(tr: &Trainer, cfg: &RunConfig) -> TrainerState {
     TrainerState {
         step: tr.step(),
         epoch: 0,
-        cursor: tr.step() * 6,
         seed: cfg.run.seed,
         model: tr.model.config.clone(),
         config: cfg.to_toml(),
+        data: None,
     }
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions::default()
+}
+
+fn url(p: &std::path::Path) -> String {
+    p.display().to_string()
 }
 
 #[test]
@@ -62,10 +71,10 @@ fn resume_gives_the_same_next_five_losses() {
     for _ in 0..3 {
         step(&mut a);
     }
-    let path = checkpoint::save(dir.path(), &a, &state(&a, &cfg), 2).expect("save");
+    let path = checkpoint::save(&url(dir.path()), &opts(), &a, &state(&a, &cfg), 2).expect("save");
     // For worker/tests/data/check_openclip_load.py (manual interop check with open_clip).
     if let Ok(keep) = std::env::var("FERROCLIP_KEEP_CHECKPOINT") {
-        checkpoint::save(std::path::Path::new(&keep), &a, &state(&a, &cfg), 1).expect("save copy");
+        checkpoint::save(&keep, &opts(), &a, &state(&a, &cfg), 1).expect("save copy");
     }
     let uninterrupted: Vec<f64> = (0..5).map(|_| step(&mut a)).collect();
 
@@ -73,12 +82,11 @@ fn resume_gives_the_same_next_five_losses() {
     let mut other = cfg.clone();
     other.run.seed = 99;
     let mut b = Trainer::new(&other, 20).expect("trainer");
-    let st = checkpoint::load(&path, &mut b).expect("load");
+    let st = checkpoint::load(&path, &opts(), &mut b).expect("load");
     assert_eq!(st.step, 3);
-    assert_eq!(st.cursor, 18);
     // The mask RNG follows the run's seed, which the state carries.
     let mut b2 = Trainer::new(&cfg, 20).expect("trainer");
-    checkpoint::load(&path, &mut b2).expect("load");
+    checkpoint::load(&path, &opts(), &mut b2).expect("load");
     let resumed: Vec<f64> = (0..5).map(|_| step(&mut b2)).collect();
     for (x, y) in uninterrupted.iter().zip(&resumed) {
         assert!(
@@ -99,9 +107,9 @@ fn an_interrupted_checkpoint_is_never_loaded_and_old_ones_are_pruned() {
     let mut tr = Trainer::new(&cfg, 20).expect("trainer");
     for _ in 0..3 {
         step(&mut tr);
-        checkpoint::save(dir.path(), &tr, &state(&tr, &cfg), 2).expect("save");
+        checkpoint::save(&url(dir.path()), &opts(), &tr, &state(&tr, &cfg), 2).expect("save");
     }
-    let steps: Vec<u64> = checkpoint::committed(dir.path())
+    let steps: Vec<u64> = checkpoint::committed(&url(dir.path()), &opts())
         .expect("list")
         .into_iter()
         .map(|c| c.0)
@@ -114,11 +122,13 @@ fn an_interrupted_checkpoint_is_never_loaded_and_old_ones_are_pruned() {
     std::fs::write(torn.join("model.safetensors"), b"half").expect("write");
     // And one that died in its temporary directory.
     std::fs::create_dir_all(dir.path().join(".tmp-step-00000010-1")).expect("mkdir");
-    let latest = checkpoint::latest(dir.path())
+    let latest = checkpoint::latest(&url(dir.path()), &opts())
         .expect("latest")
         .expect("one");
-    assert!(latest.ends_with("step-00000003"), "{}", latest.display());
-    let err = checkpoint::load(&torn, &mut tr).unwrap_err().to_string();
+    assert!(latest.ends_with("step-00000003"), "{latest}");
+    let err = checkpoint::load(&url(&torn), &opts(), &mut tr)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("COMMIT") && err.contains("step-00000009"),
         "{err}"
@@ -130,10 +140,13 @@ fn a_checkpoint_of_another_shape_is_refused() {
     let cfg = config();
     let dir = tempfile::tempdir().expect("tempdir");
     let tr = Trainer::new(&cfg, 20).expect("trainer");
-    let path = checkpoint::save(dir.path(), &tr, &state(&tr, &cfg), 0).expect("save");
+    let path =
+        checkpoint::save(&url(dir.path()), &opts(), &tr, &state(&tr, &cfg), 0).expect("save");
     let mut other = cfg.clone();
     other.model.text_layers = Some(1);
     let mut small = Trainer::new(&other, 20).expect("trainer");
-    let err = checkpoint::load(&path, &mut small).unwrap_err().to_string();
+    let err = checkpoint::load(&path, &opts(), &mut small)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("model shape"), "{err}");
 }

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use ferroclip_plan::DataState;
 use ferroclip_proto::config::RunConfig;
 use ferroclip_shards::store::Location;
 use ferroclip_shards::StoreOptions;
@@ -71,6 +72,7 @@ impl S3Server {
         StoreOptions {
             s3_endpoint: Some(self.endpoint.clone()),
             allow_http: true,
+            ..StoreOptions::default()
         }
     }
 }
@@ -133,10 +135,14 @@ fn state(tr: &Trainer, cfg: &RunConfig) -> TrainerState {
     TrainerState {
         step: tr.step(),
         epoch: 1,
-        cursor: tr.step() * 6,
         seed: cfg.run.seed,
         model: tr.model.config.clone(),
         config: cfg.to_toml(),
+        data: Some(DataState {
+            epoch: 1,
+            consumed: tr.step() * 6,
+            ..DataState::default()
+        }),
     }
 }
 
@@ -151,22 +157,16 @@ fn round_trip(root: &str, opts: &StoreOptions) {
     let mut a = Trainer::new(&cfg, 20).expect("trainer");
     for _ in 0..3 {
         step(&mut a);
-        checkpoint::save_url(root, opts, &a, &state(&a, &cfg), 2).expect("save");
+        checkpoint::save(root, opts, &a, &state(&a, &cfg), 2).expect("save");
     }
-    let committed = checkpoint::committed_url(root, opts).expect("list");
+    let committed = checkpoint::committed(root, opts).expect("list");
     assert_eq!(steps_of(&committed), vec![2, 3], "{committed:?}");
-    let latest = checkpoint::latest_url(root, opts)
+    let latest = checkpoint::latest(root, opts)
         .expect("latest")
         .expect("one");
     assert!(latest.ends_with("/step-00000003"), "{latest}");
-    assert_eq!(
-        checkpoint::resolve_url(root, opts).expect("resolve"),
-        latest
-    );
-    assert_eq!(
-        checkpoint::resolve_url(&latest, opts).expect("resolve"),
-        latest
-    );
+    assert_eq!(checkpoint::resolve(root, opts).expect("resolve"), latest);
+    assert_eq!(checkpoint::resolve(&latest, opts).expect("resolve"), latest);
     let uninterrupted: Vec<f64> = (0..5).map(|_| step(&mut a)).collect();
 
     // Different parameters before loading: everything must come from the checkpoint.
@@ -174,8 +174,13 @@ fn round_trip(root: &str, opts: &StoreOptions) {
     for (_, p) in b.model.params.iter() {
         let _ = p.detach().fill_(0.5);
     }
-    let st = checkpoint::load_url(&latest, opts, &mut b).expect("load");
-    assert_eq!((st.step, st.epoch, st.cursor), (3, 1, 18));
+    let st = checkpoint::load(&latest, opts, &mut b).expect("load");
+    assert_eq!((st.step, st.epoch), (3, 1));
+    assert_eq!(
+        st.data.map(|d| d.consumed),
+        Some(18),
+        "the data position round-trips"
+    );
     assert_eq!(b.step(), 3);
     let resumed: Vec<f64> = (0..5).map(|_| step(&mut b)).collect();
     for (x, y) in uninterrupted.iter().zip(&resumed) {
@@ -195,9 +200,9 @@ fn torn_checkpoints_are_ignored(root: &str, opts: &StoreOptions) {
     let cfg = config();
     let mut tr = Trainer::new(&cfg, 20).expect("trainer");
     step(&mut tr);
-    checkpoint::save_url(root, opts, &tr, &state(&tr, &cfg), 0).expect("save");
+    checkpoint::save(root, opts, &tr, &state(&tr, &cfg), 0).expect("save");
     step(&mut tr);
-    let good = checkpoint::save_url(root, opts, &tr, &state(&tr, &cfg), 0).expect("save");
+    let good = checkpoint::save(root, opts, &tr, &state(&tr, &cfg), 0).expect("save");
 
     let base = Location::open(root, opts).expect("open");
     let put = |rel: &str, bytes: &[u8]| {
@@ -211,16 +216,14 @@ fn torn_checkpoints_are_ignored(root: &str, opts: &StoreOptions) {
     };
     put("step-00000009/trainer.json", b"{\"step\": 9");
     put("step-00000009/model.safetensors", b"half");
-    let committed = checkpoint::committed_url(root, opts).expect("list");
+    let committed = checkpoint::committed(root, opts).expect("list");
     assert_eq!(steps_of(&committed), vec![1, 2]);
     assert_eq!(
-        checkpoint::latest_url(root, opts)
-            .expect("latest")
-            .as_deref(),
+        checkpoint::latest(root, opts).expect("latest").as_deref(),
         Some(good.as_str())
     );
     let torn = format!("{}/step-00000009", root.trim_end_matches('/'));
-    let err = checkpoint::load_url(&torn, opts, &mut tr)
+    let err = checkpoint::load(&torn, opts, &mut tr)
         .expect_err("a torn checkpoint must not load")
         .to_string();
     assert!(
@@ -234,7 +237,7 @@ fn torn_checkpoints_are_ignored(root: &str, opts: &StoreOptions) {
         b"not the committed bytes",
     );
     let first = format!("{}/step-00000001", root.trim_end_matches('/'));
-    let err = checkpoint::load_url(&first, opts, &mut tr)
+    let err = checkpoint::load(&first, opts, &mut tr)
         .expect_err("a mismatching file must not load")
         .to_string();
     assert!(
@@ -242,7 +245,7 @@ fn torn_checkpoints_are_ignored(root: &str, opts: &StoreOptions) {
         "{err}"
     );
     // The good one still loads.
-    checkpoint::load_url(&good, opts, &mut tr).expect("load the committed one");
+    checkpoint::load(&good, opts, &mut tr).expect("load the committed one");
 }
 
 #[test]
@@ -264,8 +267,8 @@ fn s3_checkpoints_without_commit_are_never_loaded() {
     torn_checkpoints_are_ignored(&root, &opts);
     // Nothing at all under a root: no checkpoint, and a clear error when one is asked for.
     let empty = format!("s3://{BUCKET}/runs/none");
-    assert_eq!(checkpoint::latest_url(&empty, &opts).expect("latest"), None);
-    assert!(checkpoint::resolve_url(&empty, &opts).is_err());
+    assert_eq!(checkpoint::latest(&empty, &opts).expect("latest"), None);
+    assert!(checkpoint::resolve(&empty, &opts).is_err());
 }
 
 #[test]
@@ -286,7 +289,7 @@ fn s3_refuses_wrong_credentials() {
 }
 
 #[test]
-fn local_paths_and_file_urls_and_the_local_api_interoperate() {
+fn local_paths_and_file_urls_interoperate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = StoreOptions::default();
     let plain = dir.path().join("plain").display().to_string();
@@ -296,26 +299,21 @@ fn local_paths_and_file_urls_and_the_local_api_interoperate() {
         &opts,
     );
 
-    // The path API (dist/) reads what save_url wrote and vice versa.
+    // A checkpoint written under a plain path loads through a file:// URL and vice versa.
     let cfg = config();
     let mut tr = Trainer::new(&cfg, 20).expect("trainer");
     step(&mut tr);
-    let root = dir.path().join("mixed");
-    let url = checkpoint::save_url(
-        &root.display().to_string(),
-        &opts,
-        &tr,
-        &state(&tr, &cfg),
-        0,
-    )
-    .expect("save_url");
+    let root = dir.path().join("mixed").display().to_string();
+    let url = checkpoint::save(&root, &opts, &tr, &state(&tr, &cfg), 0).expect("save");
     let mut b = Trainer::new(&cfg, 20).expect("trainer");
-    checkpoint::load(Path::new(&url), &mut b).expect("path load of a save_url checkpoint");
+    checkpoint::load(&format!("file://{url}"), &opts, &mut b)
+        .expect("file:// load of a path checkpoint");
     step(&mut tr);
-    let path = checkpoint::save(&root, &tr, &state(&tr, &cfg), 0).expect("save");
+    let url = checkpoint::save(&format!("file://{root}"), &opts, &tr, &state(&tr, &cfg), 0)
+        .expect("save");
+    assert!(url.starts_with('/'), "{url}");
     let mut c = Trainer::new(&cfg, 20).expect("trainer");
-    let st = checkpoint::load_url(&path.display().to_string(), &opts, &mut c)
-        .expect("load_url of a path checkpoint");
+    let st = checkpoint::load(&url, &opts, &mut c).expect("path load of a file:// checkpoint");
     assert_eq!(st.step, 2);
     for (x, y) in tr.state_tensors().iter().zip(c.state_tensors()) {
         assert!(x.equal(&y));

@@ -83,12 +83,7 @@ fn all_refs(l: &Loader) -> Vec<SampleRef> {
     l.block_rows()
         .iter()
         .enumerate()
-        .flat_map(|(b, &rows)| {
-            (0..rows).map(move |row| SampleRef {
-                block: b as u32,
-                row,
-            })
-        })
+        .flat_map(|(b, &rows)| (0..rows).map(move |row| SampleRef::at(b as u32, row)))
         .collect()
 }
 
@@ -205,12 +200,12 @@ fn embed_images_and_texts_match_the_trainers_features() {
     let state = TrainerState {
         step: tr.step(),
         epoch: 0,
-        cursor: 32,
         seed: 0,
         model: tr.model.config.clone(),
         config: cfg.to_toml(),
+        data: None,
     };
-    checkpoint::save_url(&root, &StoreOptions::default(), &tr, &state, 0).expect("save");
+    checkpoint::save(&root, &StoreOptions::default(), &tr, &state, 0).expect("save");
 
     // The Trainer's features on the val images (eval transform) and the class prompts.
     let val = loader(&data, "val", ImageTransform::eval(16));
@@ -261,7 +256,7 @@ fn embed_images_and_texts_match_the_trainers_features() {
     assert_eq!(values, values2, "npy and parquet hold the same numbers");
 
     // Texts → .npy and Parquet, from the checkpoint itself.
-    let ckpt = checkpoint::latest_url(&root, &StoreOptions::default())
+    let ckpt = checkpoint::latest(&root, &StoreOptions::default())
         .expect("latest")
         .expect("one");
     let txt_npy = tmp.path().join("txt.npy");

@@ -31,7 +31,8 @@ pub struct RunSpec {
     pub run_dir: String,
     /// run.toml as it goes into the ConfigMap.
     pub config_toml: String,
-    pub resume: bool,
+    /// The coordinator starts the run over (`--fresh`) instead of resuming its journal.
+    pub fresh: bool,
 }
 
 impl RunSpec {
@@ -143,8 +144,8 @@ fn deployment(spec: &RunSpec) -> Value {
         "--journal".into(),
         format!("{}/journal", spec.run_dir.trim_end_matches('/')),
     ];
-    if spec.resume {
-        args.push("--resume".into());
+    if spec.fresh {
+        args.push("--fresh".into());
     }
     let probe = |path: &str, period: u32, failures: u32| {
         json!({

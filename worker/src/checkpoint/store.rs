@@ -2,8 +2,8 @@
 //! Object stores have no directory rename, so atomicity comes from order: every file of a
 //! checkpoint is put under `step-NNNNNNNN/` first and the `COMMIT` marker last. COMMIT lists
 //! each file with its size; readers skip directories without it and check the sizes, so a
-//! reader never sees half a checkpoint. The layout is the local one (`checkpoint::save`), so
-//! either reader opens either writer's checkpoints.
+//! reader never sees half a checkpoint. On the local file system every file is fsynced before
+//! COMMIT is written. Every store call rides out an outage for `StoreOptions::retry_budget`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -11,11 +11,14 @@ use std::future::Future;
 use bytes::Bytes;
 use ferroclip_shards::store::Location;
 use ferroclip_shards::StoreOptions;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use tch::{Kind, Tensor};
 
-use super::{optimizer_tensors, restore, CheckpointError, Result, TrainerState, COMMIT};
+use ferroclip_shards::checkpoints::{self, step_name, COMMIT};
+use ferroclip_shards::retry::store_retry;
+
+use super::{optimizer_tensors, restore, CheckpointError, Result, TrainerState};
 use crate::train::Trainer;
 
 /// Files above this size go up as multipart uploads (S3 caps a single PUT at 5 GiB).
@@ -168,10 +171,6 @@ pub fn decode_tensors(bytes: &[u8], origin: &str) -> Result<Vec<(String, Tensor)
     Ok(out)
 }
 
-fn step_name(step: u64) -> String {
-    format!("step-{step:08}")
-}
-
 /// Every file of a checkpoint, encoded.
 fn encode(trainer: &Trainer, state: &TrainerState, url: &str) -> Result<Vec<(String, Bytes)>> {
     let extras: Vec<_> = trainer
@@ -198,24 +197,30 @@ fn encode(trainer: &Trainer, state: &TrainerState, url: &str) -> Result<Vec<(Str
     ])
 }
 
-async fn put(loc: &Location, bytes: Bytes) -> Result<()> {
+/// Puts one file (multipart above `MULTIPART_BYTES`), retrying an unavailable store, and makes
+/// it durable on a local file system.
+async fn put(loc: &Location, bytes: Bytes, opts: &StoreOptions) -> Result<()> {
     let url = loc.url();
-    if bytes.len() <= MULTIPART_BYTES {
-        loc.store
-            .put(&loc.path, PutPayload::from(bytes))
-            .await
-            .map_err(|e| store_err(&url, e))?;
-        return Ok(());
-    }
-    let upload = loc
-        .store
-        .put_multipart(&loc.path)
-        .await
-        .map_err(|e| store_err(&url, e))?;
-    let mut w = WriteMultipart::new(upload);
-    w.put(bytes);
-    w.finish().await.map_err(|e| store_err(&url, e))?;
-    Ok(())
+    let what = format!("writing {url}");
+    store_retry(&what, opts.retry_budget, || {
+        let bytes = bytes.clone();
+        async move {
+            if bytes.len() <= MULTIPART_BYTES {
+                return loc
+                    .store
+                    .put(&loc.path, PutPayload::from(bytes))
+                    .await
+                    .map(|_| ());
+            }
+            let upload = loc.store.put_multipart(&loc.path).await?;
+            let mut w = WriteMultipart::new(upload);
+            w.put(bytes);
+            w.finish().await.map(|_| ())
+        }
+    })
+    .await
+    .map_err(|e| store_err(&url, e))?;
+    loc.sync(&loc.path).map_err(|e| store_err(&url, e))
 }
 
 fn is_not_found(e: &object_store::Error) -> bool {
@@ -224,7 +229,7 @@ fn is_not_found(e: &object_store::Error) -> bool {
 
 /// Writes a checkpoint for `state.step` under the URL `root` (files first, COMMIT last) and
 /// deletes committed ones beyond the newest `keep` (0 = keep all). Returns its URL.
-pub fn save_url(
+pub fn save(
     root: &str,
     opts: &StoreOptions,
     trainer: &Trainer,
@@ -243,22 +248,33 @@ pub fn save_url(
             .collect(),
     };
     let marker = serde_json::to_vec_pretty(&commit).map_err(|e| invalid(&url, e.to_string()))?;
+    let budget = opts.retry_budget;
     block_on(|| async move {
         // Rewriting a step (a rollback replays it): un-commit first so no reader mixes files.
         let m = ckpt.join(COMMIT);
-        match m.store.delete(&m.path).await {
+        match store_retry(&format!("deleting {}", m.url()), budget, || {
+            m.store.delete(&m.path)
+        })
+        .await
+        {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(store_err(&m.url(), e)),
         }
         for (name, bytes) in files {
-            put(&ckpt.join(&name), bytes).await?;
+            put(&ckpt.join(&name), bytes, opts).await?;
         }
-        put(&m, Bytes::from(marker)).await?;
+        // Tests kill a worker here: the files are written, COMMIT is not.
+        crate::dist::fault::point("checkpoint");
+        put(&m, Bytes::from(marker), opts).await?;
         if keep > 0 {
-            let all = list_committed(&root_loc).await?;
+            let all = checkpoints::list_committed(&root_loc, budget)
+                .await
+                .map_err(|e| store_err(&root_loc.url(), e))?;
             for (_, old) in all.iter().rev().skip(keep) {
-                delete_checkpoint(old).await?;
+                checkpoints::delete(old, budget)
+                    .await
+                    .map_err(|e| store_err(&old.url(), e))?;
             }
         }
         Ok(())
@@ -266,62 +282,14 @@ pub fn save_url(
     Ok(url)
 }
 
-/// COMMIT goes first, so a half-deleted checkpoint is already invisible.
-async fn delete_checkpoint(loc: &Location) -> Result<()> {
-    let m = loc.join(COMMIT);
-    match m.store.delete(&m.path).await {
-        Ok(()) => {}
-        Err(e) if is_not_found(&e) => {}
-        Err(e) => return Err(store_err(&m.url(), e)),
-    }
-    let listed = loc
-        .store
-        .list_with_delimiter(Some(&loc.path))
-        .await
-        .map_err(|e| store_err(&loc.url(), e))?;
-    for o in listed.objects {
-        match loc.store.delete(&o.location).await {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(store_err(&loc.display(&o.location), e)),
-        }
-    }
-    Ok(())
-}
-
-async fn list_committed(root: &Location) -> Result<Vec<(u64, Location)>> {
-    let listed = match root.store.list_with_delimiter(Some(&root.path)).await {
-        Ok(l) => l,
-        Err(e) if is_not_found(&e) => return Ok(Vec::new()),
-        Err(e) => return Err(store_err(&root.url(), e)),
-    };
-    let mut out = Vec::new();
-    for prefix in listed.common_prefixes {
-        let Some(step) = prefix
-            .filename()
-            .and_then(|n| n.strip_prefix("step-"))
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let loc = root.with_path(prefix);
-        let m = loc.join(COMMIT);
-        match m.store.head(&m.path).await {
-            Ok(_) => out.push((step, loc)),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(store_err(&m.url(), e)),
-        }
-    }
-    out.sort_by_key(|(s, _)| *s);
-    Ok(out)
-}
-
 /// Committed checkpoints under the URL `root`, oldest first, as (step, URL).
-pub fn committed_url(root: &str, opts: &StoreOptions) -> Result<Vec<(u64, String)>> {
+pub fn committed(root: &str, opts: &StoreOptions) -> Result<Vec<(u64, String)>> {
     let loc = open(root, opts)?;
+    let budget = opts.retry_budget;
     block_on(|| async move {
-        Ok(list_committed(&loc)
-            .await?
+        Ok(checkpoints::list_committed(&loc, budget)
+            .await
+            .map_err(|e| store_err(&loc.url(), e))?
             .into_iter()
             .map(|(s, l)| (s, l.url()))
             .collect())
@@ -329,16 +297,21 @@ pub fn committed_url(root: &str, opts: &StoreOptions) -> Result<Vec<(u64, String
 }
 
 /// The newest committed checkpoint under the URL `root`, if any.
-pub fn latest_url(root: &str, opts: &StoreOptions) -> Result<Option<String>> {
-    Ok(committed_url(root, opts)?.pop().map(|(_, u)| u))
+pub fn latest(root: &str, opts: &StoreOptions) -> Result<Option<String>> {
+    Ok(committed(root, opts)?.pop().map(|(_, u)| u))
 }
 
 /// `url` itself when it is a committed checkpoint, else the newest committed one below it.
-pub fn resolve_url(url: &str, opts: &StoreOptions) -> Result<String> {
+pub fn resolve(url: &str, opts: &StoreOptions) -> Result<String> {
     let loc = open(url, opts)?;
     let m = loc.join(COMMIT);
+    let budget = opts.retry_budget;
     let is_checkpoint = block_on(|| async move {
-        match m.store.head(&m.path).await {
+        match store_retry(&format!("reading {}", m.url()), budget, || {
+            m.store.head(&m.path)
+        })
+        .await
+        {
             Ok(_) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(store_err(&m.url(), e)),
@@ -347,7 +320,7 @@ pub fn resolve_url(url: &str, opts: &StoreOptions) -> Result<String> {
     if is_checkpoint {
         return Ok(loc.url());
     }
-    latest_url(url, opts)?.ok_or_else(|| {
+    latest(url, opts)?.ok_or_else(|| {
         invalid(
             url,
             "neither a committed checkpoint (no COMMIT) nor a directory holding one",
@@ -355,29 +328,34 @@ pub fn resolve_url(url: &str, opts: &StoreOptions) -> Result<String> {
     })
 }
 
-async fn get(loc: &Location) -> Result<Option<Bytes>> {
-    let r = match loc.store.get(&loc.path).await {
-        Ok(r) => r,
-        Err(e) if is_not_found(&e) => return Ok(None),
-        Err(e) => return Err(store_err(&loc.url(), e)),
-    };
-    Ok(Some(r.bytes().await.map_err(|e| store_err(&loc.url(), e))?))
+async fn get(loc: &Location, budget: std::time::Duration) -> Result<Option<Bytes>> {
+    let what = format!("reading {}", loc.url());
+    let r = store_retry(&what, budget, || async {
+        loc.store.get(&loc.path).await?.bytes().await
+    })
+    .await;
+    match r {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(store_err(&loc.url(), e)),
+    }
 }
 
 /// Reads the committed checkpoint at `url` (optimizer moments only if `with_optim`).
-pub fn read_url(url: &str, opts: &StoreOptions, with_optim: bool) -> Result<Checkpoint> {
+pub fn read(url: &str, opts: &StoreOptions, with_optim: bool) -> Result<Checkpoint> {
     let loc = open(url, opts)?;
     let url = loc.url();
+    let budget = opts.retry_budget;
     let (commit, files) = {
         let url = url.clone();
         block_on(|| async move {
-            let Some(marker) = get(&loc.join(COMMIT)).await? else {
+            let Some(marker) = get(&loc.join(COMMIT), budget).await? else {
                 return Err(invalid(
                     &url,
                     "no COMMIT marker: the checkpoint is incomplete",
                 ));
             };
-            // Checkpoints of the local writer hold just the name; ours list the files.
+            // Older local checkpoints hold just the name in COMMIT; ours list the files.
             let commit: Option<Commit> = serde_json::from_slice(&marker).ok();
             let mut names = vec!["trainer.json", "model.safetensors", "extras.safetensors"];
             if with_optim {
@@ -386,7 +364,7 @@ pub fn read_url(url: &str, opts: &StoreOptions, with_optim: bool) -> Result<Chec
             let mut files = BTreeMap::new();
             for name in names {
                 let f = loc.join(name);
-                let bytes = get(&f)
+                let bytes = get(&f, budget)
                     .await?
                     .ok_or_else(|| invalid(&f.url(), "missing from a committed checkpoint"))?;
                 files.insert(name.to_string(), bytes);
@@ -428,8 +406,8 @@ pub fn read_url(url: &str, opts: &StoreOptions, with_optim: bool) -> Result<Chec
 }
 
 /// Loads the committed checkpoint at `url` into `trainer` (model, optimizer, step).
-pub fn load_url(url: &str, opts: &StoreOptions, trainer: &mut Trainer) -> Result<TrainerState> {
-    let c = read_url(url, opts, true)?;
+pub fn load(url: &str, opts: &StoreOptions, trainer: &mut Trainer) -> Result<TrainerState> {
+    let c = read(url, opts, true)?;
     restore(trainer, &c.state, &c.tensors, c.optim, &c.url)?;
     Ok(c.state)
 }

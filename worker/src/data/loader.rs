@@ -3,7 +3,6 @@
 //! tokenise captions on a rayon pool, and collate in the order asked.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferroclip_shards::{Dataset, Sample, ShardsError, StoreOptions};
@@ -95,7 +94,6 @@ pub struct Loader {
     runtime: Option<tokio::runtime::Runtime>,
     cache: Arc<Mutex<BlockCache>>,
     permits: Arc<tokio::sync::Semaphore>,
-    epoch: AtomicU64,
 }
 
 impl Loader {
@@ -187,18 +185,12 @@ impl Loader {
             runtime: Some(runtime),
             cache: Arc::new(Mutex::new(BlockCache::new(options.cache_bytes))),
             permits: Arc::new(tokio::sync::Semaphore::new(options.prefetch_blocks.max(1))),
-            epoch: AtomicU64::new(0),
         })
     }
 
     /// Rows per block of the split, indexed by block number.
     pub fn block_rows(&self) -> &[u32] {
         &self.block_rows
-    }
-
-    /// The epoch mixed into each sample's augmentation seed.
-    pub fn set_epoch(&self, epoch: u64) {
-        self.epoch.store(epoch, Ordering::Relaxed);
     }
 
     /// Hint: these blocks will be needed soon; start fetching them now (returns at once).
@@ -248,7 +240,7 @@ impl Loader {
             })?;
             rows_of.insert(b, samples);
         }
-        let mut samples: Vec<(u32, &Sample)> = Vec::with_capacity(refs.len());
+        let mut samples: Vec<(&SampleRef, &Sample)> = Vec::with_capacity(refs.len());
         for r in refs {
             let rows = &rows_of[&r.block];
             let s = rows
@@ -260,17 +252,17 @@ impl Loader {
                     row: r.row,
                     rows: rows.len(),
                 })?;
-            samples.push((r.block, s));
+            samples.push((r, s));
         }
         self.collate(&samples)
     }
 
-    /// Decode + augment + tokenise on the pool, then build the tensors.
-    fn collate(&self, samples: &[(u32, &Sample)]) -> Result<Batch, LoaderError> {
+    /// Decode + augment + tokenise on the pool, then build the tensors. Each image's
+    /// augmentation is seeded by (run seed, the sample's epoch, its key).
+    fn collate(&self, samples: &[(&SampleRef, &Sample)]) -> Result<Batch, LoaderError> {
         let per_image = self.transform.output_len();
         let size = self.transform.image_size;
         let seed = self.transform.seed;
-        let epoch = self.epoch.load(Ordering::Relaxed);
         let mut images = vec![0f32; samples.len() * per_image];
         let (decoded, tokens) = self.pool.install(|| {
             rayon::join(
@@ -278,12 +270,13 @@ impl Loader {
                     images
                         .par_chunks_mut(per_image.max(1))
                         .zip(samples.par_iter())
-                        .try_for_each(|(out, (block, s))| {
+                        .try_for_each(|(out, (r, s))| {
+                            let sample = sample_seed(seed, r.epoch as u64, &s.key);
                             self.transform
-                                .apply_into(&s.image, sample_seed(seed, epoch, &s.key), out)
+                                .apply_into(&s.image, sample, out)
                                 .map_err(|source| LoaderError::Image {
                                     dataset: self.dataset.url(),
-                                    block: *block,
+                                    block: r.block,
                                     key: s.key.clone(),
                                     source,
                                 })

@@ -26,12 +26,8 @@ pub struct Batch {
     pub labels: Vec<Option<String>>,
 }
 
-/// A sample's address: row `row` of block `block` (the coordinator's plan uses the same pair).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SampleRef {
-    pub block: u32,
-    pub row: u32,
-}
+/// One use of a sample: (epoch, block, row), the plan's own type.
+pub use ferroclip_plan::SampleRef;
 
 impl Batch {
     /// The batch on `device`. On a GPU the host tensors are pinned and copied without blocking,

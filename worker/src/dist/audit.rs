@@ -1,11 +1,15 @@
-//! Audit log: each worker appends, durably, the sample keys it feeds into a step before the
+//! Audit log: each worker records, durably, the sample keys it feeds into a step before the
 //! step's all-reduce, and marks the step applied after its optimizer update. Tests read these
-//! files to prove exactly-once from what really happened, not from the coordinator's books.
+//! records to prove exactly-once from what really happened, not from the coordinator's books.
+//!
+//! One object per record under `<run.dir>/audit/<worker_id>/` (object stores cannot append):
+//! `g<generation>-s<step>-fed.json` and `…-applied.json`, so the log lives wherever the run
+//! directory does (a path or any object-store URL).
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::Path;
-
+use ferroclip_shards::retry::store_retry;
+use ferroclip_shards::store::Location;
+use ferroclip_shards::StoreOptions;
+use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,50 +29,52 @@ pub enum Record {
     },
 }
 
+impl Record {
+    fn object_name(&self) -> String {
+        match self {
+            Record::Fed {
+                generation, step, ..
+            } => format!("g{generation:08}-s{step:010}-fed.json"),
+            Record::Applied {
+                generation, step, ..
+            } => format!("g{generation:08}-s{step:010}-applied.json"),
+        }
+    }
+}
+
 pub struct Audit {
-    file: File,
+    dir: Location,
+    opts: StoreOptions,
+    rt: tokio::runtime::Handle,
 }
 
 impl Audit {
-    /// Opens `<dir>/<worker_id>.jsonl` for appending.
-    pub fn open(dir: &Path, worker_id: &str) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{worker_id}.jsonl")))?;
-        Ok(Self { file })
+    /// Records of `worker_id` go under `<run_dir>/audit/<worker_id>/`.
+    pub fn open(
+        run_dir: &str,
+        worker_id: &str,
+        opts: &StoreOptions,
+        rt: tokio::runtime::Handle,
+    ) -> anyhow::Result<Self> {
+        let url = format!("{}/audit/{worker_id}", run_dir.trim_end_matches('/'));
+        Ok(Self {
+            dir: Location::open(&url, opts)?,
+            opts: opts.clone(),
+            rt,
+        })
     }
 
-    pub fn write(&mut self, record: &Record) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        self.file.write_all(&line)?;
-        self.file.sync_data()
+    /// Writes one record durably (fsynced on a local file system); call from outside the runtime.
+    pub fn write(&mut self, record: &Record) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(record)?;
+        let loc = self.dir.join(&record.object_name());
+        let budget = self.opts.retry_budget;
+        self.rt.block_on(store_retry(
+            &format!("writing {}", loc.url()),
+            budget,
+            || loc.store.put(&loc.path, PutPayload::from(bytes.clone())),
+        ))?;
+        loc.sync(&loc.path)?;
+        Ok(())
     }
-}
-
-/// Reads every record of an audit directory, per worker file.
-pub fn read_dir(dir: &Path) -> std::io::Result<Vec<(String, Vec<Record>)>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path)?;
-        let worker = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("")
-            .to_string();
-        // A worker killed mid-write may leave a torn last line: it was never fsynced whole.
-        let records = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        out.push((worker, records));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
 }

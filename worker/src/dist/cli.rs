@@ -34,12 +34,8 @@ pub struct JoinArgs {
     /// Libtorch intra-op threads (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
-    /// S3-compatible endpoint for the dataset and run directory.
-    #[arg(long, env = "FERROCLIP_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    /// Allow plain-HTTP object-store endpoints.
-    #[arg(long)]
-    pub allow_http: bool,
+    #[command(flatten)]
+    pub store: ferroclip_shards::StoreArgs,
 }
 
 pub fn run(args: JoinArgs) -> Result<()> {
@@ -67,10 +63,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
         device_name: args.device,
         collective_port: args.collective_port,
         advertise_host: args.advertise_host.unwrap_or(host),
-        store: ferroclip_shards::StoreOptions {
-            s3_endpoint: args.s3_endpoint,
-            allow_http: args.allow_http,
-        },
+        store: args.store.options(),
         stop,
     })
 }

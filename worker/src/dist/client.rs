@@ -1,5 +1,9 @@
 //! The worker's side of `ferroclip.v1`: a gRPC client that adds the run token to every call and
-//! retries with backoff while the coordinator is unreachable (it may be restarting).
+//! retries with backoff while the coordinator is unreachable (it may be restarting) or answers
+//! UNAVAILABLE (its journal is not durable yet). Every call but Join has a deadline; Join is a
+//! long poll (it returns when a generation forms) on a channel of its own. Both channels send
+//! HTTP/2 keepalive pings, so a black-holed coordinator is noticed in seconds, not when the
+//! kernel gives up on the connection.
 
 use std::time::Duration;
 
@@ -25,11 +29,16 @@ pub enum CallError {
     },
 }
 
+/// Longest a call other than Join may take (a slow journal write included).
+pub const RPC_DEADLINE: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct Client {
     url: String,
     token: String,
     inner: CoordinatorClient<Channel>,
+    /// Join's channel: no deadline (it waits for a generation to form), keepalive only.
+    joiner: CoordinatorClient<Channel>,
     /// How long to keep retrying an unreachable coordinator.
     patience: Duration,
 }
@@ -39,13 +48,26 @@ impl Client {
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| anyhow::anyhow!("coordinator URL {url:?} is not valid: {e}"))?
             .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         Ok(Self {
             url: url.to_string(),
             token: token.to_string(),
-            inner: CoordinatorClient::new(endpoint.connect_lazy()),
+            inner: CoordinatorClient::new(endpoint.clone().timeout(RPC_DEADLINE).connect_lazy()),
+            joiner: CoordinatorClient::new(endpoint.connect_lazy()),
             patience,
         })
+    }
+
+    /// The same client, retrying an unreachable coordinator for `patience` (a run waits out a
+    /// store outage of `store.retry_budget_s` on the coordinator's side too).
+    pub fn with_patience(&self, patience: Duration) -> Self {
+        Self {
+            patience,
+            ..self.clone()
+        }
     }
 
     fn request<T>(&self, msg: T) -> Result<Request<T>, CallError> {
@@ -65,11 +87,25 @@ impl Client {
         F: Fn(CoordinatorClient<Channel>, Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.retry_on(self.inner.clone(), msg, call).await
+    }
+
+    async fn retry_on<T, M, F, Fut>(
+        &self,
+        channel: CoordinatorClient<Channel>,
+        msg: M,
+        call: F,
+    ) -> Result<T, CallError>
+    where
+        M: Clone,
+        F: Fn(CoordinatorClient<Channel>, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let start = std::time::Instant::now();
         let mut backoff = Duration::from_millis(100);
         loop {
             let req = self.request(msg.clone())?;
-            match call(self.inner.clone(), req).await {
+            match call(channel.clone(), req).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if s.code() == Code::FailedPrecondition => {
                     return Err(CallError::Stale(s.message().into()))
@@ -77,7 +113,11 @@ impl Client {
                 Err(s)
                     if matches!(
                         s.code(),
-                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                        Code::Unavailable
+                            | Code::Unknown
+                            | Code::Cancelled
+                            | Code::DeadlineExceeded
+                            | Code::Aborted
                     ) =>
                 {
                     if start.elapsed() > self.patience {
@@ -100,8 +140,10 @@ impl Client {
     }
 
     pub async fn join(&self, msg: v1::JoinRequest) -> Result<v1::JoinResponse, CallError> {
-        self.retry(msg, |mut c, r| async move { c.join(r).await })
-            .await
+        self.retry_on(self.joiner.clone(), msg, |mut c, r| async move {
+            c.join(r).await
+        })
+        .await
     }
 
     pub async fn heartbeat(

@@ -3,7 +3,8 @@
 //! a step (a kill from outside lands wherever the process happens to be). Off unless set.
 //!
 //! Points: `load` (samples leased, batch not yet fed), `allreduce` (between gradient buckets),
-//! `applied` (optimizer step done, CommitStep not sent).
+//! `applied` (optimizer step done, CommitStep not sent), `checkpoint` (a checkpoint's files
+//! written, its COMMIT not).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

@@ -8,11 +8,25 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One sample: row `row` of block `block` (blocks numbered as `shards::Dataset::blocks`).
+/// One use of a sample: row `row` of block `block` (blocks numbered as
+/// `shards::Dataset::blocks`) in epoch `epoch`. The epoch is part of the identity because each
+/// epoch uses every sample once, and it seeds the sample's augmentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SampleRef {
+    pub epoch: u32,
     pub block: u32,
     pub row: u32,
+}
+
+impl SampleRef {
+    /// Row `row` of block `block` outside any epoch plan (evaluation, embedding): epoch 0.
+    pub fn at(block: u32, row: u32) -> Self {
+        Self {
+            epoch: 0,
+            block,
+            row,
+        }
+    }
 }
 
 /// A lease unit: a window of blocks whose rows are shuffled together.
@@ -79,11 +93,12 @@ impl EpochPlan {
         let Some(chunk) = self.chunks.get(index) else {
             return Vec::new();
         };
+        let epoch = self.epoch;
         let mut samples: Vec<SampleRef> = chunk
             .blocks
             .iter()
             .flat_map(|&block| {
-                (0..self.block_rows[block as usize]).map(move |row| SampleRef { block, row })
+                (0..self.block_rows[block as usize]).map(move |row| SampleRef { epoch, block, row })
             })
             .collect();
         let key = mix(&[self.seed, self.epoch as u64, index as u64, 0x5a3b]);

@@ -2,15 +2,18 @@
 //! committed. Exactly-once rests here: a step's samples leave the pool only when the step is
 //! committed; an abandoned step's samples go back at the committed cursors.
 //!
-//! Chunks (see `plan`) are leased to ranks within a generation, so a rank reads only its own
-//! blocks. Assignments are computed for all ranks of a step at once, which makes them a pure
-//! function of (committed state, pending steps, world size) and easy to journal.
+//! Chunks (see `epoch`) are leased to ranks within a generation, so a rank mostly reads its own
+//! blocks. Every step feeds exactly the global batch while samples remain: at the tail of the
+//! data, when every open chunk is leased to someone else, a rank reads from another rank's chunk
+//! (without taking its lease). So only the very last step of an epoch-limited run can be short.
+//! Assignments are computed for all ranks of a step at once, which makes them a pure function of
+//! (committed state, pending steps, world size) and easy to journal.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{EpochPlan, SampleRef};
+use crate::epoch::{EpochPlan, SampleRef};
 
 /// A chunk of one epoch's plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -68,14 +71,32 @@ impl StepAssignment {
     }
 }
 
+/// What ends a run: a number of steps (the data repeats epoch after epoch), or whole epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    Steps(u64),
+    Epochs(u32),
+}
+
+impl Bound {
+    /// `run.steps` when set (> 0), else `run.epochs`.
+    pub fn of(steps: u64, epochs: u32) -> Self {
+        if steps > 0 {
+            Bound::Steps(steps)
+        } else {
+            Bound::Epochs(epochs)
+        }
+    }
+}
+
 /// Sample ledger over the epoch plans of one dataset split.
 #[derive(Debug)]
 pub struct Ledger {
     seed: u64,
     window: u32,
     block_rows: Vec<u32>,
-    /// Epochs of the run; `None` = endless (a step limit ends the run).
-    epochs: Option<u32>,
+    bound: Bound,
     plans: BTreeMap<u32, EpochPlan>,
     committed_step: u64,
     committed: DataState,
@@ -83,12 +104,12 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(seed: u64, window: u32, block_rows: Vec<u32>, epochs: Option<u32>) -> Self {
+    pub fn new(seed: u64, window: u32, block_rows: Vec<u32>, bound: Bound) -> Self {
         Self {
             seed,
             window,
             block_rows,
-            epochs,
+            bound,
             plans: BTreeMap::new(),
             committed_step: 0,
             committed: DataState::default(),
@@ -124,6 +145,18 @@ impl Ledger {
         self.plan(0).len()
     }
 
+    pub fn bound(&self) -> Bound {
+        self.bound
+    }
+
+    /// Steps the whole run takes with `global_batch` samples per step (see `total_steps`).
+    pub fn total_steps(&mut self, global_batch: u32) -> u64 {
+        match self.bound {
+            Bound::Steps(n) => n,
+            Bound::Epochs(e) => crate::total_steps(0, e, self.epoch_len(), global_batch),
+        }
+    }
+
     fn plan(&mut self, epoch: u32) -> &EpochPlan {
         let (seed, window) = (self.seed, self.window);
         let rows = &self.block_rows;
@@ -133,24 +166,42 @@ impl Ledger {
     }
 
     /// The samples of a span, in feed order.
-    pub fn span_samples(&mut self, span: &Span) -> Vec<(u32, SampleRef)> {
-        let samples = self
+    pub fn span_samples(&mut self, span: &Span) -> Vec<SampleRef> {
+        let mut samples = self
             .plan(span.chunk.epoch)
             .chunk_samples(span.chunk.chunk as usize);
-        samples[span.from as usize..span.to as usize]
-            .iter()
-            .map(|s| (span.chunk.epoch, *s))
-            .collect()
+        let to = (span.to as usize).min(samples.len());
+        let from = (span.from as usize).min(to);
+        samples.truncate(to);
+        samples.drain(..from);
+        samples
+    }
+
+    /// The blocks of a chunk, in plan order (what a rank holding its lease reads).
+    pub fn chunk_blocks(&mut self, id: ChunkId) -> Vec<u32> {
+        self.plan(id.epoch)
+            .chunks()
+            .get(id.chunk as usize)
+            .map(|c| c.blocks.clone())
+            .unwrap_or_default()
     }
 
     pub fn chunk_rows(&mut self, id: ChunkId) -> u32 {
         self.plan(id.epoch).chunks()[id.chunk as usize].rows
     }
 
+    /// The step `assign_next` would assign.
+    pub fn next_unassigned(&self) -> u64 {
+        self.committed_step + self.pending.len() as u64 + 1
+    }
+
     /// Assigns the next step (`committed_step + pending + 1`) for `world` ranks, `global_batch`
-    /// samples split evenly. Returns `None` when no sample is left.
+    /// samples split evenly. Returns `None` past the run's step limit or when no sample is left.
     pub fn assign_next(&mut self, world: u32, global_batch: u32) -> Option<&StepAssignment> {
-        let step = self.committed_step + self.pending.len() as u64 + 1;
+        let step = self.next_unassigned();
+        if matches!(self.bound, Bound::Steps(n) if step > n) {
+            return None;
+        }
         let mut state = match self.pending.values().next_back() {
             Some(last) => last.after.clone(),
             None => self.committed.clone(),
@@ -174,11 +225,25 @@ impl Ledger {
         self.pending.get(&step)
     }
 
-    /// Takes up to `want` samples for `rank`: from its leases first, then from the pool.
+    /// Whether another step can be assigned after the committed and pending ones (the step
+    /// limit is not reached and a sample is left).
+    pub fn has_more(&mut self) -> bool {
+        if matches!(self.bound, Bound::Steps(n) if self.next_unassigned() > n) {
+            return false;
+        }
+        let mut state = match self.pending.values().next_back() {
+            Some(last) => last.after.clone(),
+            None => self.committed.clone(),
+        };
+        !self.take(&mut state, 0, 1).is_empty()
+    }
+
+    /// Takes up to `want` samples for `rank`: from its leases first, then from the pool, and at
+    /// the tail from other ranks' chunks.
     fn take(&mut self, state: &mut DataState, rank: u32, mut want: u32) -> Vec<Span> {
         let mut spans = Vec::new();
         while want > 0 {
-            let Some(id) = self.lease_for(state, rank) else {
+            let Some(id) = self.source_for(state, rank) else {
                 break;
             };
             let rows = self.chunk_rows(id);
@@ -192,9 +257,10 @@ impl Ledger {
             want -= to - from;
             if to == rows {
                 state.open.remove(&id);
-                if let Some(held) = state.leases.get_mut(&rank) {
+                for held in state.leases.values_mut() {
                     held.retain(|c| *c != id);
                 }
+                state.leases.retain(|_, held| !held.is_empty());
             } else {
                 state.open.insert(id, to);
             }
@@ -202,19 +268,32 @@ impl Ledger {
         spans
     }
 
-    /// The chunk `rank` reads next: its oldest lease, else an unleased open chunk, else a fresh one.
-    fn lease_for(&mut self, state: &mut DataState, rank: u32) -> Option<ChunkId> {
+    /// The chunk `rank` reads next: its oldest lease, else an unleased open chunk, else a fresh
+    /// one (both then leased to it), else the open chunk with the most samples left, leased to
+    /// another rank (read without taking the lease: the tail of the data, where a rank would
+    /// otherwise feed less than its share).
+    fn source_for(&mut self, state: &mut DataState, rank: u32) -> Option<ChunkId> {
         if let Some(id) = state.leases.get(&rank).and_then(|held| held.first()) {
             return Some(*id);
         }
         let leased: Vec<ChunkId> = state.leases.values().flatten().copied().collect();
         let free_open = state.open.keys().find(|id| !leased.contains(id)).copied();
-        let id = match free_open {
-            Some(id) => id,
-            None => self.open_fresh(state)?,
+        let fresh = match free_open {
+            Some(id) => Some(id),
+            None => self.open_fresh(state),
         };
-        state.leases.entry(rank).or_default().push(id);
-        Some(id)
+        if let Some(id) = fresh {
+            state.leases.entry(rank).or_default().push(id);
+            return Some(id);
+        }
+        let mut best: Option<(u32, ChunkId)> = None;
+        for (&id, &cursor) in &state.open {
+            let left = self.chunk_rows(id).saturating_sub(cursor);
+            if left > 0 && best.is_none_or(|(b, _)| left > b) {
+                best = Some((left, id));
+            }
+        }
+        best.map(|(_, id)| id)
     }
 
     fn open_fresh(&mut self, state: &mut DataState) -> Option<ChunkId> {
@@ -236,7 +315,7 @@ impl Ledger {
                 return Some(id);
             }
             let next = state.epoch + 1;
-            if self.epochs.is_some_and(|e| next >= e) || self.plan(next).is_empty() {
+            if matches!(self.bound, Bound::Epochs(e) if next >= e) || self.plan(next).is_empty() {
                 state.exhausted = true;
                 return None;
             }
@@ -306,7 +385,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn used(ledger: &mut Ledger, a: &StepAssignment) -> Vec<(u32, SampleRef)> {
+    fn used(ledger: &mut Ledger, a: &StepAssignment) -> Vec<SampleRef> {
         a.ranks
             .iter()
             .flatten()
@@ -314,9 +393,9 @@ mod tests {
             .collect()
     }
 
-    fn run_epoch(world: u32, batch: u32) -> Vec<(u32, SampleRef)> {
+    fn run_epoch(world: u32, batch: u32) -> Vec<SampleRef> {
         let rows = vec![5, 9, 0, 13, 7, 7, 2];
-        let mut l = Ledger::new(3, 2, rows, Some(1));
+        let mut l = Ledger::new(3, 2, rows, Bound::Epochs(1));
         let mut all = Vec::new();
         while let Some(a) = l.assign_next(world, batch).cloned() {
             all.extend(used(&mut l, &a));
@@ -339,7 +418,7 @@ mod tests {
 
     #[test]
     fn global_batch_is_split_evenly() {
-        let mut l = Ledger::new(0, 1, vec![100; 4], None);
+        let mut l = Ledger::new(0, 1, vec![100; 4], Bound::Steps(1000));
         let a = l.assign_next(3, 10).cloned().expect("step");
         assert_eq!(a.rank_batches(), vec![4, 3, 3]);
         assert_eq!(a.step, 1);
@@ -348,8 +427,8 @@ mod tests {
     #[test]
     fn abandoned_steps_return_their_samples() {
         let rows = vec![6; 6];
-        let mut l = Ledger::new(1, 2, rows, Some(1));
-        let mut seen: HashMap<(u32, SampleRef), u32> = HashMap::new();
+        let mut l = Ledger::new(1, 2, rows, Bound::Epochs(1));
+        let mut seen: HashMap<SampleRef, u32> = HashMap::new();
         // Step 1 commits; steps 2 and 3 are assigned, then the generation ends having applied 2.
         let a1 = l.assign_next(3, 6).cloned().expect("1");
         l.commit(1);
@@ -376,7 +455,7 @@ mod tests {
 
     #[test]
     fn steps_span_epochs_and_the_last_one_may_be_partial() {
-        let mut l = Ledger::new(0, 1, vec![10], Some(2));
+        let mut l = Ledger::new(0, 1, vec![10], Bound::Epochs(2));
         let mut sizes = Vec::new();
         while let Some(a) = l.assign_next(2, 6).cloned() {
             sizes.push(a.total());
@@ -386,9 +465,107 @@ mod tests {
         assert!(l.committed_state().exhausted);
     }
 
+    /// Runs the ledger to its end with `world(step)` ranks per step, regrouping (abandoning the
+    /// pending steps after the one applied) whenever the world size changes, and up to
+    /// `lookahead` steps assigned ahead. Returns the committed steps' sizes and samples.
+    fn drive(
+        l: &mut Ledger,
+        batch: u32,
+        lookahead: usize,
+        world: impl Fn(u64) -> u32,
+    ) -> (Vec<u32>, Vec<SampleRef>) {
+        let (mut sizes, mut samples) = (Vec::new(), Vec::new());
+        let mut current = world(1);
+        loop {
+            let next = l.committed_step() + 1;
+            if world(next) != current {
+                current = world(next);
+                l.regroup(l.committed_step());
+            }
+            while l.pending().count() < lookahead && l.assign_next(current, batch).is_some() {}
+            let Some(a) = l.assignment(next).cloned() else {
+                break;
+            };
+            // The step runs with the rank batches it was assigned: each rank its share.
+            let even: Vec<u32> = (0..current)
+                .map(|r| batch / current + u32::from(r < batch % current))
+                .collect();
+            if l.has_more() || l.pending().count() > 1 {
+                assert_eq!(a.rank_batches(), even, "step {next}: uneven ranks");
+            }
+            sizes.push(a.total());
+            samples.extend(used(l, &a));
+            assert!(l.commit(next));
+        }
+        (sizes, samples)
+    }
+
+    #[test]
+    fn every_step_feeds_the_full_global_batch_but_the_runs_last() {
+        // Ragged blocks, chunks of 3 blocks, world sizes that do not divide anything: the tail,
+        // where most ranks' chunks are used up, still feeds full steps.
+        let rows: Vec<u32> = (0..37).map(|i| 5 + (i * 7) % 23).collect();
+        let epoch: u64 = rows.iter().map(|&r| r as u64).sum();
+        for epochs in [1u32, 2] {
+            for world in [1u32, 3, 4, 7] {
+                for batch in [20u32, 21, 64] {
+                    let mut l = Ledger::new(9, 3, rows.clone(), Bound::Epochs(epochs));
+                    let (sizes, mut samples) = drive(&mut l, batch, 3, |_| world);
+                    let total = epoch * epochs as u64;
+                    let steps = crate::total_steps(0, epochs, epoch, batch);
+                    let what = format!("epochs {epochs} world {world} batch {batch}");
+                    assert_eq!(sizes.len() as u64, steps, "{what}: steps");
+                    let (last, full) = sizes.split_last().expect("steps");
+                    assert!(full.iter().all(|&n| n == batch), "{what}: {sizes:?}");
+                    assert_eq!(*last as u64, total - (steps - 1) * batch as u64, "{what}");
+                    samples.sort();
+                    samples.dedup();
+                    assert_eq!(samples.len() as u64, total, "{what}: exactly once");
+                    assert!(!l.has_more(), "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn steps_stay_full_when_the_world_changes_at_the_tail() {
+        // 3 ranks, then 2 (a death), then 4 (joins) during the last steps of the epoch.
+        let rows = vec![17u32; 12];
+        let mut l = Ledger::new(4, 2, rows, Bound::Epochs(1));
+        let world = |step: u64| match step {
+            0..=6 => 3,
+            7..=9 => 2,
+            _ => 4,
+        };
+        let (sizes, mut samples) = drive(&mut l, 18, 3, world);
+        assert_eq!(sizes.len(), 12, "{sizes:?}");
+        assert!(sizes[..11].iter().all(|&n| n == 18), "{sizes:?}");
+        assert_eq!(sizes[11], 12 * 17 - 11 * 18);
+        samples.sort();
+        samples.dedup();
+        assert_eq!(samples.len(), 12 * 17);
+    }
+
+    #[test]
+    fn endless_runs_always_feed_full_steps() {
+        let mut l = Ledger::new(2, 2, vec![3, 11, 6], Bound::Steps(50));
+        for step in 1..=50u64 {
+            let a = l.assign_next(4, 13).cloned().expect("endless");
+            assert_eq!(a.total(), 13, "step {step}");
+            assert!(l.commit(step));
+        }
+        assert!(l.committed_state().epoch >= 30, "20 samples an epoch");
+        assert!(
+            l.assign_next(4, 13).is_none(),
+            "the step limit ends the run"
+        );
+        assert!(!l.has_more());
+        assert_eq!(l.total_steps(13), 50);
+    }
+
     #[test]
     fn ranks_keep_their_chunks_within_a_generation() {
-        let mut l = Ledger::new(0, 1, vec![100; 4], None);
+        let mut l = Ledger::new(0, 1, vec![100; 4], Bound::Steps(1000));
         let a = l.assign_next(2, 8).cloned().expect("1");
         let b = l.assign_next(2, 8).cloned().expect("2");
         for r in 0..2 {
@@ -402,7 +579,7 @@ mod tests {
 
     #[test]
     fn state_survives_json() {
-        let mut l = Ledger::new(0, 2, vec![7; 5], None);
+        let mut l = Ledger::new(0, 2, vec![7; 5], Bound::Steps(1000));
         let a = l.assign_next(2, 5).cloned().expect("1");
         let text = serde_json::to_string(&a).expect("ser");
         let back: StepAssignment = serde_json::from_str(&text).expect("de");

@@ -1,0 +1,370 @@
+//! The run's rules on an explicit clock, no process: workers are simulated by calling the
+//! same methods the gRPC service calls.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ferroclip_proto::config::RunConfig;
+use ferroclip_proto::v1;
+
+use super::{Committed, Run};
+use crate::membership::WorkerInfo;
+
+fn config(epochs: u32, batch: u32, max_workers: u32) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.run.dir = "s3://b/run".into();
+    c.run.epochs = epochs;
+    c.optim.global_batch = batch;
+    c.data.shuffle_window_blocks = 2;
+    c.cluster.min_workers = 1;
+    c.cluster.max_workers = max_workers;
+    c.cluster.settle_s = 1.0;
+    c.cluster.heartbeat_timeout_s = 5.0;
+    c.checkpoint.keep = 2;
+    c
+}
+
+fn info(id: &str, applied: u64) -> WorkerInfo {
+    WorkerInfo {
+        worker_id: id.into(),
+        host: "h".into(),
+        device: "cpu".into(),
+        collective_addr: format!("{id}:1"),
+        last_applied: applied,
+    }
+}
+
+/// Simulated workers: their placements and what each applied.
+struct Sim {
+    run: Run,
+    now: Instant,
+    place: HashMap<String, v1::JoinResponse>,
+    applied: HashMap<String, u64>,
+    /// Every committed step's total samples, in order.
+    sizes: Vec<u32>,
+}
+
+impl Sim {
+    fn new(cfg: RunConfig, rows: Vec<u32>) -> Self {
+        Self {
+            run: Run::new(cfg, rows),
+            now: Instant::now(),
+            place: HashMap::new(),
+            applied: HashMap::new(),
+            sizes: Vec::new(),
+        }
+    }
+
+    fn later(&mut self, secs: f64) {
+        self.now += Duration::from_secs_f64(secs);
+    }
+
+    /// `ids` (re-)join; time passes until the generation forms.
+    fn form(&mut self, ids: &[&str]) {
+        for id in ids {
+            let applied = self.applied.get(*id).copied().unwrap_or(0);
+            self.run.join(info(id, applied), self.now);
+        }
+        for _ in 0..20 {
+            if self.run.tick(self.now) {
+                break;
+            }
+            self.later(0.5);
+        }
+        self.place.clear();
+        for id in ids {
+            let p = self.run.placement(id).expect("placed");
+            self.applied
+                .insert(id.to_string(), p.next_step.saturating_sub(1));
+            self.place.insert(id.to_string(), p);
+        }
+    }
+
+    fn ids(&self) -> Vec<String> {
+        let mut v: Vec<(u32, String)> = self
+            .place
+            .iter()
+            .map(|(id, p)| (p.rank, id.clone()))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, id)| id).collect()
+    }
+
+    fn next(&mut self, id: &str, step: u64) -> v1::NextStepResponse {
+        let g = self.place[id].generation;
+        self.run
+            .next_step(id, g, step, self.now)
+            .expect("next step")
+    }
+
+    fn commit(&mut self, id: &str, step: u64) -> Committed {
+        let g = self.place[id].generation;
+        let req = v1::CommitStepRequest {
+            worker_id: id.into(),
+            generation: g,
+            step,
+            samples: 1,
+            metrics: vec![],
+        };
+        let c = self.run.commit_step(&req, self.now).expect("commit");
+        self.applied.insert(id.to_string(), step);
+        c
+    }
+
+    fn checkpoint(&mut self, id: &str, step: u64) {
+        let g = self.place[id].generation;
+        let req = v1::CommitCheckpointRequest {
+            worker_id: id.into(),
+            generation: g,
+            step,
+            url: format!("s3://b/run/checkpoints/step-{step:08}"),
+        };
+        self.run.commit_checkpoint(&req).expect("checkpoint");
+    }
+
+    /// Every member asks for `step`; Some(size) if it was assigned, None at the end.
+    fn step_all(&mut self, step: u64) -> Option<u32> {
+        let ids = self.ids();
+        let mut total = None;
+        for id in &ids {
+            let r = self.next(id, step);
+            if r.end_of_run {
+                return None;
+            }
+            total = Some(r.global_batch);
+        }
+        for id in &ids {
+            self.commit(id, step);
+        }
+        self.sizes.push(total.expect("members"));
+        total
+    }
+
+    /// Runs steps until the end; rank 0 then checkpoints the last one.
+    fn run_to_the_end(&mut self) {
+        let mut step = self.run.ledger.committed_step() + 1;
+        while self.step_all(step).is_some() {
+            step += 1;
+        }
+        let rank0 = self.ids()[0].clone();
+        self.checkpoint(&rank0, step - 1);
+    }
+}
+
+#[test]
+fn a_run_feeds_full_batches_and_finishes_only_with_its_final_checkpoint() {
+    // 3 workers, 1 epoch of 13 × 17 = 221 samples, batch 20: 11 full steps and one of 1.
+    let mut sim = Sim::new(config(1, 20, 3), vec![17; 13]);
+    sim.form(&["a", "b", "c"]);
+    assert_eq!(sim.run.total_steps(), 12);
+    let mut step = 1;
+    while sim.step_all(step).is_some() {
+        step += 1;
+    }
+    assert_eq!(sim.sizes.len(), 12);
+    assert!(sim.sizes[..11].iter().all(|&n| n == 20), "{:?}", sim.sizes);
+    assert_eq!(sim.sizes[11], 1);
+    assert_eq!(sim.run.phase_name(), "finishing");
+    assert!(!sim.run.finished(), "not before the final checkpoint");
+    // Heartbeats keep the finishing generation alive and say nothing of stopping yet.
+    let hb = v1::HeartbeatRequest {
+        worker_id: "b".into(),
+        generation: sim.place["b"].generation,
+        store_wait_s: 0.0,
+    };
+    assert!(!sim.run.heartbeat(&hb, sim.now).expect("beat").stop);
+    sim.checkpoint("a", 12);
+    assert!(sim.run.finished());
+    assert!(sim.run.heartbeat(&hb, sim.now).expect("beat").stop);
+}
+
+#[test]
+fn a_death_in_the_last_steps_regroups_and_the_run_still_finishes() {
+    // 48 samples, batch 12: 4 steps.
+    let mut sim = Sim::new(config(1, 12, 3), vec![12; 4]);
+    sim.form(&["a", "b", "c"]);
+    for step in 1..=3 {
+        sim.step_all(step).expect("step");
+    }
+    // Step 4 is assigned; "a" and "b" ask for step 5, which does not exist: finishing.
+    for id in ["a", "b", "c"] {
+        sim.next(id, 4);
+    }
+    assert!(sim.next("a", 5).end_of_run);
+    assert_eq!(sim.run.phase_name(), "finishing");
+    sim.commit("a", 4);
+    sim.commit("b", 4);
+    // "c" dies before committing step 4: only silence tells (it never left).
+    for _ in 0..12 {
+        sim.later(0.5);
+        for id in ["a", "b"] {
+            let hb = v1::HeartbeatRequest {
+                worker_id: id.into(),
+                generation: sim.place[id].generation,
+                store_wait_s: 0.0,
+            };
+            // Once the generation has ended the answer is FAILED_PRECONDITION: join again.
+            let _ = sim.run.heartbeat(&hb, sim.now);
+        }
+        sim.run.tick(sim.now);
+    }
+    assert_eq!(
+        sim.run.phase_name(),
+        "waiting",
+        "the finishing generation ended"
+    );
+    assert_eq!(sim.run.counters.worker_deaths, 1);
+    // The survivors applied step 4: it commits as the new generation forms, and step 5 does
+    // not exist, so rank 0 only writes the final checkpoint.
+    sim.form(&["a", "b"]);
+    assert_eq!(sim.run.ledger.committed_step(), 4);
+    assert_eq!(sim.place["a"].next_step, 5);
+    assert!(sim.next("a", 5).end_of_run);
+    sim.checkpoint("a", 4);
+    assert!(sim.run.finished());
+}
+
+#[test]
+fn a_worker_lost_before_applying_the_last_step_gets_it_rerun_full() {
+    let mut sim = Sim::new(config(1, 12, 3), vec![12; 5]);
+    sim.form(&["a", "b", "c"]);
+    for step in 1..=4 {
+        sim.step_all(step).expect("step");
+    }
+    for id in ["a", "b", "c"] {
+        sim.next(id, 5);
+    }
+    // "b" leaves (SIGTERM) before anyone applied step 5: the step is abandoned.
+    let leave = v1::LeaveRequest {
+        worker_id: "b".into(),
+        generation: sim.place["b"].generation,
+        reason: "SIGTERM".into(),
+    };
+    sim.run.leave(&leave, sim.now).expect("leave");
+    sim.form(&["a", "c"]);
+    assert_eq!(sim.run.ledger.committed_step(), 4);
+    assert_eq!(
+        sim.step_all(5),
+        Some(12),
+        "the last step re-runs with the full batch"
+    );
+    assert!(sim.next("a", 6).end_of_run);
+    sim.checkpoint("a", 5);
+    assert!(sim.run.finished());
+}
+
+#[test]
+fn retried_calls_get_the_same_answer() {
+    let mut sim = Sim::new(config(1, 8, 2), vec![16; 4]);
+    sim.form(&["a", "b"]);
+    let first = sim.next("a", 1);
+    let again = sim.next("a", 1);
+    assert_eq!(first.samples, again.samples, "NextStep is idempotent");
+    sim.next("b", 1);
+    assert_eq!(sim.commit("a", 1), Committed::Waiting);
+    // "a"'s answer was lost and it retries: still waiting, not double counted.
+    assert_eq!(sim.commit("a", 1), Committed::Waiting);
+    assert_eq!(sim.commit("b", 1), Committed::Step);
+    // "b" retries after the commit: the step is committed, no error.
+    assert_eq!(sim.commit("b", 1), Committed::Step);
+    assert_eq!(sim.run.history.len(), 1);
+    // A step far ahead is refused, a committed one too.
+    let g = sim.place["a"].generation;
+    assert!(sim.run.next_step("a", g, 5, sim.now).is_err());
+    assert!(sim.run.next_step("a", g, 1, sim.now).is_err());
+}
+
+#[test]
+fn checkpoints_are_recorded_once_under_the_run_dir_and_pruned_oldest_first() {
+    let mut sim = Sim::new(config(1, 8, 1), vec![8; 8]);
+    sim.form(&["a"]);
+    let g = sim.place["a"].generation;
+    for step in 1..=4 {
+        sim.step_all(step).expect("step");
+        sim.checkpoint("a", step);
+        sim.checkpoint("a", step); // a retry records nothing new
+        let _ = sim.run.prune_checkpoints();
+    }
+    let steps: Vec<u64> = sim.run.checkpoints.iter().map(|c| c.step).collect();
+    assert_eq!(steps, vec![3, 4], "keep = 2, newest kept");
+    for url in [
+        "s3://b/run/checkpoints/step-00000005", // not this step
+        "s3://b/elsewhere/step-00000004",
+        "s3://b/run/checkpoints/step-4",
+        "s3://b/run/checkpoints/../data",
+    ] {
+        let req = v1::CommitCheckpointRequest {
+            worker_id: "a".into(),
+            generation: g,
+            step: 4,
+            url: url.into(),
+        };
+        assert!(sim.run.commit_checkpoint(&req).is_err(), "{url} accepted");
+    }
+    sim.run.config.checkpoint.keep = 0;
+    assert!(
+        sim.run.prune_checkpoints().len() <= 1,
+        "keep = 0 still keeps the newest"
+    );
+    assert_eq!(sim.run.checkpoints.last().map(|c| c.step), Some(4));
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_the_journaled_run() {
+    let mut sim = Sim::new(config(1, 10, 2), vec![10; 6]);
+    sim.form(&["a", "b"]);
+    for step in 1..=3 {
+        sim.step_all(step).expect("step");
+    }
+    sim.checkpoint("a", 3);
+    let snap = sim.run.snapshot();
+    // A new coordinator process: the same config, the journal's state.
+    let mut restarted = Sim::new(config(1, 10, 2), vec![10; 6]);
+    restarted.run.restore(snap);
+    restarted.applied = sim.applied.clone();
+    restarted.form(&["a", "b"]);
+    assert_eq!(restarted.place["a"].next_step, 4);
+    restarted.run_to_the_end();
+    assert!(restarted.run.finished());
+    assert_eq!(restarted.run.ledger.committed_step(), 6);
+    // Another run's journal does not fit this one.
+    let other = Run::new(config(1, 10, 2), vec![10; 7]);
+    assert!(other.identity.mismatch(&restarted.run.identity).is_some());
+}
+
+#[test]
+fn a_step_limited_run_repeats_its_data_and_ends_at_the_limit() {
+    let mut cfg = config(1, 16, 2);
+    cfg.run.steps = 7;
+    let mut sim = Sim::new(cfg, vec![5; 4]); // 20 samples: epochs repeat
+    sim.form(&["a", "b"]);
+    sim.run_to_the_end();
+    assert_eq!(sim.sizes, vec![16; 7]);
+    assert!(sim.run.finished());
+    assert_eq!(sim.run.total_steps(), 7);
+}
+
+#[test]
+fn a_retried_join_gets_the_same_place_and_a_rejoin_ends_the_generation() {
+    let mut sim = Sim::new(config(1, 8, 2), vec![16; 4]);
+    sim.form(&["a", "b"]);
+    let g = sim.place["a"].generation;
+    // "a"'s Join answer was lost: it asks again with the same details, as of before.
+    let again = sim
+        .run
+        .placed_again(&info("a", 0), g - 1)
+        .expect("same place");
+    assert_eq!(again, sim.place["a"]);
+    // A restarted process with other details, or one that already ran this generation, is no
+    // retry.
+    let mut other = info("a", 0);
+    other.collective_addr = "a:2".into();
+    assert!(sim.run.placed_again(&other, g - 1).is_none());
+    assert!(sim.run.placed_again(&info("a", 0), g).is_none());
+    sim.run.join(info("a", 0), sim.now);
+    assert_eq!(
+        sim.run.phase_name(),
+        "waiting",
+        "a real re-join ends the generation"
+    );
+}

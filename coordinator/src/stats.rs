@@ -1,0 +1,160 @@
+//! What the coordinator shows about a run besides its rules: events, per-step records (means
+//! over ranks), each worker's last figures and the counters behind `/metrics`, the dashboard and
+//! `ferroclip status`. Bounded: old records and events are dropped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferroclip_proto::v1;
+
+/// Step records kept for the dashboard's charts.
+pub const HISTORY: usize = 2000;
+pub const EVENTS: usize = 500;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Event {
+    pub unix_s: f64,
+    pub kind: String,
+    pub message: String,
+}
+
+/// Per-step metrics after a commit: means over ranks, samples summed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub unix_s: f64,
+    pub samples: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl StepRecord {
+    pub fn samples_total(&self) -> u64 {
+        self.metrics.get("samples_total").copied().unwrap_or(0.0) as u64
+    }
+}
+
+/// A worker's figures from its last CommitStep (seconds, bytes per second) and heartbeat.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WorkerStats {
+    pub step: u64,
+    pub step_time_s: f64,
+    pub data_wait_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub allreduce_s: f64,
+    pub optimizer_s: f64,
+    pub allreduce_busbw: f64,
+    /// Seconds it has been waiting on an unavailable store (its last heartbeat says).
+    pub store_wait_s: f64,
+}
+
+impl WorkerStats {
+    pub fn take_metrics(&mut self, step: u64, metrics: &[v1::Metric]) {
+        self.step = step;
+        for m in metrics {
+            match m.name.as_str() {
+                "time/step_s" => self.step_time_s = m.value,
+                "time/data_wait_s" => self.data_wait_s = m.value,
+                "time/forward_s" => self.forward_s = m.value,
+                "time/backward_s" => self.backward_s = m.value,
+                "time/allreduce_s" => self.allreduce_s = m.value,
+                "time/optimizer_s" => self.optimizer_s = m.value,
+                "allreduce/busbw_bytes_per_s" => self.allreduce_busbw = m.value,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Counters {
+    pub worker_deaths: u64,
+    pub recoveries: u64,
+    pub last_recovery_s: f64,
+    pub rejected_rpcs: u64,
+    pub generations: u64,
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The record of a committed step from each rank's report: losses are local means, weighted by
+/// the rank's samples (a rank without rows reports 0, which is no estimate); everything else
+/// (times, lr) is a plain mean over ranks.
+pub fn step_record(
+    step: u64,
+    samples: u64,
+    samples_total: u64,
+    ranks: &[(u32, Vec<v1::Metric>)],
+    world: usize,
+    previous: Option<&StepRecord>,
+) -> StepRecord {
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (rows, metrics) in ranks {
+        for m in metrics {
+            let w = if m.name.starts_with("loss/") {
+                *rows as f64
+            } else {
+                1.0
+            };
+            let e = sums.entry(m.name.clone()).or_default();
+            e.0 += w * m.value;
+            e.1 += w;
+        }
+    }
+    let mut out: BTreeMap<String, f64> = sums
+        .into_iter()
+        .filter(|(_, (_, w))| *w > 0.0)
+        .map(|(k, (sum, w))| (k, sum / w))
+        .collect();
+    out.insert("samples_total".into(), samples_total as f64);
+    out.insert("workers".into(), world as f64);
+    let unix_s = unix_now();
+    if let Some(prev) = previous {
+        let dt = unix_s - prev.unix_s;
+        if dt > 0.0 {
+            out.insert("samples_per_s".into(), samples as f64 / dt);
+        }
+    }
+    StepRecord {
+        step,
+        unix_s,
+        samples,
+        metrics: out,
+    }
+}
+
+/// Appends to a bounded queue.
+pub fn push_bounded<T>(q: &mut VecDeque<T>, item: T, cap: usize) {
+    q.push_back(item);
+    while q.len() > cap {
+        q.pop_front();
+    }
+}
+
+/// Samples per second over the last steps (one step's rate is noisy).
+pub fn throughput(history: &VecDeque<StepRecord>) -> f64 {
+    const WINDOW: usize = 20;
+    let n = history.len();
+    if n < 2 {
+        return 0.0;
+    }
+    let first = &history[n.saturating_sub(WINDOW + 1)];
+    let Some(last) = history.back() else {
+        return 0.0;
+    };
+    let dt = last.unix_s - first.unix_s;
+    let samples = last.samples_total().saturating_sub(first.samples_total());
+    if dt > 0.0 {
+        samples as f64 / dt
+    } else {
+        0.0
+    }
+}
+
+/// Per-worker figures, dropped for workers gone from the run.
+pub type WorkerTable = HashMap<String, WorkerStats>;
