@@ -47,7 +47,7 @@ pub struct StoreArgs {
     #[arg(long, global = true, env = "FERROCLIP_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
     /// Allow plain-HTTP object-store endpoints.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "FERROCLIP_ALLOW_HTTP", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_http: bool,
 }
 

@@ -237,34 +237,52 @@ pub fn audited_steps(
     steps
 }
 
-/// Asserts the step contract from the audit: every train sample exactly once, every step 1..=
-/// `total_steps` present with exactly `global_batch` samples (the last: the remainder), and
-/// the ranks' parameters equal after every step.
+/// Asserts the step contract from the audit of a run of one epoch (see `assert_epochs_contract`).
 pub fn assert_step_contract(
     data: &str,
     run_dir: &str,
     opts: &ferroclip_shards::StoreOptions,
     global_batch: usize,
 ) -> BTreeMap<u64, AuditedStep> {
+    assert_epochs_contract(data, run_dir, opts, global_batch, 1)
+}
+
+/// Asserts the step contract from the audit: every train sample used exactly once per epoch
+/// (`epochs` times in all), every step 1..=`total_steps` present with exactly `global_batch`
+/// samples (the last: the remainder), and the ranks' parameters equal after every step.
+pub fn assert_epochs_contract(
+    data: &str,
+    run_dir: &str,
+    opts: &ferroclip_shards::StoreOptions,
+    global_batch: usize,
+    epochs: usize,
+) -> BTreeMap<u64, AuditedStep> {
     let steps = audited_steps(run_dir, opts);
-    let mut expected = train_keys(data, opts);
-    let mut used: Vec<String> = steps.values().flat_map(|s| s.keys.clone()).collect();
-    expected.sort();
-    used.sort();
-    let dup: Vec<_> = used
-        .windows(2)
-        .filter(|w| w[0] == w[1])
-        .map(|w| w[0].clone())
-        .collect();
-    assert!(dup.is_empty(), "samples used twice: {dup:?}");
-    assert_eq!(used.len(), expected.len(), "samples used vs planned");
-    assert_eq!(used, expected, "the samples used are the plan's");
-    let total = expected.len().div_ceil(global_batch) as u64;
+    let expected = train_keys(data, opts);
+    let mut uses: BTreeMap<String, usize> = expected.iter().map(|k| (k.clone(), 0)).collect();
+    for s in steps.values() {
+        for k in &s.keys {
+            match uses.get_mut(k) {
+                Some(n) => *n += 1,
+                None => panic!("sample {k} is not in the plan"),
+            }
+        }
+    }
+    let wrong: Vec<_> = uses.iter().filter(|(_, n)| **n != epochs).collect();
+    assert!(
+        wrong.is_empty(),
+        "samples not used exactly once per epoch ({} of {}): {:?}",
+        wrong.len(),
+        uses.len(),
+        wrong.iter().take(10).collect::<Vec<_>>()
+    );
+    let samples = expected.len() * epochs;
+    let total = samples.div_ceil(global_batch) as u64;
     let numbers: Vec<u64> = steps.keys().copied().collect();
     assert_eq!(numbers, (1..=total).collect::<Vec<_>>(), "steps of the run");
     for (step, s) in &steps {
         let want = if *step == total {
-            expected.len() - (total as usize - 1) * global_batch
+            samples - (total as usize - 1) * global_batch
         } else {
             global_batch
         };

@@ -229,6 +229,9 @@ impl Loader {
             }
         }
         let fetches: Vec<Fetch> = blocks.iter().map(|&b| self.fetch(b)).collect();
+        // Whoever polls a shared fetch first drives it, possibly this thread: it must be inside
+        // the fetch runtime's context, or an object store's HTTP client finds no reactor.
+        let _rt = self.runtime.as_ref().map(|rt| rt.enter());
         let results = futures::executor::block_on(futures::future::join_all(fetches));
         let mut rows_of: HashMap<u32, Arc<Vec<Sample>>> = HashMap::with_capacity(blocks.len());
         for (&b, r) in blocks.iter().zip(results) {
