@@ -14,7 +14,6 @@ mod run_common;
 
 use netns::{Host, Net};
 use run_common::{bin, step_of, TOKEN};
-use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -175,8 +174,14 @@ impl Cluster {
         self.tmp.path().join("s3").join(BUCKET).join("data")
     }
 
+    /// The run directory (journal, checkpoints, audit) on the S3 server.
+    fn run_url(&self) -> String {
+        format!("s3://{BUCKET}/run")
+    }
+
+    /// The run directory as the S3 server stores it (the test reads the audit from there).
     fn run_dir(&self) -> PathBuf {
-        self.tmp.path().join("run")
+        self.tmp.path().join("s3").join(BUCKET).join("run")
     }
 
     fn log(&self, name: &str) -> PathBuf {
@@ -260,7 +265,7 @@ heartbeat_interval_s = 0.3
 heartbeat_timeout_s = 3.0
 collective_timeout_s = 5.0
 "#,
-            run = self.run_dir().display(),
+            run = self.run_url(),
             data = self.data_root(),
         );
         std::fs::write(&path, text).expect("write config");
@@ -343,100 +348,32 @@ collective_timeout_s = 5.0
         out
     }
 
-    /// Every train key of the dataset, read from the S3 server's files.
-    fn train_keys(&self) -> Vec<String> {
-        let data = self.data_dir().to_string_lossy().to_string();
-        let rt = tokio::runtime::Runtime::new().expect("rt");
-        rt.block_on(async {
-            let ds = ferroclip_shards::Dataset::open(&data, &Default::default())
-                .await
-                .expect("open the dataset");
-            let mut keys = Vec::new();
-            for b in ds.blocks("train").expect("blocks") {
-                for s in ds.read_block("train", b.index).await.expect("block") {
-                    keys.push(s.key);
-                }
-            }
-            keys
-        })
-    }
-
-    fn assert_exactly_once(&self) {
-        let mut expected = self.train_keys();
-        let Audit { mut used, sums, .. } = audit(&self.run_dir());
-        expected.sort();
-        used.sort();
-        let dup: Vec<_> = used
-            .windows(2)
-            .filter(|w| w[0] == w[1])
-            .map(|w| w[0].clone())
-            .collect();
-        assert!(dup.is_empty(), "samples used twice: {dup:?}");
-        assert_eq!(used.len(), expected.len(), "samples used vs planned");
-        assert_eq!(used, expected);
-        assert!(!sums.is_empty(), "no applied step in the audit logs");
-        for (step, checks) in sums {
-            assert!(
-                checks.windows(2).all(|w| w[0] == w[1]),
-                "workers disagree on the parameters after step {step}: {checks:?}"
-            );
-        }
+    /// The step contract, from the audit records on the S3 server's files: every sample of the
+    /// epoch exactly once, every step a full global batch of 60 but the last, the run as many
+    /// steps as it announced, and the ranks' parameters equal after every step.
+    fn assert_contract(&self) {
+        let steps = run_common::assert_step_contract(
+            &self.data_dir().display().to_string(),
+            &self.run_dir().display().to_string(),
+            &Default::default(),
+            60,
+        );
+        let total = self.status().and_then(|s| s["total_steps"].as_u64());
+        assert_eq!(Some(steps.len() as u64), total, "steps vs total_steps");
+        // Checkpoints landed on S3, committed; nothing under a local "s3:" folder.
+        assert!(
+            std::fs::read_dir(self.run_dir().join("checkpoints"))
+                .map(|d| d.count() > 0)
+                .unwrap_or(false),
+            "no checkpoint on S3"
+        );
+        assert!(!Path::new("s3:").exists(), "a local s3: folder was created");
     }
 
     /// The worker's log, without terminal colours.
     fn worker_log(&self, id: &str) -> String {
         strip_ansi(&std::fs::read_to_string(self.log(id)).unwrap_or_default())
     }
-}
-
-/// What the workers' audit logs say about applied updates.
-#[derive(Default)]
-struct Audit {
-    /// Keys fed to applied updates.
-    used: Vec<String>,
-    /// Step → each rank's parameter checksum after it.
-    sums: BTreeMap<u64, Vec<f64>>,
-    /// Step → samples it carried over all ranks.
-    sizes: BTreeMap<u64, usize>,
-}
-
-fn audit(run: &Path) -> Audit {
-    let mut fed: HashMap<(u64, u64), Vec<String>> = HashMap::new();
-    let mut applied: BTreeMap<(u64, u64), Vec<f64>> = BTreeMap::new();
-    for entry in std::fs::read_dir(run.join("audit")).expect("audit dir") {
-        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read audit");
-        for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue; // a torn last line of a killed worker
-            };
-            let key = (
-                v["generation"].as_u64().unwrap_or(0),
-                v["step"].as_u64().unwrap_or(0),
-            );
-            match v["event"].as_str() {
-                Some("fed") => fed.entry(key).or_default().extend(
-                    v["keys"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|k| k.as_str().map(String::from)),
-                ),
-                Some("applied") => applied
-                    .entry(key)
-                    .or_default()
-                    .push(v["checksum"].as_f64().unwrap_or(f64::NAN)),
-                _ => {}
-            }
-        }
-    }
-    let mut audit = Audit::default();
-    for (key, checks) in applied {
-        let keys = fed.get(&key).cloned().unwrap_or_default();
-        *audit.sizes.entry(key.1).or_default() += keys.len();
-        audit.used.extend(keys);
-        audit.sums.entry(key.1).or_default().extend(checks);
-    }
-    audit
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -587,7 +524,7 @@ fn a_run_across_three_hosts_finishes_exactly_once_over_tcp() {
         s["counters"]["generations"],
         recoveries(&s)
     );
-    c.assert_exactly_once();
+    c.assert_contract();
     for h in &c.hosts {
         for w in 0..2 {
             let id = format!("{}-w{w}", h.name);
@@ -633,7 +570,7 @@ fn losing_a_whole_host_mid_run_recovers() {
         step_of(&s),
         t0.elapsed().as_secs_f64()
     );
-    c.assert_exactly_once();
+    c.assert_contract();
 }
 
 /// A power loss as the network sees it: the host's cable is cut first, then its processes die,
@@ -672,7 +609,7 @@ fn a_host_gone_silent_mid_run_recovers() {
         step_of(&s),
         t0.elapsed().as_secs_f64()
     );
-    c.assert_exactly_once();
+    c.assert_contract();
 }
 
 /// One host's cable is pulled mid-run for a few seconds, then plugged back in.
@@ -712,33 +649,5 @@ fn a_cut_link_mid_step_recovers() {
         s["counters"]["worker_deaths"],
         recoveries(&s)
     );
-    c.assert_exactly_once();
-}
-
-/// The ledger's promise (`Ledger::assign_next`: `global_batch` samples split evenly, only the last
-/// step may be partial): every step before the epoch's last carries 60 samples, and the run takes
-/// the `total_steps` the coordinator announces.
-#[test]
-fn every_step_but_the_last_carries_the_global_batch() {
-    let Some(c) = Cluster::start(3, 2, 2400) else {
-        return;
-    };
-    let s = c.wait_until("the end of the epoch", Duration::from_secs(150), |s| {
-        s["state"] == "finished"
-    });
-    let sizes = audit(&c.run_dir()).sizes;
-    let last = sizes.keys().next_back().copied().unwrap_or(0);
-    let short: Vec<_> = sizes
-        .iter()
-        .filter(|(step, n)| **n != 60 && **step != last)
-        .collect();
-    assert!(
-        short.is_empty(),
-        "steps short of global_batch = 60 before the last (step, samples): {short:?}"
-    );
-    assert_eq!(
-        sizes.len() as u64,
-        s["total_steps"].as_u64().unwrap_or(0),
-        "steps run vs the coordinator's total_steps"
-    );
+    c.assert_contract();
 }

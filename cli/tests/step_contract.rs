@@ -36,7 +36,11 @@ fn every_step_is_a_full_global_batch_and_the_schedule_counts_them() {
         s["state"] == "finished"
     });
     let steps = assert_step_contract(&data, &run_dir, &Default::default(), BATCH as usize);
-    assert_eq!(steps.len() as u64, total, "total_steps is what the run commits");
+    assert_eq!(
+        steps.len() as u64,
+        total,
+        "total_steps is what the run commits"
+    );
     assert_eq!(s["step"].as_u64(), Some(total));
     let short = steps
         .iter()
@@ -100,7 +104,10 @@ fn a_death_at_each_of_the_last_three_steps_still_ends_the_run() {
     // The worker dies right after applying the last step, the one before, or the one before
     // that (before its CommitStep).
     for back in 0..3 {
-        killed_near_the_end(|total| format!("applied:{}", total - back), Duration::from_secs(60));
+        killed_near_the_end(
+            |total| format!("applied:{}", total - back),
+            Duration::from_secs(60),
+        );
     }
 }
 
@@ -129,13 +136,32 @@ fn on_s3_a_run_survives_losing_every_process_and_finishes_exactly_once() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = format!("s3://{S3_BUCKET}/data");
     let out = std::process::Command::new(bin("ferroclip"))
-        .args(["shards", "synth", "--rows", "600", "--seed", "5", "--image-size", "16"])
-        .args(["--rows-per-row-group", "20", "--val-fraction", "0.1", "--no-progress"])
+        .args([
+            "shards",
+            "synth",
+            "--rows",
+            "600",
+            "--seed",
+            "5",
+            "--image-size",
+            "16",
+        ])
+        .args([
+            "--rows-per-row-group",
+            "20",
+            "--val-fraction",
+            "0.1",
+            "--no-progress",
+        ])
         .args(["--out", &data, "--allow-http"])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("synth");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run_dir = format!("s3://{S3_BUCKET}/run");
     let cfg = run_config(tmp.path(), &run_dir, &data, BATCH, "");
     std::fs::write(
@@ -202,9 +228,12 @@ fn on_s3_a_run_survives_losing_every_process_and_finishes_exactly_once() {
     }
     // Start all of them again, elsewhere: the run rolls back to its checkpoint and finishes.
     let (_coord, _workers, cwd2) = start("second");
-    let s = wait_until(http, "the end after the restart", Duration::from_secs(180), |s| {
-        s["state"] == "finished"
-    });
+    let s = wait_until(
+        http,
+        "the end after the restart",
+        Duration::from_secs(180),
+        |s| s["state"] == "finished",
+    );
     assert!(
         s["events"]
             .as_array()
@@ -228,17 +257,38 @@ fn a_store_outage_of_45_seconds_is_ridden_out_by_every_process() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = format!("s3://{S3_BUCKET}/data");
     let out = std::process::Command::new(bin("ferroclip"))
-        .args(["shards", "synth", "--rows", "600", "--seed", "5", "--image-size", "16"])
-        .args(["--rows-per-row-group", "20", "--val-fraction", "0.1", "--no-progress"])
+        .args([
+            "shards",
+            "synth",
+            "--rows",
+            "600",
+            "--seed",
+            "5",
+            "--image-size",
+            "16",
+        ])
+        .args([
+            "--rows-per-row-group",
+            "20",
+            "--val-fraction",
+            "0.1",
+            "--no-progress",
+        ])
         .args(["--out", &data, "--allow-http"])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("synth");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run_dir = format!("s3://{S3_BUCKET}/run");
     // Two epochs: the run is still going when the store comes back.
     let cfg = run_config(tmp.path(), &run_dir, &data, BATCH, "");
-    let text = std::fs::read_to_string(&cfg).expect("cfg").replace("epochs = 1", "epochs = 2");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("epochs = 1", "epochs = 2");
     std::fs::write(&cfg, text).expect("cfg");
     let (grpc, http) = (free_port(), free_port());
     let _coord = {
@@ -259,7 +309,9 @@ fn a_store_outage_of_45_seconds_is_ridden_out_by_every_process() {
         .iter()
         .map(|id| worker_in(grpc, id, tmp.path(), &wenv))
         .collect();
-    wait_until(http, "step 5", Duration::from_secs(120), |s| step_of(s) >= 5);
+    wait_until(http, "step 5", Duration::from_secs(120), |s| {
+        step_of(s) >= 5
+    });
     s3.stop();
     let down = Instant::now();
     // While it is down the run waits, and says so.
@@ -277,7 +329,10 @@ fn a_store_outage_of_45_seconds_is_ridden_out_by_every_process() {
         std::thread::sleep(Duration::from_millis(500));
     }
     s3.resume();
-    assert!(waited_seen, "the status never showed a process waiting on the store");
+    assert!(
+        waited_seen,
+        "the status never showed a process waiting on the store"
+    );
     wait_until(http, "the end", Duration::from_secs(240), |s| {
         s["state"] == "finished"
     });
