@@ -273,6 +273,10 @@ impl Journal {
     /// the one before (and says so in the log).
     pub async fn load(&self) -> Result<Option<(u64, Snapshot)>, JournalError> {
         let seqs = self.list().await?;
+        self.load_from(&seqs).await
+    }
+
+    async fn load_from(&self, seqs: &[u64]) -> Result<Option<(u64, Snapshot)>, JournalError> {
         let mut problems = Vec::new();
         for &seq in seqs.iter().rev() {
             match self.read(seq).await? {
@@ -305,11 +309,14 @@ impl Journal {
     /// new owner's first snapshot when the journal is new (or `fresh`); otherwise the caller
     /// writes its restored state next.
     pub async fn claim(&mut self, fresh: bool) -> Result<Option<Snapshot>, JournalError> {
-        let found = self.load().await?;
-        let Some((seq, snap)) = found else {
+        let seqs = self.list().await?;
+        let found = self.load_from(&seqs).await?;
+        let Some((_, snap)) = found else {
             self.last_seq = 0;
             return Ok(None);
         };
+        // The newest number present (a torn snapshot included): ours come after it.
+        let seq = seqs.last().copied().unwrap_or(0);
         // A clean stop, or a last write long ago, needs no wait; otherwise watch for a live owner.
         let age = unix_now() - snap.written_unix_s;
         if !snap.released && age < 10.0 * LEASE.as_secs_f64() {
@@ -396,5 +403,85 @@ impl JournalError {
     /// A store failure retrying may fix (everything else ends the coordinator).
     pub fn is_transient(&self) -> bool {
         matches!(self, JournalError::Store { source, .. } if is_transient(source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferroclip_shards::StoreOptions;
+
+    fn snapshot(step: u64) -> Snapshot {
+        Snapshot {
+            format_version: FORMAT_VERSION,
+            identity: Identity::new("r", 1, "/d", "train", &[3, 4]),
+            owner: Owner::this_process(),
+            written_unix_s: 0.0,
+            released: false,
+            generation: 1,
+            committed_step: step,
+            data: DataState::default(),
+            pending: Vec::new(),
+            checkpoints: Vec::new(),
+            finished: false,
+        }
+    }
+
+    fn journal(dir: &std::path::Path) -> Journal {
+        let loc = Location::open(&dir.display().to_string(), &StoreOptions::default())
+            .expect("location");
+        Journal::new(loc, Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn a_silent_owner_is_taken_over_and_then_fenced() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut first = journal(dir.path());
+        assert!(first.claim(false).await.expect("claim").is_none(), "new journal");
+        for step in 1..=3 {
+            first.save(&snapshot(step)).await.expect("save");
+        }
+        // The first owner falls silent (a crash, a pause): after the lease the second takes over.
+        let mut second = journal(dir.path());
+        let t = Instant::now();
+        let resumed = second.claim(false).await.expect("claim").expect("state");
+        assert!(t.elapsed() >= LEASE, "took over before the lease ran out");
+        assert_eq!(resumed.committed_step, 3);
+        second.save(&snapshot(4)).await.expect("save");
+        // The first one wakes up and writes: it has lost the journal.
+        let err = first.save(&snapshot(5)).await.unwrap_err();
+        assert!(matches!(err, JournalError::Fenced { .. }), "{err}");
+        assert_eq!(
+            journal(dir.path()).load().await.expect("load").map(|(_, s)| s.committed_step),
+            Some(4)
+        );
+        // Only the newest two snapshots are kept.
+        second.save(&snapshot(6)).await.expect("save");
+        second.prune().await;
+        assert_eq!(second.list().await.expect("list").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_live_owner_keeps_its_journal_and_a_released_one_is_taken_at_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut owner = journal(dir.path());
+        owner.claim(false).await.expect("claim");
+        owner.save(&snapshot(1)).await.expect("save");
+        let live = tokio::spawn(async move {
+            for step in 2..=6 {
+                owner.save(&snapshot(step)).await.expect("save");
+                tokio::time::sleep(REFRESH / 2).await;
+            }
+            owner
+        });
+        let err = journal(dir.path()).claim(false).await.unwrap_err();
+        assert!(matches!(err, JournalError::Held { .. }), "{err}");
+        let mut owner = live.await.expect("owner");
+        let mut last = snapshot(7);
+        last.released = true;
+        owner.save(&last).await.expect("save");
+        let t = Instant::now();
+        journal(dir.path()).claim(false).await.expect("claim a released journal");
+        assert!(t.elapsed() < LEASE, "waited for a released journal");
     }
 }
