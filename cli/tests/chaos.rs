@@ -71,9 +71,12 @@ fn random_sigkills_of_workers_and_the_coordinator_keep_the_step_contract() {
     for turn in 0..total_kills {
         // Let the run go on a few steps between kills (random 1-4).
         let gap = 1 + rng.below(4);
-        let s = wait_until(http, "progress before a kill", Duration::from_secs(120), |s| {
-            step_of(s) >= last_kill_step + gap || s["state"] == "finished"
-        });
+        let s = wait_until(
+            http,
+            "progress before a kill",
+            Duration::from_secs(120),
+            |s| step_of(s) >= last_kill_step + gap || s["state"] == "finished",
+        );
         if s["state"] == "finished" {
             eprintln!("the run finished before kill {turn}");
             break;
@@ -94,9 +97,12 @@ fn random_sigkills_of_workers_and_the_coordinator_keep_the_step_contract() {
             killed_workers += 1;
         }
         let before = last_kill_step;
-        let s = wait_until(http, "a step after the kill", Duration::from_secs(120), |s| {
-            step_of(s) > before || s["state"] == "finished"
-        });
+        let s = wait_until(
+            http,
+            "a step after the kill",
+            Duration::from_secs(120),
+            |s| step_of(s) > before || s["state"] == "finished",
+        );
         recovered.push(t.elapsed().as_secs_f64());
         last_kill_step = step_of(&s);
     }
@@ -107,13 +113,8 @@ fn random_sigkills_of_workers_and_the_coordinator_keep_the_step_contract() {
         let st = exit_within(w, Duration::from_secs(60));
         assert!(st.success(), "{}: {st}", ids[i]);
     }
-    let steps = assert_epochs_contract(
-        &data,
-        &run_dir,
-        &Default::default(),
-        BATCH as usize,
-        epochs,
-    );
+    let steps =
+        assert_epochs_contract(&data, &run_dir, &Default::default(), BATCH as usize, epochs);
     recovered.sort_by(f64::total_cmp);
     let median = recovered.get(recovered.len() / 2).copied().unwrap_or(0.0);
     let max = recovered.last().copied().unwrap_or(0.0);

@@ -30,7 +30,9 @@ fn a_second_coordinator_on_the_same_journal_fails_fast_and_the_first_keeps_the_r
     let _coord = coordinator(&cfg, grpc, http);
     let _a = worker(grpc, "w-a");
     let _b = worker(grpc, "w-b");
-    wait_until(http, "step 3", Duration::from_secs(120), |s| step_of(s) >= 3);
+    wait_until(http, "step 3", Duration::from_secs(120), |s| {
+        step_of(s) >= 3
+    });
     let t0 = Instant::now();
     let mut second = Command::new(bin("ferroclip"))
         .args(["coordinator", "--config"])
@@ -47,7 +49,10 @@ fn a_second_coordinator_on_the_same_journal_fails_fast_and_the_first_keeps_the_r
         if let Some(s) = second.try_wait().expect("wait") {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "the second coordinator kept running");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the second coordinator kept running"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
@@ -59,9 +64,14 @@ fn a_second_coordinator_on_the_same_journal_fails_fast_and_the_first_keeps_the_r
         .expect("stderr");
     assert!(!status.success(), "the second coordinator started: {err}");
     assert!(err.contains("held by a running coordinator"), "{err}");
-    eprintln!("second coordinator refused in {:.1}s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "second coordinator refused in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
     // The first one keeps the run to its end.
-    wait_until(http, "the end", Duration::from_secs(180), |s| s["state"] == "finished");
+    wait_until(http, "the end", Duration::from_secs(180), |s| {
+        s["state"] == "finished"
+    });
     assert_step_contract(&data, &run_dir, &Default::default(), BATCH as usize);
 }
 
@@ -90,7 +100,9 @@ fn an_empty_newest_snapshot_falls_back_to_the_previous_one() {
     let mut coord = coordinator(&cfg, grpc, http);
     let _a = worker(grpc, "w-a");
     let _b = worker(grpc, "w-b");
-    wait_until(http, "step 3", Duration::from_secs(120), |s| step_of(s) >= 3);
+    wait_until(http, "step 3", Duration::from_secs(120), |s| {
+        step_of(s) >= 3
+    });
     coord.0.kill().expect("kill");
     let _ = coord.0.wait();
     // A write torn by the crash (never acknowledged: nothing is answered before its write is
@@ -100,7 +112,9 @@ fn an_empty_newest_snapshot_falls_back_to_the_previous_one() {
     let torn = journal.join(format!("snapshot-{:020}.json", seq + 1));
     std::fs::write(&torn, b"").expect("torn snapshot");
     let _coord = coordinator(&cfg, grpc, http);
-    let s = wait_until(http, "the end", Duration::from_secs(180), |s| s["state"] == "finished");
+    let s = wait_until(http, "the end", Duration::from_secs(180), |s| {
+        s["state"] == "finished"
+    });
     assert!(
         s["events"]
             .as_array()
@@ -158,7 +172,11 @@ async fn a_failed_journal_write_answers_unavailable_and_its_retry_succeeds() {
     let e = c.next_step(next()).await.expect_err("the write fails");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     assert!(e.message().contains("journal"), "{e}");
-    let r = c.next_step(next()).await.expect("the retry succeeds").into_inner();
+    let r = c
+        .next_step(next())
+        .await
+        .expect("the retry succeeds")
+        .into_inner();
     assert_eq!(r.samples.len(), BATCH as usize);
     // What the retry answered is durable: a restarted coordinator has step 1 assigned.
     coord.0.kill().expect("kill");
@@ -174,13 +192,21 @@ async fn a_failed_journal_write_answers_unavailable_and_its_retry_succeeds() {
 #[test]
 fn a_journal_write_slower_than_the_heartbeat_timeout_declares_nobody_dead() {
     let (_tmp, data, run_dir, cfg) = setup(400);
+    // As with the defaults (10 s heartbeat timeout, 30 s collective timeout), a rank waits in a
+    // collective longer than a peer may wait on the coordinator: here 15 s against the 6 s stall.
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("collective_timeout_s = 5.0", "collective_timeout_s = 15.0");
+    std::fs::write(&cfg, text).expect("cfg");
     let (grpc, http) = (free_port(), free_port());
     // The 6th write of new state takes 6 s: twice the heartbeat timeout.
     let env = [("FERROCLIP_COORDINATOR_FAULT", "journal:slow:6:6000")];
     let _coord = coordinator_with(&cfg, grpc, http, &[], &env);
     let _a = worker(grpc, "w-a");
     let _b = worker(grpc, "w-b");
-    let s = wait_until(http, "the end", Duration::from_secs(180), |s| s["state"] == "finished");
+    let s = wait_until(http, "the end", Duration::from_secs(180), |s| {
+        s["state"] == "finished"
+    });
     assert_eq!(s["counters"]["worker_deaths"], 0, "{}", s["counters"]);
     assert_step_contract(&data, &run_dir, &Default::default(), BATCH as usize);
 }

@@ -342,3 +342,243 @@ fn a_store_outage_of_45_seconds_is_ridden_out_by_every_process() {
     }
     assert_epochs_contract(&data, &run_dir, &opts, BATCH as usize, 2);
 }
+
+/// `step N loss … batch n …` lines of `ferroclip-worker train`: each step's batch size.
+fn single_process_batches(stdout: &str) -> Vec<(u64, usize)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "step").then_some(())?;
+            let step: u64 = w.next()?.parse().ok()?;
+            let mut w = l.split_whitespace();
+            w.find(|t| *t == "batch")?;
+            Some((step, w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn one_process_and_the_launcher_take_the_same_steps_for_one_config() {
+    // Two epochs of 553 samples in batches of 20: 56 steps, the one across the epoch boundary
+    // full, only the last short (13). Both entry points run the plan crate's ledger.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 600, 5);
+    let samples = 2 * train_keys(&data, &Default::default()).len();
+    let want: Vec<usize> = (0..samples.div_ceil(20))
+        .map(|i| (samples - 20 * i).min(20))
+        .collect();
+    let one = tmp.path().join("one");
+    std::fs::create_dir_all(&one).expect("dir");
+    let cfg = run_config(&one, &one.join("run").display().to_string(), &data, 20, "");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("epochs = 1", "epochs = 2");
+    std::fs::write(&cfg, text).expect("cfg");
+    let out = std::process::Command::new(bin("ferroclip-worker"))
+        .args(["train", "--no-progress", "--threads", "1", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("ferroclip-worker train");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let single = single_process_batches(&String::from_utf8_lossy(&out.stdout));
+    let single_sizes: Vec<usize> = single.iter().map(|(_, n)| *n).collect();
+    assert_eq!(single_sizes, want, "ferroclip-worker train's batches");
+
+    let many = tmp.path().join("many");
+    std::fs::create_dir_all(&many).expect("dir");
+    let run_dir = many.join("run").display().to_string();
+    let cfg = run_config(&many, &run_dir, &data, 20, "");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("epochs = 1", "epochs = 2");
+    std::fs::write(&cfg, text).expect("cfg");
+    let out = std::process::Command::new(bin("ferroclip"))
+        .args(["train", "--workers", "2", "--threads", "1", "--config"])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("ferroclip train");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps = assert_epochs_contract(&data, &run_dir, &Default::default(), 20, 2);
+    let launcher_sizes: Vec<usize> = steps.values().map(|s| s.keys.len()).collect();
+    assert_eq!(
+        launcher_sizes, want,
+        "ferroclip train --workers 2's batches"
+    );
+}
+
+#[test]
+fn ferroclip_worker_train_reads_s3_data_and_checkpoints_there() {
+    let s3 = S3Server::start();
+    let env = s3.env();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = format!("s3://{S3_BUCKET}/data");
+    let out = std::process::Command::new(bin("ferroclip"))
+        .args([
+            "shards",
+            "synth",
+            "--rows",
+            "200",
+            "--seed",
+            "5",
+            "--image-size",
+            "16",
+        ])
+        .args([
+            "--rows-per-row-group",
+            "20",
+            "--val-fraction",
+            "0.1",
+            "--no-progress",
+        ])
+        .args(["--out", &data, "--allow-http"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("synth");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run_dir = format!("s3://{S3_BUCKET}/single");
+    let cfg = run_config(
+        tmp.path(),
+        &run_dir,
+        &data,
+        20,
+        "[checkpoint]\nevery_steps = 4",
+    );
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir_all(&cwd).expect("cwd");
+    let out = std::process::Command::new(bin("ferroclip-worker"))
+        .args([
+            "train",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--allow-http",
+            "--config",
+        ])
+        .arg(&cfg)
+        .current_dir(&cwd)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("train");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let batches = single_process_batches(&String::from_utf8_lossy(&out.stdout));
+    let samples = train_keys(&data, &s3.options()).len();
+    assert_eq!(batches.len(), samples.div_ceil(20));
+    assert!(
+        s3.object_path("single/checkpoints/step-00000004/COMMIT")
+            .is_file(),
+        "no checkpoint on S3"
+    );
+    let last = batches.len();
+    assert!(
+        s3.object_path(&format!("single/checkpoints/step-{last:08}/COMMIT"))
+            .is_file(),
+        "no final checkpoint on S3"
+    );
+    assert_empty(&cwd, "ferroclip-worker train");
+}
+
+/// Whether a process is stopped (SIGSTOP): state `T` in /proc.
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Three workers; w-a stops itself right after applying step `total - 1`; while the run is
+/// paused there, `act` happens (a coordinator restart, a joiner, a SIGTERM); then w-a goes on.
+/// The run must reach `finished` with the whole contract.
+/// `act` gets the coordinator, the config, the ports and w-b.
+fn event_in_the_last_steps(
+    what: &str,
+    act: impl FnOnce(&mut Proc, &Path, u16, u16, &Proc) -> Vec<Proc>,
+) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 600, 5);
+    let total = (train_keys(&data, &Default::default()).len() as u64).div_ceil(BATCH as u64);
+    let run_dir = tmp.path().join("run").display().to_string();
+    let cfg = run_config(tmp.path(), &run_dir, &data, BATCH, "");
+    let (grpc, http) = (free_port(), free_port());
+    let mut coord = coordinator(&cfg, grpc, http);
+    let fault = format!("applied:{}:stop", total - 1);
+    let mut a = worker_with(grpc, "w-a", &[("FERROCLIP_FAULT", &fault)]);
+    let b = worker(grpc, "w-b");
+    let _c = worker(grpc, "w-c");
+    let t0 = Instant::now();
+    while !stopped(a.0.id()) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "w-a never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let extra = act(&mut coord, &cfg, grpc, http, &b);
+    signal(a.0.id(), "CONT");
+    let t = Instant::now();
+    let s = wait_until(http, "the end", Duration::from_secs(120), |s| {
+        s["state"] == "finished"
+    });
+    eprintln!(
+        "{what} at step {} of {total}: finished {:.1}s later",
+        total - 1,
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(s["step"].as_u64(), Some(total));
+    drop(extra);
+    assert_step_contract(&data, &run_dir, &Default::default(), BATCH as usize);
+}
+
+#[test]
+fn a_coordinator_restart_in_the_last_steps_still_ends_the_run() {
+    event_in_the_last_steps(
+        "coordinator SIGKILL + restart",
+        |coord, cfg, grpc, http, _| {
+            coord.0.kill().expect("kill");
+            let _ = coord.0.wait();
+            *coord = coordinator(cfg, grpc, http);
+            Vec::new()
+        },
+    );
+}
+
+#[test]
+fn a_join_in_the_last_steps_still_ends_the_run() {
+    event_in_the_last_steps("a new worker", |_, _, grpc, _, _| vec![worker(grpc, "w-d")]);
+}
+
+#[test]
+fn a_sigterm_in_the_last_steps_still_ends_the_run() {
+    event_in_the_last_steps("SIGTERM of a worker", |_, _, _, _, b| {
+        // w-b leaves cleanly; the paused w-a and w-c go on without it.
+        signal(b.0.id(), "TERM");
+        Vec::new()
+    });
+}

@@ -428,8 +428,8 @@ mod tests {
     }
 
     fn journal(dir: &std::path::Path) -> Journal {
-        let loc = Location::open(&dir.display().to_string(), &StoreOptions::default())
-            .expect("location");
+        let loc =
+            Location::open(&dir.display().to_string(), &StoreOptions::default()).expect("location");
         Journal::new(loc, Duration::from_secs(5))
     }
 
@@ -437,7 +437,10 @@ mod tests {
     async fn a_silent_owner_is_taken_over_and_then_fenced() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut first = journal(dir.path());
-        assert!(first.claim(false).await.expect("claim").is_none(), "new journal");
+        assert!(
+            first.claim(false).await.expect("claim").is_none(),
+            "new journal"
+        );
         for step in 1..=3 {
             first.save(&snapshot(step)).await.expect("save");
         }
@@ -452,7 +455,11 @@ mod tests {
         let err = first.save(&snapshot(5)).await.unwrap_err();
         assert!(matches!(err, JournalError::Fenced { .. }), "{err}");
         assert_eq!(
-            journal(dir.path()).load().await.expect("load").map(|(_, s)| s.committed_step),
+            journal(dir.path())
+                .load()
+                .await
+                .expect("load")
+                .map(|(_, s)| s.committed_step),
             Some(4)
         );
         // Only the newest two snapshots are kept.
@@ -481,7 +488,10 @@ mod tests {
         last.released = true;
         owner.save(&last).await.expect("save");
         let t = Instant::now();
-        journal(dir.path()).claim(false).await.expect("claim a released journal");
+        journal(dir.path())
+            .claim(false)
+            .await
+            .expect("claim a released journal");
         assert!(t.elapsed() < LEASE, "waited for a released journal");
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use ferroclip_shards::{Classes, Dataset, StoreOptions};
+use ferroclip_shards::{Classes, StoreOptions};
 use tch::{Kind, Tensor};
 
 use crate::data::{ImageTransform, Loader, LoaderOptions, SampleRef, Tokenizer};
@@ -46,21 +46,20 @@ pub fn evaluate(
     split: &str,
     max_samples: usize,
 ) -> Result<EvalReport> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let dataset = rt
-        .block_on(Dataset::open(url, store))
-        .with_context(|| format!("opening {url}"))?;
-    let classes = dataset.classes().cloned();
-    let blocks = dataset.blocks(split)?;
-    let loader = Loader::new(
-        dataset,
+    // The loader opens the dataset on its own runtime: an object store's pooled connections
+    // belong to the runtime that made them (one made on a runtime that then stops would hang
+    // the next request until its timeout).
+    let loader = Loader::open(
+        url,
+        store,
         split,
         ImageTransform::eval(model.config.image_size),
         tokenizer.clone(),
         &LoaderOptions::default(),
-    )?;
+    )
+    .with_context(|| format!("opening {url}"))?;
+    let classes = loader.dataset().classes().cloned();
+    let blocks = loader.dataset().blocks(split)?;
     let mut refs: Vec<SampleRef> = blocks
         .iter()
         .flat_map(|b| (0..b.rows).map(move |row| SampleRef::at(b.index, row)))

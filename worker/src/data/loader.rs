@@ -188,6 +188,11 @@ impl Loader {
         })
     }
 
+    /// The dataset this loader reads.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
     /// Rows per block of the split, indexed by block number.
     pub fn block_rows(&self) -> &[u32] {
         &self.block_rows
