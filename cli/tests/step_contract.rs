@@ -532,7 +532,7 @@ fn event_in_the_last_steps(
     let (grpc, http) = (free_port(), free_port());
     let mut coord = coordinator(&cfg, grpc, http);
     let fault = format!("applied:{}:stop", total - 1);
-    let mut a = worker_with(grpc, "w-a", &[("FERROCLIP_FAULT", &fault)]);
+    let a = worker_with(grpc, "w-a", &[("FERROCLIP_FAULT", &fault)]);
     let b = worker(grpc, "w-b");
     let _c = worker(grpc, "w-c");
     let t0 = Instant::now();
