@@ -10,49 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The shared test config (tiny model, fast failure detection) with a global batch of 24.
 fn write_config(dir: &Path, data: &str, extra: &str) -> PathBuf {
-    let path = dir.join("run.toml");
-    let text = format!(
-        r#"
-[run]
-dir = "{run}"
-seed = 7
-steps = 0
-epochs = 1
-audit = true
-[data]
-root = "{data}"
-decode_threads = 1
-prefetch_blocks = 2
-[model]
-preset = "custom"
-embed_dim = 32
-image_size = 16
-patch_size = 4
-vision_width = 32
-vision_layers = 1
-vision_heads = 2
-context_length = 16
-text_width = 32
-text_layers = 1
-text_heads = 2
-[optim]
-global_batch = 24
-lr = 1e-3
-warmup_steps = 2
-[cluster]
-min_workers = 1
-max_workers = 4
-settle_s = 1.0
-heartbeat_interval_s = 0.3
-heartbeat_timeout_s = 3.0
-collective_timeout_s = 5.0
-{extra}
-"#,
-        run = dir.join("run").display(),
-    );
-    std::fs::write(&path, text).expect("write config");
-    path
+    run_config(dir, &dir.join("run").display().to_string(), data, 24, extra)
 }
 
 /// Every sample exactly once, full batches of 24 (the last step: the remainder), ranks equal.

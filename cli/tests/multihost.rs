@@ -227,47 +227,12 @@ impl Cluster {
     }
 
     fn write_config(&self) -> PathBuf {
-        let path = self.tmp.path().join("run.toml");
         // 60 rows per step: whole rows per rank for any world of 1 to 6 workers.
-        let text = format!(
-            r#"
-[run]
-dir = "{run}"
-seed = 7
-steps = 0
-epochs = 1
-audit = true
-[data]
-root = "{data}"
-decode_threads = 1
-prefetch_blocks = 2
-[model]
-preset = "custom"
-embed_dim = 32
-image_size = 16
-patch_size = 4
-vision_width = 32
-vision_layers = 1
-vision_heads = 2
-context_length = 16
-text_width = 32
-text_layers = 1
-text_heads = 2
-[optim]
-global_batch = 60
-lr = 1e-3
-warmup_steps = 2
-[cluster]
-min_workers = 1
-max_workers = 6
-settle_s = 1.0
-heartbeat_interval_s = 0.3
-heartbeat_timeout_s = 3.0
-collective_timeout_s = 5.0
-"#,
-            run = self.run_url(),
-            data = self.data_root(),
-        );
+        let path =
+            run_common::run_config(self.tmp.path(), &self.run_url(), &self.data_root(), 60, "");
+        let text = std::fs::read_to_string(&path)
+            .expect("config")
+            .replace("max_workers = 4", "max_workers = 6");
         std::fs::write(&path, text).expect("write config");
         path
     }
@@ -537,9 +502,9 @@ fn a_run_across_three_hosts_finishes_exactly_once_over_tcp() {
     }
 }
 
-/// SIGKILL every process of one host mid-run (a power loss): the others go on without it.
-#[test]
-fn losing_a_whole_host_mid_run_recovers() {
+/// Loses host `which` mid-run by `lose` (described as `how`); the other four workers go on, and
+/// the run ends with the whole contract.
+fn a_host_lost_mid_run(which: usize, how: &str, lose: impl FnOnce(&Host)) {
     let t0 = Instant::now();
     let Some(c) = Cluster::start(3, 2, 2400) else {
         return;
@@ -548,7 +513,7 @@ fn losing_a_whole_host_mid_run_recovers() {
         step_of(s) >= 3 && workers(s) == 6
     });
     let before = step_of(&s);
-    c.hosts[1].kill_all();
+    lose(&c.hosts[which]);
     let killed = Instant::now();
     let s = c.wait_until(
         "a step committed after the host's loss",
@@ -556,7 +521,7 @@ fn losing_a_whole_host_mid_run_recovers() {
         |s| recoveries(s) >= 1 && step_of(s) > before,
     );
     eprintln!(
-        "host lost at step {before}: step {} committed {:.2}s after the kill (coordinator: {:.2}s from detection)",
+        "host {how} at step {before}: step {} committed {:.2}s later (coordinator: {:.2}s from detection)",
         step_of(&s),
         killed.elapsed().as_secs_f64(),
         s["counters"]["last_recovery_s"].as_f64().unwrap_or(f64::NAN)
@@ -573,43 +538,20 @@ fn losing_a_whole_host_mid_run_recovers() {
     c.assert_contract();
 }
 
+/// SIGKILL every process of one host mid-run (a power loss): the others go on without it.
+#[test]
+fn losing_a_whole_host_mid_run_recovers() {
+    a_host_lost_mid_run(1, "lost", |h| h.kill_all());
+}
+
 /// A power loss as the network sees it: the host's cable is cut first, then its processes die,
 /// so no FIN or RST ever reaches the others; they find out by timeouts alone.
 #[test]
 fn a_host_gone_silent_mid_run_recovers() {
-    let t0 = Instant::now();
-    let Some(c) = Cluster::start(3, 2, 2400) else {
-        return;
-    };
-    let s = c.wait_until("6 workers at step 3", Duration::from_secs(120), |s| {
-        step_of(s) >= 3 && workers(s) == 6
+    a_host_lost_mid_run(0, "silent", |h| {
+        h.cut_link().expect("cut the link");
+        h.kill_all();
     });
-    let before = step_of(&s);
-    let gone = &c.hosts[0];
-    gone.cut_link().expect("cut the link");
-    gone.kill_all();
-    let killed = Instant::now();
-    let s = c.wait_until(
-        "a step committed without the silent host",
-        Duration::from_secs(60),
-        |s| recoveries(s) >= 1 && step_of(s) > before,
-    );
-    eprintln!(
-        "host silent at step {before}: step {} committed {:.2}s later (coordinator: {:.2}s from detection)",
-        step_of(&s),
-        killed.elapsed().as_secs_f64(),
-        s["counters"]["last_recovery_s"].as_f64().unwrap_or(f64::NAN)
-    );
-    assert_eq!(workers(&s), 4, "the survivors go on: {s}");
-    let s = c.wait_until("the end of the epoch", Duration::from_secs(150), |s| {
-        s["state"] == "finished"
-    });
-    eprintln!(
-        "finished: {} steps in {:.1}s",
-        step_of(&s),
-        t0.elapsed().as_secs_f64()
-    );
-    c.assert_contract();
 }
 
 /// One host's cable is pulled mid-run for a few seconds, then plugged back in.

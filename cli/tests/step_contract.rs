@@ -128,33 +128,28 @@ fn assert_empty(dir: &Path, who: &str) {
     assert!(entries.is_empty(), "{who} wrote locally: {entries:?}");
 }
 
-#[test]
-fn on_s3_a_run_survives_losing_every_process_and_finishes_exactly_once() {
-    let s3 = S3Server::start();
-    let env = s3.env();
-    let opts = s3.options();
-    let tmp = tempfile::tempdir().expect("tmp");
+/// `ferroclip shards synth` of `rows` rows onto the S3 server; the dataset's URL.
+fn synth_on_s3(s3: &S3Server, rows: u32) -> String {
     let data = format!("s3://{S3_BUCKET}/data");
     let out = std::process::Command::new(bin("ferroclip"))
         .args([
             "shards",
             "synth",
             "--rows",
-            "600",
+            &rows.to_string(),
             "--seed",
             "5",
-            "--image-size",
-            "16",
         ])
         .args([
+            "--image-size",
+            "16",
             "--rows-per-row-group",
             "20",
             "--val-fraction",
             "0.1",
-            "--no-progress",
         ])
-        .args(["--out", &data, "--allow-http"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(["--no-progress", "--out", &data])
+        .envs(s3_env(s3).iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("synth");
     assert!(
@@ -162,49 +157,56 @@ fn on_s3_a_run_survives_losing_every_process_and_finishes_exactly_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    data
+}
+
+/// The S3 server's credentials and endpoint, plain HTTP allowed.
+fn s3_env(s3: &S3Server) -> Vec<(&'static str, String)> {
+    let mut env = s3.env();
+    env.push(("FERROCLIP_ALLOW_HTTP", "true".into()));
+    env
+}
+
+/// `ferroclip coordinator` reaching the S3 server, in working directory `cwd`.
+fn coordinator_s3(cfg: &Path, grpc: u16, http: u16, s3: &S3Server, cwd: &Path) -> Proc {
+    let mut c = std::process::Command::new(bin("ferroclip"));
+    c.args(["coordinator", "--config"])
+        .arg(cfg)
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .current_dir(cwd)
+        .env("FERROCLIP_TOKEN", TOKEN)
+        .envs(s3_env(s3).iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null());
+    Proc(c.spawn().expect("coordinator"))
+}
+
+#[test]
+fn on_s3_a_run_survives_losing_every_process_and_finishes_exactly_once() {
+    let s3 = S3Server::start();
+    let opts = s3.options();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth_on_s3(&s3, 600);
     let run_dir = format!("s3://{S3_BUCKET}/run");
-    let cfg = run_config(tmp.path(), &run_dir, &data, BATCH, "");
-    std::fs::write(
-        &cfg,
-        std::fs::read_to_string(&cfg).expect("cfg") + "[checkpoint]\nevery_steps = 5\n",
-    )
-    .expect("cfg");
+    let cfg = run_config(
+        tmp.path(),
+        &run_dir,
+        &data,
+        BATCH,
+        "[checkpoint]\nevery_steps = 5",
+    );
     let (grpc, http) = (free_port(), free_port());
+    // Every process in a working directory of its own, which must stay empty.
     let start = |tag: &str| {
         let cwd = tmp.path().join(format!("cwd-{tag}"));
         std::fs::create_dir_all(&cwd).expect("cwd");
-        let coord = {
-            let mut c = std::process::Command::new(bin("ferroclip"));
-            c.args(["coordinator", "--config"])
-                .arg(&cfg)
-                .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-                .args(["--http-addr", &format!("127.0.0.1:{http}")])
-                .arg("--allow-http")
-                .current_dir(&cwd)
-                .env("FERROCLIP_TOKEN", TOKEN)
-                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-                .stdin(std::process::Stdio::null());
-            Proc(c.spawn().expect("coordinator"))
-        };
-        let mut wenv = env.clone();
-        wenv.push(("FERROCLIP_ALLOW_HTTP", "1".into()));
+        let coord = coordinator_s3(&cfg, grpc, http, &s3, &cwd);
         let workers: Vec<Proc> = ["w-a", "w-b", "w-c"]
             .iter()
             .map(|id| {
                 let wcwd = cwd.join(id);
                 std::fs::create_dir_all(&wcwd).expect("cwd");
-                Proc(
-                    std::process::Command::new(bin("ferroclip-worker"))
-                        .args(["join", "--coordinator", &format!("http://127.0.0.1:{grpc}")])
-                        .args(["--device", "cpu", "--threads", "1", "--worker-id", id])
-                        .args(["--advertise-host", "127.0.0.1", "--allow-http"])
-                        .current_dir(&wcwd)
-                        .env("FERROCLIP_TOKEN", TOKEN)
-                        .envs(wenv.iter().map(|(k, v)| (*k, v.as_str())))
-                        .stdin(std::process::Stdio::null())
-                        .spawn()
-                        .expect("worker"),
-                )
+                worker_in(grpc, id, &wcwd, &s3_env(&s3))
             })
             .collect();
         (coord, workers, cwd)
@@ -252,37 +254,9 @@ fn on_s3_a_run_survives_losing_every_process_and_finishes_exactly_once() {
 #[test]
 fn a_store_outage_of_45_seconds_is_ridden_out_by_every_process() {
     let mut s3 = S3Server::start();
-    let env = s3.env();
     let opts = s3.options();
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = format!("s3://{S3_BUCKET}/data");
-    let out = std::process::Command::new(bin("ferroclip"))
-        .args([
-            "shards",
-            "synth",
-            "--rows",
-            "600",
-            "--seed",
-            "5",
-            "--image-size",
-            "16",
-        ])
-        .args([
-            "--rows-per-row-group",
-            "20",
-            "--val-fraction",
-            "0.1",
-            "--no-progress",
-        ])
-        .args(["--out", &data, "--allow-http"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("synth");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let data = synth_on_s3(&s3, 600);
     let run_dir = format!("s3://{S3_BUCKET}/run");
     // Two epochs: the run is still going when the store comes back.
     let cfg = run_config(tmp.path(), &run_dir, &data, BATCH, "");
@@ -291,23 +265,10 @@ fn a_store_outage_of_45_seconds_is_ridden_out_by_every_process() {
         .replace("epochs = 1", "epochs = 2");
     std::fs::write(&cfg, text).expect("cfg");
     let (grpc, http) = (free_port(), free_port());
-    let _coord = {
-        let mut c = std::process::Command::new(bin("ferroclip"));
-        c.args(["coordinator", "--config"])
-            .arg(&cfg)
-            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-            .args(["--http-addr", &format!("127.0.0.1:{http}")])
-            .arg("--allow-http")
-            .env("FERROCLIP_TOKEN", TOKEN)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(std::process::Stdio::null());
-        Proc(c.spawn().expect("coordinator"))
-    };
-    let mut wenv = env.clone();
-    wenv.push(("FERROCLIP_ALLOW_HTTP", "1".into()));
+    let _coord = coordinator_s3(&cfg, grpc, http, &s3, tmp.path());
     let mut workers: Vec<Proc> = ["w-a", "w-b"]
         .iter()
-        .map(|id| worker_in(grpc, id, tmp.path(), &wenv))
+        .map(|id| worker_in(grpc, id, tmp.path(), &s3_env(&s3)))
         .collect();
     wait_until(http, "step 5", Duration::from_secs(120), |s| {
         step_of(s) >= 5
@@ -419,36 +380,9 @@ fn one_process_and_the_launcher_take_the_same_steps_for_one_config() {
 #[test]
 fn ferroclip_worker_train_reads_s3_data_and_checkpoints_there() {
     let s3 = S3Server::start();
-    let env = s3.env();
+    let env = s3_env(&s3);
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = format!("s3://{S3_BUCKET}/data");
-    let out = std::process::Command::new(bin("ferroclip"))
-        .args([
-            "shards",
-            "synth",
-            "--rows",
-            "200",
-            "--seed",
-            "5",
-            "--image-size",
-            "16",
-        ])
-        .args([
-            "--rows-per-row-group",
-            "20",
-            "--val-fraction",
-            "0.1",
-            "--no-progress",
-        ])
-        .args(["--out", &data, "--allow-http"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("synth");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let data = synth_on_s3(&s3, 200);
     let run_dir = format!("s3://{S3_BUCKET}/single");
     let cfg = run_config(
         tmp.path(),

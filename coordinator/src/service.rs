@@ -194,6 +194,29 @@ impl CoordinatorService {
     fn counted<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
         r.map_err(|s| self.shared.reject(s))
     }
+
+    /// Applies `change` to the run; when it succeeds and `prune(answer)`, forgets the
+    /// checkpoints beyond `checkpoint.keep`; answers once the new state is durable, and only
+    /// then deletes those checkpoints (the journal no longer lists them).
+    async fn pruning<T>(
+        &self,
+        change: impl FnOnce(&mut Run) -> Result<T, Status>,
+        prune: impl FnOnce(&T) -> bool,
+    ) -> Result<T, Status> {
+        let mut run = self.shared.run.lock().await;
+        let out = change(&mut run);
+        let old = match &out {
+            Ok(answer) if prune(answer) => run.prune_checkpoints(),
+            _ => Vec::new(),
+        };
+        let root = run.checkpoint_root().to_string();
+        let version = self.shared.stage(&run);
+        drop(run);
+        let answer = self.counted(out)?;
+        self.shared.durable(version).await?;
+        self.shared.delete_checkpoints(&root, old).await;
+        Ok(answer)
+    }
 }
 
 /// Removes a waiting worker whose Join call was dropped (its process died).
@@ -320,19 +343,12 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::CommitStepResponse>, Status> {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
-        let mut run = self.shared.run.lock().await;
-        let out = run.commit_step(r, Instant::now());
-        let old = if matches!(out, Ok(Committed::Step)) {
-            run.prune_checkpoints()
-        } else {
-            Vec::new()
-        };
-        let root = run.checkpoint_root().to_string();
-        let version = self.shared.stage(&run);
-        drop(run);
-        let committed = self.counted(out)?;
-        self.shared.durable(version).await?;
-        self.shared.delete_checkpoints(&root, old).await;
+        let committed = self
+            .pruning(
+                |run| run.commit_step(r, Instant::now()),
+                |c| *c == Committed::Step,
+            )
+            .await?;
         Ok(Response::new(v1::CommitStepResponse {
             committed: committed == Committed::Step,
         }))
@@ -360,19 +376,8 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::CommitCheckpointResponse>, Status> {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
-        let mut run = self.shared.run.lock().await;
-        let out = run.commit_checkpoint(r);
-        let old = if out.is_ok() {
-            run.prune_checkpoints()
-        } else {
-            Vec::new()
-        };
-        let root = run.checkpoint_root().to_string();
-        let version = self.shared.stage(&run);
-        drop(run);
-        self.counted(out)?;
-        self.shared.durable(version).await?;
-        self.shared.delete_checkpoints(&root, old).await;
+        self.pruning(|run| run.commit_checkpoint(r), |_| true)
+            .await?;
         Ok(Response::new(v1::CommitCheckpointResponse {}))
     }
 

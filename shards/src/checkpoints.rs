@@ -84,18 +84,24 @@ pub async fn list_committed(
     Ok(out)
 }
 
-/// Deletes a checkpoint directory: COMMIT first, then every object under it.
-pub async fn delete(loc: &Location, budget: Duration) -> Result<(), ShardsError> {
+/// Deletes a checkpoint directory's COMMIT (absent is fine): from then on no reader takes it
+/// for a checkpoint, whatever its files.
+pub async fn uncommit(loc: &Location, budget: Duration) -> Result<(), ShardsError> {
     let m = loc.join(COMMIT);
     match store_retry(&format!("deleting {}", m.url()), budget, || {
         m.store.delete(&m.path)
     })
     .await
     {
-        Ok(()) => {}
-        Err(e) if not_found(&e) => {}
-        Err(e) => return Err(ShardsError::store(m.url(), e)),
+        Ok(()) => Ok(()),
+        Err(e) if not_found(&e) => Ok(()),
+        Err(e) => Err(ShardsError::store(m.url(), e)),
     }
+}
+
+/// Deletes a checkpoint directory: COMMIT first, then every object under it.
+pub async fn delete(loc: &Location, budget: Duration) -> Result<(), ShardsError> {
+    uncommit(loc, budget).await?;
     let listed = store_retry(&format!("listing {}", loc.url()), budget, || {
         loc.store.list_with_delimiter(Some(&loc.path))
     })

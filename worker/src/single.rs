@@ -7,7 +7,6 @@
 //! `--resume` continues with exactly the samples and losses an uninterrupted run would see.
 
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -18,8 +17,7 @@ use ferroclip_shards::{StoreArgs, StoreOptions};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::Single;
-use crate::data::{Batch, ImageTransform, Loader, LoaderOptions, SampleRef, Tokenizer};
-use crate::model::ModelConfig;
+use crate::data::{pipeline, Batch, Loader, SampleRef};
 use crate::train::Trainer;
 
 #[derive(Args, Debug, Clone)]
@@ -74,15 +72,6 @@ pub fn join_url(dir: &str, rel: &str) -> String {
     format!("{}/{rel}", dir.trim_end_matches('/'))
 }
 
-fn tokenizer(cfg: &RunConfig, ctx: i64) -> Result<Arc<Tokenizer>> {
-    let ctx = ctx as usize;
-    Ok(Arc::new(if cfg.data.tokenizer == "clip" {
-        Tokenizer::clip(ctx)?
-    } else {
-        Tokenizer::from_hf_json(cfg.data.tokenizer.as_ref(), ctx)?
-    }))
-}
-
 type Prepared = Result<(Batch, DataState)>;
 
 /// The background thread making batches in plan order, `depth` ahead of the step loop. It
@@ -133,27 +122,8 @@ fn spawn_batches(
 
 /// Trains per `cfg` in this process; see the module docs.
 pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
-    let store = StoreOptions {
-        retry_budget: std::time::Duration::from_secs_f64(cfg.store.retry_budget_s),
-        ..args.store.options()
-    };
-    let mc = ModelConfig::from_section(&cfg.model)?;
-    let tok = tokenizer(cfg, mc.context_length)?;
-    let mut transform = ImageTransform::train(mc.image_size, cfg.run.seed);
-    transform.scale = (cfg.data.crop_scale[0], cfg.data.crop_scale[1]);
-    let loader = Loader::open(
-        &cfg.data.root,
-        &store,
-        &cfg.data.train_split,
-        transform,
-        tok.clone(),
-        &LoaderOptions {
-            threads: cfg.data.decode_threads as usize,
-            prefetch_blocks: cfg.data.prefetch_blocks.max(1) as usize,
-            ..LoaderOptions::default()
-        },
-    )
-    .with_context(|| format!("opening the training data {}", cfg.data.root))?;
+    let store = pipeline::run_store(cfg, &args.store.options());
+    let (loader, tok) = pipeline::train_loader(cfg, &store)?;
     let block_rows = loader.block_rows().to_vec();
     let per_epoch: u64 = block_rows.iter().map(|&r| r as u64).sum();
     if per_epoch == 0 {

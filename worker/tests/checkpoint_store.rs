@@ -2,6 +2,8 @@
 //! per test), plain paths and file:// URLs. Round trip and exact resume, pruning, and a
 //! checkpoint without COMMIT (or with a file that does not match COMMIT) never being loaded.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
@@ -95,14 +97,7 @@ fn credentials() {
 }
 
 fn config() -> RunConfig {
-    let mut c = RunConfig::default();
-    let m = &mut c.model;
-    m.preset = "custom".into();
-    (m.embed_dim, m.image_size, m.patch_size) = (Some(16), Some(16), Some(4));
-    (m.vision_width, m.vision_layers, m.vision_heads) = (Some(32), Some(2), Some(2));
-    (m.context_length, m.vocab_size) = (Some(8), Some(300));
-    (m.text_width, m.text_layers, m.text_heads) = (Some(32), Some(2), Some(2));
-    (m.decoder_width, m.decoder_layers, m.decoder_heads) = (Some(16), Some(1), Some(2));
+    let mut c = common::tiny_config();
     c.objectives.mlm = 0.5;
     c.objectives.mae = 0.5;
     c.objectives.patch_dropout = 0.25;

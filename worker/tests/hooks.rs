@@ -2,7 +2,8 @@
 //! parameter with a grad, buckets are laid out as `GradBuckets` lays them out, and over the TCP
 //! ring the overlapped path gives bit-identical gradients to the plain one.
 
-use std::net::TcpListener;
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -149,33 +150,7 @@ fn buckets_match_grad_buckets_and_every_bucket_is_reduced_once() {
 }
 
 fn two_ranks<T: Send>(f: impl Fn(usize, &mut RingCollective) -> T + Sync) -> Vec<T> {
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").to_string())
-        .collect();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let peers = peers.clone();
-                let f = &f;
-                scope.spawn(move || {
-                    let mut ring =
-                        RingCollective::connect(rank, &peers, listener, RingOptions::default())
-                            .expect("ring");
-                    f(rank, &mut ring)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect()
-    })
+    common::on_ring(2, RingOptions::default(), f)
 }
 
 /// Per rank: (overlapped grads, plain grads, overlapped seconds, plain seconds).

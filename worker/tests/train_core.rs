@@ -1,5 +1,7 @@
 //! Losses, masks, and the trainer's compute_grads/apply_update on tiny models and random data.
 
+mod common;
+
 use ferroclip_proto::config::RunConfig;
 use ferroclip_worker::collective::{Collective, CollectiveError, Single};
 use ferroclip_worker::loss;
@@ -11,14 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 /// A tiny custom model: 16 px images, patch 4, width 32, 2+2 layers, vocab 300, context 8.
 fn config(contrastive: f64, mlm: f64, mae: f64) -> RunConfig {
-    let mut c = RunConfig::default();
-    let m = &mut c.model;
-    m.preset = "custom".into();
-    (m.embed_dim, m.image_size, m.patch_size) = (Some(16), Some(16), Some(4));
-    (m.vision_width, m.vision_layers, m.vision_heads) = (Some(32), Some(2), Some(2));
-    (m.context_length, m.vocab_size) = (Some(8), Some(300));
-    (m.text_width, m.text_layers, m.text_heads) = (Some(32), Some(2), Some(2));
-    (m.decoder_width, m.decoder_layers, m.decoder_heads) = (Some(16), Some(1), Some(2));
+    let mut c = common::tiny_config();
     c.objectives.contrastive = contrastive;
     c.objectives.mlm = mlm;
     c.objectives.mae = mae;

@@ -251,16 +251,10 @@ pub fn save(
     let budget = opts.retry_budget;
     block_on(|| async move {
         // Rewriting a step (a rollback replays it): un-commit first so no reader mixes files.
+        checkpoints::uncommit(&ckpt, budget)
+            .await
+            .map_err(|e| store_err(&ckpt.url(), e))?;
         let m = ckpt.join(COMMIT);
-        match store_retry(&format!("deleting {}", m.url()), budget, || {
-            m.store.delete(&m.path)
-        })
-        .await
-        {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(store_err(&m.url(), e)),
-        }
         for (name, bytes) in files {
             put(&ckpt.join(&name), bytes, opts).await?;
         }

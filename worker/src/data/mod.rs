@@ -6,6 +6,7 @@
 
 pub mod image;
 pub mod loader;
+pub mod pipeline;
 pub mod tokenizer;
 
 use tch::{Device, Tensor};

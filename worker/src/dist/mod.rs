@@ -32,8 +32,7 @@ use tch::Device;
 
 use crate::collective::ring::{RingCollective, RingOptions, WireDtype};
 use crate::collective::Collective;
-use crate::data::{ImageTransform, Loader, LoaderOptions, Tokenizer};
-use crate::model::ModelConfig;
+use crate::data::{pipeline, Loader};
 use crate::train::Trainer;
 use audit::Audit;
 use client::{CallError, Client};
@@ -484,29 +483,8 @@ impl Session {
         if plan.nccl {
             crate::collective::nccl::probe().context("cluster.backend = \"nccl\"")?;
         }
-        let store = StoreOptions {
-            retry_budget: Duration::from_secs_f64(cfg.store.retry_budget_s),
-            ..opts.store.clone()
-        };
-        let ctx = ModelConfig::from_section(&cfg.model)?;
-        let tokenizer = Arc::new(Tokenizer::from_config(
-            &cfg.data.tokenizer,
-            ctx.context_length as usize,
-        )?);
-        let mut transform = ImageTransform::train(ctx.image_size, cfg.run.seed);
-        transform.scale = (cfg.data.crop_scale[0], cfg.data.crop_scale[1]);
-        let loader = Loader::open(
-            &cfg.data.root,
-            &store,
-            &cfg.data.train_split,
-            transform,
-            tokenizer,
-            &LoaderOptions {
-                threads: cfg.data.decode_threads as usize,
-                prefetch_blocks: cfg.data.prefetch_blocks.max(1) as usize,
-                ..LoaderOptions::default()
-            },
-        )?;
+        let store = pipeline::run_store(&cfg, &opts.store);
+        let (loader, _) = pipeline::train_loader(&cfg, &store)?;
         // The coordinator's ledger says how long the run is (the LR schedule's length).
         let mut trainer = Trainer::new(&cfg, place.total_steps)?;
         if opts.device != Device::Cpu {
