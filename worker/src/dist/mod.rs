@@ -90,8 +90,10 @@ struct Session {
     /// Rank 0's TensorBoard event file, opened the first time this worker is rank 0
     /// (`Some(None)`: opening failed, already reported).
     tensorboard: Option<Option<tensorboard::EventWriter>>,
-    /// The newest step this worker wrote a checkpoint of (the final one is written once).
-    last_checkpoint: Option<u64>,
+    /// The newest checkpoint this worker wrote: its step, URL, and whether the coordinator
+    /// recorded it (a generation that ended meanwhile refuses the record: it is sent again, the
+    /// files are not written again).
+    last_checkpoint: Option<(u64, String, bool)>,
 }
 
 /// What the heartbeat task has learnt about this generation.
@@ -387,9 +389,18 @@ impl Worker {
     /// final checkpoint recorded), or until the generation ends (a death in the last steps:
     /// the remaining steps run in a new generation).
     fn finish(&mut self, place: &v1::JoinResponse, last_step: u64, beat: &Beat) -> Result<Exit> {
-        let written = self.session.as_ref().and_then(|s| s.last_checkpoint);
-        if place.rank == 0 && last_step > 0 && written != Some(last_step) {
-            self.checkpoint(place.generation, last_step)?;
+        let written = self
+            .session
+            .as_ref()
+            .and_then(|s| s.last_checkpoint.clone());
+        if place.rank == 0 && last_step > 0 {
+            match written {
+                Some((step, _, true)) if step == last_step => {}
+                Some((step, url, false)) if step == last_step => {
+                    self.record_checkpoint(place.generation, step, url)?
+                }
+                _ => self.checkpoint(place.generation, last_step)?,
+            }
         }
         loop {
             if beat.finished.load(Ordering::Relaxed) {
@@ -417,17 +428,27 @@ impl Worker {
                     s.cfg.run.dir
                 )
             })?;
-        s.last_checkpoint = Some(step);
+        s.last_checkpoint = Some((step, url.clone(), false));
+        self.record_checkpoint(generation, step, url)
+    }
+
+    /// CommitCheckpoint: the coordinator records a checkpoint this worker wrote.
+    fn record_checkpoint(&mut self, generation: u64, step: u64, url: String) -> Result<()> {
         let req = v1::CommitCheckpointRequest {
             worker_id: self.opts.worker_id.clone(),
             generation,
             step,
-            url,
+            url: url.clone(),
         };
-        match self.rt.block_on(self.client.commit_checkpoint(req)) {
-            Ok(()) | Err(CallError::Stale(_)) => Ok(()),
-            Err(e) => Err(e.into()),
+        let recorded = match self.rt.block_on(self.client.commit_checkpoint(req)) {
+            Ok(()) => true,
+            Err(CallError::Stale(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(s) = self.session.as_mut() {
+            s.last_checkpoint = Some((step, url, recorded));
         }
+        Ok(())
     }
 
     fn report(&self, place: &v1::JoinResponse, err: &crate::collective::CollectiveError) {
