@@ -4,7 +4,7 @@ mod manifests;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use ferroclip_proto::config::RunConfig;
+use ferroclip_proto::config::{Backend, RunConfig};
 use std::io::Write;
 
 use manifests::RunSpec;
@@ -110,10 +110,14 @@ fn plan(args: &RenderArgs) -> Result<RunSpec> {
     cfg.run.dir = run_dir.clone();
     cfg.data.root = args.data.clone();
 
-    let backend = if args.cpu { "ring" } else { "nccl" };
+    let backend = if args.cpu {
+        Backend::Ring
+    } else {
+        Backend::Nccl
+    };
     if cfg.cluster.backend != backend {
-        tracing::info!(from = %cfg.cluster.backend, to = backend, "cluster.backend set for the device kind");
-        cfg.cluster.backend = backend.into();
+        tracing::info!(from = ?cfg.cluster.backend, to = ?backend, "cluster.backend set for the device kind");
+        cfg.cluster.backend = backend;
     }
     let procs = args
         .workers

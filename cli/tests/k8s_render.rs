@@ -3,7 +3,7 @@
 
 mod k8s_common;
 
-use ferroclip_proto::config::RunConfig;
+use ferroclip_proto::config::{Backend, RunConfig};
 use k8s_common::*;
 use serde_json::{json, Value};
 
@@ -174,7 +174,7 @@ fn gpu_run_has_an_indexed_job_with_gpus_and_a_probed_coordinator() {
     let cfg = run_config(&docs, "ferroclip");
     assert_eq!(cfg.data.root, "s3://bucket/laion");
     assert_eq!(cfg.model.preset, "ViT-B-16");
-    assert_eq!(cfg.cluster.backend, "nccl");
+    assert_eq!(cfg.cluster.backend, Backend::Nccl);
     assert_eq!(cfg.cluster.max_workers, 32);
 }
 
@@ -195,7 +195,7 @@ fn cpu_run_asks_for_no_gpus_and_uses_the_ring() {
         json!({ "cpu": "1", "memory": "4Gi" })
     );
     let cfg = run_config(&docs, "ferroclip");
-    assert_eq!(cfg.cluster.backend, "ring");
+    assert_eq!(cfg.cluster.backend, Backend::Ring);
     assert_eq!(cfg.model.preset, "tiny");
     assert_eq!(cfg.data.root, "s3://bucket/small");
 }

@@ -10,9 +10,11 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("invalid config {path}: {source}")]
+    #[error("invalid config {path}: {key}{source}")]
     Parse {
         path: String,
+        /// `section.key: ` of the value at fault, when the error points at one.
+        key: String,
         source: Box<toml::de::Error>,
     },
     #[error("invalid config {path}: {field}: {message}")]
@@ -126,9 +128,9 @@ pub struct OptimSection {
     pub warmup_steps: u64,
     /// Clip gradients by global norm (0 = off).
     pub grad_clip: f64,
-    /// "auto" (bf16 autocast with fp32 master weights on a GPU, fp32 on CPU), "fp32" or
-    /// "amp_bf16" (GPU only).
-    pub precision: String,
+    /// auto (bf16 autocast with fp32 master weights on a GPU, fp32 on CPU), fp32 or amp_bf16
+    /// (GPU only).
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,19 +165,68 @@ pub struct ClusterSection {
     pub heartbeat_timeout_s: f64,
     /// A collective that makes no progress this long reports its peer as failed.
     pub collective_timeout_s: f64,
-    /// Collective backend: "ring" (TCP, CPU) or "nccl".
-    pub backend: String,
+    /// Collective backend: ring (TCP, CPU) or nccl.
+    pub backend: Backend,
     /// Gradient all-reduce bucket size in MiB.
     pub bucket_mb: f64,
-    /// "fp32" or "bf16" on the wire.
-    pub allreduce_dtype: String,
-    /// Ring all-reduce data path: "auto" (shared memory when every rank is on one host, else
-    /// TCP), "tcp" or "shm".
-    pub transport: String,
-    /// All-reduce gradient buckets while backward still runs, as DDP does: "on", "off", or
-    /// "auto" (on for GPU workers; off on CPUs, where the communication thread takes cores
-    /// from backward: 0.91 vs 0.86 s per step in bench/README-train.md's run).
-    pub overlap_allreduce: String,
+    /// fp32 or bf16 on the wire.
+    pub allreduce_dtype: WireFormat,
+    /// Ring all-reduce data path: auto (shared memory when every rank is on one host, else
+    /// TCP), tcp or shm.
+    pub transport: Transport,
+    /// All-reduce gradient buckets while backward still runs, as DDP does: on, off, or auto
+    /// (on for GPU workers; off on CPUs, where the communication thread takes cores from
+    /// backward: 0.91 vs 0.86 s per step in bench/README-train.md's run).
+    pub overlap_allreduce: Switch,
+}
+
+/// The closed sets of values a config takes, parsed once (a misspelling is a config error
+/// naming the key) and used as enums everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The TCP ring (host memory, CPU workers).
+    #[default]
+    Ring,
+    /// NCCL (GPU memory, GPU workers).
+    Nccl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Auto,
+    Fp32,
+    AmpBf16,
+}
+
+/// Number format of all-reduce payloads on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireFormat {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Auto,
+    Tcp,
+    Shm,
+}
+
+/// on, off, or auto (the code decides, as documented where the key is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Switch {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -269,7 +320,7 @@ impl Default for OptimSection {
             eps: 1e-6,
             warmup_steps: 10,
             grad_clip: 1.0,
-            precision: "auto".into(),
+            precision: Precision::Auto,
         }
     }
 }
@@ -292,13 +343,34 @@ impl Default for ClusterSection {
             heartbeat_interval_s: 1.0,
             heartbeat_timeout_s: 10.0,
             collective_timeout_s: 30.0,
-            backend: "ring".into(),
+            backend: Backend::Ring,
             bucket_mb: 25.0,
-            allreduce_dtype: "fp32".into(),
-            transport: "auto".into(),
-            overlap_allreduce: "auto".into(),
+            allreduce_dtype: WireFormat::Fp32,
+            transport: Transport::Auto,
+            overlap_allreduce: Switch::Auto,
         }
     }
+}
+
+/// The dotted key (`cluster.backend`) of the `key = value` line holding byte `offset`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 impl RunConfig {
@@ -311,11 +383,15 @@ impl RunConfig {
         Self::parse(&text, path)
     }
 
-    /// Parses config text; `origin` names it in errors.
+    /// Parses config text; `origin` names it in errors (and the key, where there is one).
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: RunConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: origin.to_string(),
-            source: Box::new(source),
+        let cfg: RunConfig = toml::from_str(text).map_err(|source| {
+            let key = source.span().and_then(|span| key_at(text, span.start));
+            ConfigError::Parse {
+                path: origin.to_string(),
+                key: key.map(|k| format!("{k}: ")).unwrap_or_default(),
+                source: Box::new(source),
+            }
         })?;
         cfg.validate(origin)?;
         Ok(cfg)
@@ -410,42 +486,6 @@ impl RunConfig {
                     "need 1 <= min_workers ({}) <= max_workers ({})",
                     self.cluster.min_workers, self.cluster.max_workers
                 ),
-            ));
-        }
-        if !matches!(self.cluster.backend.as_str(), "ring" | "nccl") {
-            return Err(bad(
-                "cluster.backend",
-                format!("\"{}\" is not ring or nccl", self.cluster.backend),
-            ));
-        }
-        if !matches!(self.optim.precision.as_str(), "auto" | "fp32" | "amp_bf16") {
-            return Err(bad(
-                "optim.precision",
-                format!("\"{}\" is not auto, fp32 or amp_bf16", self.optim.precision),
-            ));
-        }
-        if !matches!(self.cluster.allreduce_dtype.as_str(), "fp32" | "bf16") {
-            return Err(bad(
-                "cluster.allreduce_dtype",
-                format!("\"{}\" is not fp32 or bf16", self.cluster.allreduce_dtype),
-            ));
-        }
-        if !matches!(
-            self.cluster.overlap_allreduce.as_str(),
-            "auto" | "on" | "off"
-        ) {
-            return Err(bad(
-                "cluster.overlap_allreduce",
-                format!(
-                    "\"{}\" is not auto, on or off",
-                    self.cluster.overlap_allreduce
-                ),
-            ));
-        }
-        if !matches!(self.cluster.transport.as_str(), "auto" | "tcp" | "shm") {
-            return Err(bad(
-                "cluster.transport",
-                format!("\"{}\" is not auto, tcp or shm", self.cluster.transport),
             ));
         }
         let [lo, hi] = self.data.crop_scale;

@@ -135,7 +135,7 @@ fn run_rank(args: &Args, rank: usize) -> Result<()> {
     let mut opts = RingOptions {
         timeout: Duration::from_secs(60),
         dtype: match args.dtype {
-            Dtype::F32 => WireDtype::F32,
+            Dtype::F32 => WireDtype::Fp32,
             Dtype::Bf16 => WireDtype::Bf16,
         },
         transport: match args.transport {

@@ -14,7 +14,7 @@ use crate::model::transformer::Attend;
 use crate::model::{masking, Clip, Heads, ModelConfig, ModelError};
 use crate::overlap::OverlappedReducer;
 use crate::{loss, optim};
-use ferroclip_proto::config::{Objectives, OptimSection, RunConfig};
+use ferroclip_proto::config::{Objectives, OptimSection, RunConfig, Switch};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
@@ -124,10 +124,10 @@ impl Trainer {
             total_steps: total_steps.max(1),
             bucket_bytes,
             buckets: None,
-            overlap: match cfg.cluster.overlap_allreduce.as_str() {
-                "on" => Some(true),
-                "off" => Some(false),
-                _ => None,
+            overlap: match cfg.cluster.overlap_allreduce {
+                Switch::On => Some(true),
+                Switch::Off => Some(false),
+                Switch::Auto => None,
             },
             reducer: None,
             autocast: false,

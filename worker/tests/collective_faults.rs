@@ -21,7 +21,7 @@ fn opts(generation: u64) -> RingOptions {
     RingOptions {
         timeout: TIMEOUT,
         chunk_bytes: 64 * 1024,
-        dtype: WireDtype::F32,
+        dtype: WireDtype::Fp32,
         generation,
         transport: Transport::Tcp,
         ..RingOptions::default()

@@ -89,7 +89,7 @@ const LENGTHS: [usize; 7] = [0, 1, 3, 7, 1000, 16_411, 100_003];
 fn all_reduce_fp32_is_exact_for_world_sizes_1_to_5() {
     for n in 1..=5 {
         // 1 KiB chunks: many chunks per segment; the longest lengths use the sender thread.
-        let got = with_ring(n, opts(1024, WireDtype::F32), |ring| {
+        let got = with_ring(n, opts(1024, WireDtype::Fp32), |ring| {
             LENGTHS
                 .iter()
                 .map(|&len| {
@@ -155,7 +155,7 @@ fn all_reduce_f64_sums_in_rank_order_identically_on_every_rank() {
                 .map(|i| ((i as f64 + 1.0) * 0.1 + r as f64 / 3.0).sin() * 1e3)
                 .collect()
         };
-        let got = with_ring(n, opts(4096, WireDtype::F32), |ring| {
+        let got = with_ring(n, opts(4096, WireDtype::Fp32), |ring| {
             let mut t = Tensor::from_slice(&data(ring.rank())).view([17, 59]);
             ring.all_reduce_sum(&mut t).unwrap();
             assert_eq!(t.kind(), Kind::Double);
@@ -175,7 +175,7 @@ fn all_reduce_f64_sums_in_rank_order_identically_on_every_rank() {
 
 #[test]
 fn all_reduce_handles_non_contiguous_tensors() {
-    let got = with_ring(3, opts(256, WireDtype::F32), |ring| {
+    let got = with_ring(3, opts(256, WireDtype::Fp32), |ring| {
         let base = Tensor::from_slice(&int_data(ring.rank(), 40)).view([5, 8]);
         let mut t = base.transpose(0, 1); // a strided view
         ring.all_reduce_sum(&mut t).unwrap();
@@ -194,7 +194,7 @@ fn all_gather_concatenates_equal_and_unequal_lengths_in_rank_order() {
     // Rows per rank: equal, unequal with an empty rank, and large enough for the sender thread.
     let row_counts: [fn(usize) -> i64; 3] = [|_| 4, |r| ((r * 5) % 7) as i64, |r| 9_000 + r as i64];
     for n in 1..=5 {
-        let got = with_ring(n, opts(4096, WireDtype::F32), |ring| {
+        let got = with_ring(n, opts(4096, WireDtype::Fp32), |ring| {
             row_counts
                 .iter()
                 .map(|rows| {
@@ -255,7 +255,7 @@ fn all_gather_of_f32_features_keeps_trailing_dims() {
 #[test]
 fn broadcast_from_every_root() {
     for n in 1..=5 {
-        let got = with_ring(n, opts(2048, WireDtype::F32), |ring| {
+        let got = with_ring(n, opts(2048, WireDtype::Fp32), |ring| {
             (0..n)
                 .map(|root| {
                     let len = 30_011 + root as i64;
@@ -287,7 +287,7 @@ fn broadcast_from_every_root() {
 fn barrier_waits_for_the_last_rank() {
     for n in [1, 2, 4, 5] {
         let last_entered: Mutex<Option<Instant>> = Mutex::new(None);
-        let exits = with_ring(n, opts(4096, WireDtype::F32), |ring| {
+        let exits = with_ring(n, opts(4096, WireDtype::Fp32), |ring| {
             if ring.rank() == n - 1 {
                 thread::sleep(Duration::from_millis(200));
                 *last_entered.lock().unwrap() = Some(Instant::now());
@@ -310,7 +310,7 @@ fn barrier_waits_for_the_last_rank() {
 
 #[test]
 fn ranks_out_of_step_fail_with_a_clear_error() {
-    let got = with_ring(2, opts(4096, WireDtype::F32), |ring| {
+    let got = with_ring(2, opts(4096, WireDtype::Fp32), |ring| {
         let len = 10 + ring.rank() as i64;
         let mut t = Tensor::zeros([len], (Kind::Float, tch::Device::Cpu));
         let first = ring.all_reduce_sum(&mut t).unwrap_err();
@@ -440,7 +440,7 @@ fn grad_buckets_sum_the_grads_of_a_real_model_across_ranks() {
             .map(|m| m.params.iter().map(|p| p.shallow_clone()).collect())
             .collect();
         let params = Mutex::new(params.into_iter().map(Some).collect::<Vec<_>>());
-        let got = with_ring(n, opts(512, WireDtype::F32), |ring| {
+        let got = with_ring(n, opts(512, WireDtype::Fp32), |ring| {
             let mine = params.lock().unwrap()[ring.rank()].take().unwrap();
             // 400-byte buckets: several buckets, the l3 (last) parameters first.
             let mut buckets = GradBuckets::new(&mine, 400).unwrap();

@@ -15,7 +15,7 @@
 mod common;
 
 use common::{on_ring, tiny_config, RNG};
-use ferroclip_proto::config::RunConfig;
+use ferroclip_proto::config::{RunConfig, Switch};
 use ferroclip_worker::collective::ring::RingOptions;
 use ferroclip_worker::collective::Single;
 use ferroclip_worker::train::Trainer;
@@ -172,9 +172,9 @@ fn overlapped_all_reduce_updates_exactly_as_the_plain_path() {
     let mut cfg = config();
     let o = &mut cfg.objectives;
     (o.contrastive, o.mlm, o.mae, o.patch_dropout) = (1.0, 0.5, 0.5, 0.25);
-    cfg.cluster.overlap_allreduce = "on".into();
+    cfg.cluster.overlap_allreduce = Switch::On;
     let overlapped = two_ranks(&cfg, 3);
-    cfg.cluster.overlap_allreduce = "off".into();
+    cfg.cluster.overlap_allreduce = Switch::Off;
     let plain = two_ranks(&cfg, 3);
     assert_close(&overlapped[0], &plain[0], "overlapped vs plain, rank 0");
     assert_close(&overlapped[1], &plain[1], "overlapped vs plain, rank 1");
@@ -188,7 +188,7 @@ fn a_rank_with_no_samples_takes_part_and_changes_nothing() {
     (o.contrastive, o.mlm, o.mae) = (1.0, 0.5, 0.5);
     // The full rank overlaps its all-reduce with backward; the empty one has no backward and
     // takes the plain path: the two must still issue the same all-reduces.
-    cfg.cluster.overlap_allreduce = "on".into();
+    cfg.cluster.overlap_allreduce = Switch::On;
     let reference = single(&cfg, 2);
     let ranks = two_ranks_split(&cfg, 2, 16);
     assert_close(&ranks[1], &ranks[0], "empty rank vs full rank");

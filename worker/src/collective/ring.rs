@@ -7,7 +7,6 @@
 //! (`shm`), the TCP links only carrying doorbells.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::str::FromStr;
 use std::time::Duration;
 
 use tch::{Kind, Tensor};
@@ -19,37 +18,11 @@ use super::shm::{self, Shm};
 use super::wire::{self, Header, Op};
 use super::{Collective, CollectiveError, Result};
 
-/// Number format of all-reduce payloads on the wire (accumulation is always f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WireDtype {
-    #[default]
-    F32,
-    /// Half the bytes; values are rounded to bf16 at every hop and all ranks end bit-identical.
-    Bf16,
-}
-
-/// How all-reduce payloads move between ranks (`cluster.transport`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Transport {
-    /// Shared memory when every rank is on this host, TCP otherwise.
-    #[default]
-    Auto,
-    Tcp,
-    /// Shared memory; forming the ring fails unless every rank is on this host.
-    Shm,
-}
-
-impl FromStr for Transport {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Transport::Auto),
-            "tcp" => Ok(Transport::Tcp),
-            "shm" => Ok(Transport::Shm),
-            _ => Err(format!("transport {s:?} is not auto, tcp or shm")),
-        }
-    }
-}
+/// Number format of all-reduce payloads on the wire (`cluster.allreduce_dtype`; accumulation is
+/// always f32): with bf16, half the bytes; values are rounded to bf16 at every hop and all ranks
+/// end bit-identical. And how payloads move between ranks (`cluster.transport`): shared memory
+/// when every rank is on this host (`Auto`), TCP, or shared memory or fail (`Shm`).
+pub use ferroclip_proto::config::{Transport, WireFormat as WireDtype};
 
 #[derive(Debug, Clone)]
 pub struct RingOptions {
@@ -71,7 +44,7 @@ impl Default for RingOptions {
         RingOptions {
             timeout: Duration::from_secs(60),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
-            dtype: WireDtype::F32,
+            dtype: WireDtype::Fp32,
             generation: 0,
             transport: Transport::Auto,
             shm_chunk_bytes: DEFAULT_SHM_CHUNK_BYTES,
@@ -300,7 +273,7 @@ impl RingCollective {
             return Ok(());
         }
         let dtype_code = match self.opts.dtype {
-            WireDtype::F32 => 0,
+            WireDtype::Fp32 => 0,
             WireDtype::Bf16 => 1,
         };
         let (rank, n) = (self.rank, self.world_size);
@@ -330,7 +303,7 @@ impl RingCollective {
                     return Ok(());
                 }
                 let codec = match opts.dtype {
-                    WireDtype::F32 => Codec::Raw,
+                    WireDtype::Fp32 => Codec::Raw,
                     WireDtype::Bf16 => Codec::Bf16,
                 };
                 let threaded = data.len() * 4 > INLINE_BYTES;

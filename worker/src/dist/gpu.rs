@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use ferroclip_proto::config::RunConfig;
+use ferroclip_proto::config::{Backend, Precision, RunConfig};
 use tch::Device;
 
 use crate::collective::nccl::{self, NcclCollective, NcclId, ID_BYTES};
@@ -25,27 +25,25 @@ pub struct Plan {
 /// The run's `cluster.backend` and `optim.precision` on this device, or an error naming the key.
 pub fn plan(device: Device, cfg: &RunConfig) -> anyhow::Result<Plan> {
     let gpu = matches!(device, Device::Cuda(_));
-    let nccl = match (cfg.cluster.backend.as_str(), gpu) {
-        ("nccl", true) => true,
-        ("ring", false) => false,
-        ("nccl", false) => anyhow::bail!(
+    let nccl = match (cfg.cluster.backend, gpu) {
+        (Backend::Nccl, true) => true,
+        (Backend::Ring, false) => false,
+        (Backend::Nccl, false) => anyhow::bail!(
             "cluster.backend = \"nccl\" all-reduces GPU memory, but this worker runs on the CPU: \
              start it with --device cuda (one process per GPU), or use backend \"ring\" for CPU workers"
         ),
-        ("ring", true) => anyhow::bail!(
+        (Backend::Ring, true) => anyhow::bail!(
             "cluster.backend = \"ring\" all-reduces host memory, but this worker runs on {device:?}: \
              GPU workers need backend \"nccl\""
         ),
-        (other, _) => anyhow::bail!("cluster.backend = \"{other}\" is not ring or nccl"),
     };
-    let autocast_bf16 = match (cfg.optim.precision.as_str(), gpu) {
-        ("auto", gpu) => gpu,
-        ("fp32", _) => false,
-        ("amp_bf16", true) => true,
-        ("amp_bf16", false) => anyhow::bail!(
+    let autocast_bf16 = match (cfg.optim.precision, gpu) {
+        (Precision::Auto, gpu) => gpu,
+        (Precision::Fp32, _) => false,
+        (Precision::AmpBf16, true) => true,
+        (Precision::AmpBf16, false) => anyhow::bail!(
             "optim.precision = \"amp_bf16\" is CUDA autocast; this worker runs on the CPU (use \"auto\" or \"fp32\")"
         ),
-        (other, _) => anyhow::bail!("optim.precision = \"{other}\" is not auto, fp32 or amp_bf16"),
     };
     Ok(Plan {
         nccl,
@@ -83,10 +81,9 @@ mod tests {
     use std::net::TcpListener;
 
     fn cfg(backend: &str, precision: &str) -> RunConfig {
-        let mut c = RunConfig::default();
-        c.cluster.backend = backend.into();
-        c.optim.precision = precision.into();
-        c
+        let text =
+            format!("[cluster]\nbackend = \"{backend}\"\n[optim]\nprecision = \"{precision}\"\n");
+        RunConfig::parse(&text, "test").expect("config")
     }
 
     #[test]

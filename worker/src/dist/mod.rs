@@ -30,7 +30,7 @@ use ferroclip_proto::v1;
 use ferroclip_shards::StoreOptions;
 use tch::Device;
 
-use crate::collective::ring::{RingCollective, RingOptions, WireDtype};
+use crate::collective::ring::{RingCollective, RingOptions};
 use crate::collective::Collective;
 use crate::data::{pipeline, Loader};
 use crate::train::Trainer;
@@ -200,18 +200,9 @@ impl Worker {
             .collect();
         let ring_opts = RingOptions {
             timeout,
-            dtype: if s.cfg.cluster.allreduce_dtype == "bf16" {
-                WireDtype::Bf16
-            } else {
-                WireDtype::F32
-            },
+            dtype: s.cfg.cluster.allreduce_dtype,
             generation: place.generation,
-            transport: s
-                .cfg
-                .cluster
-                .transport
-                .parse()
-                .map_err(anyhow::Error::msg)?,
+            transport: s.cfg.cluster.transport,
             ..RingOptions::default()
         };
         let use_nccl = s.gpu.nccl;
