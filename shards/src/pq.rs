@@ -2,21 +2,17 @@
 //! prefetched byte range (a block), and a writer that hashes what it uploads.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::async_reader::AsyncFileReader;
-use parquet::arrow::async_writer::AsyncFileWriter;
 use parquet::errors::{ParquetError, Result};
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
 fn to_parquet_err(e: object_store::Error) -> ParquetError {
     ParquetError::External(Box::new(e))
@@ -123,38 +119,58 @@ pub fn row_group_range(meta: &ParquetMetaData, rg: usize) -> Range<u64> {
     }
 }
 
-/// Uploads through object_store's `BufWriter` (multipart for big files, atomic on completion)
-/// while hashing, so a shard's sha256 is known without reading it back.
-pub struct HashingWriter {
-    inner: BufWriter,
-    digest: Arc<Mutex<(Sha256, u64)>>,
-}
+#[cfg(feature = "build")]
+pub use hashing::HashingWriter;
 
-impl HashingWriter {
-    pub fn new(store: Arc<dyn ObjectStore>, path: Path) -> (Self, Arc<Mutex<(Sha256, u64)>>) {
-        let digest = Arc::new(Mutex::new((Sha256::new(), 0)));
-        let w = HashingWriter {
-            inner: BufWriter::with_capacity(store, path, 8 * 1024 * 1024),
-            digest: digest.clone(),
-        };
-        (w, digest)
+#[cfg(feature = "build")]
+mod hashing {
+    use std::sync::{Arc, Mutex};
+
+    use futures::future::BoxFuture;
+    use futures::FutureExt;
+    use object_store::buffered::BufWriter;
+    use object_store::path::Path;
+    use object_store::ObjectStore;
+    use parquet::arrow::async_writer::AsyncFileWriter;
+    use parquet::errors::{ParquetError, Result};
+    use sha2::{Digest, Sha256};
+    use tokio::io::AsyncWriteExt;
+
+    use bytes::Bytes;
+
+    /// Uploads through object_store's `BufWriter` (multipart for big files, atomic on completion)
+    /// while hashing, so a shard's sha256 is known without reading it back.
+    pub struct HashingWriter {
+        inner: BufWriter,
+        digest: Arc<Mutex<(Sha256, u64)>>,
     }
-}
 
-impl AsyncFileWriter for HashingWriter {
-    fn write(&mut self, bs: Bytes) -> BoxFuture<'_, Result<()>> {
-        async move {
-            {
-                let mut d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
-                d.0.update(&bs);
-                d.1 += bs.len() as u64;
-            }
-            self.inner.write_all(&bs).await.map_err(ParquetError::from)
+    impl HashingWriter {
+        pub fn new(store: Arc<dyn ObjectStore>, path: Path) -> (Self, Arc<Mutex<(Sha256, u64)>>) {
+            let digest = Arc::new(Mutex::new((Sha256::new(), 0)));
+            let w = HashingWriter {
+                inner: BufWriter::with_capacity(store, path, 8 * 1024 * 1024),
+                digest: digest.clone(),
+            };
+            (w, digest)
         }
-        .boxed()
     }
 
-    fn complete(&mut self) -> BoxFuture<'_, Result<()>> {
-        async move { self.inner.shutdown().await.map_err(ParquetError::from) }.boxed()
+    impl AsyncFileWriter for HashingWriter {
+        fn write(&mut self, bs: Bytes) -> BoxFuture<'_, Result<()>> {
+            async move {
+                {
+                    let mut d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
+                    d.0.update(&bs);
+                    d.1 += bs.len() as u64;
+                }
+                self.inner.write_all(&bs).await.map_err(ParquetError::from)
+            }
+            .boxed()
+        }
+
+        fn complete(&mut self) -> BoxFuture<'_, Result<()>> {
+            async move { self.inner.shutdown().await.map_err(ParquetError::from) }.boxed()
+        }
     }
 }
