@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferroclip_proto::config::RunConfig;
+use ferroclip_proto::metrics as metric;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::process::{Child, Command};
 
@@ -132,11 +133,11 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         let (step, msg, finished, total) = {
             let run = handle.shared.run.lock().await;
             let s = run.status();
-            let m = |k: &str| s.metrics.iter().find(|m| m.name == k).map(|m| m.value);
+            let m = |k: &str| s.metrics.get(k).copied();
             let msg = format!(
                 "loss {:.4}  {:.0} samples/s  {} workers  gen {}",
-                m("loss/total").unwrap_or(f64::NAN),
-                m("samples_per_s").unwrap_or(0.0),
+                m(metric::LOSS_TOTAL).unwrap_or(f64::NAN),
+                m(metric::SAMPLES_PER_S).unwrap_or(0.0),
                 s.workers.len(),
                 s.generation
             );
@@ -172,7 +173,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         let s = run.status();
         (
             s.step,
-            s.last_checkpoint.clone(),
+            s.last_checkpoint.clone().unwrap_or_default(),
             run.history.back().cloned(),
         )
     };
@@ -180,7 +181,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
     println!("finished at step {}", summary.0);
     if let Some(last) = summary.2 {
         for (k, v) in &last.metrics {
-            if k.starts_with("loss/") {
+            if k.starts_with(metric::LOSS_PREFIX) {
                 println!("  {k} = {v:.4}");
             }
         }

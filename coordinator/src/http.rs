@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::service::Shared;
+use ferroclip_proto::metrics as metric;
 
 pub async fn serve(
     addr: SocketAddr,
@@ -101,12 +102,11 @@ async fn status(
         "journal": shared.journal_url(),
         "store_wait_s": shared.store_wait_s(),
         "workers": s.workers.iter().map(|w| {
-            let st = run.worker_stats.get(&w.worker_id).cloned().unwrap_or_default();
             serde_json::json!({
                 "rank": w.rank, "worker_id": w.worker_id, "host": w.host, "device": w.device,
                 "seconds_since_heartbeat": w.seconds_since_heartbeat,
                 "step_time_s": w.step_time_s, "data_wait_s": w.data_wait_s,
-                "allreduce_s": st.allreduce_s, "last_step": st.step,
+                "allreduce_s": w.allreduce_s, "last_step": w.last_step,
                 "store_wait_s": w.store_wait_s,
             })
         }).collect::<Vec<_>>(),
@@ -114,6 +114,16 @@ async fn status(
         "events": run.events,
         "counters": run.counters,
         "rejected_rpcs": shared.rejected.load(Ordering::Relaxed),
+        // The dashboard charts these keys of the step records (one list with the workers').
+        "metric_names": {
+            "loss_prefix": metric::LOSS_PREFIX,
+            "lr": metric::LR,
+            "logit_scale": metric::LOGIT_SCALE,
+            "samples_per_s": metric::SAMPLES_PER_S,
+            "step_s": metric::STEP_S,
+            "phases": metric::PHASES,
+            "allreduce_busbw": metric::ALLREDUCE_BUSBW,
+        },
     });
     axum::Json(body).into_response()
 }

@@ -10,6 +10,7 @@ pub mod otel;
 pub mod run;
 pub mod service;
 pub mod stats;
+pub mod wire;
 pub mod writer;
 
 use std::net::SocketAddr;

@@ -151,24 +151,18 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
 ];
 
 /// Worker metric names (CommitStep) → step phase label.
-const PHASES: &[(&str, &str)] = &[
-    ("time/data_wait_s", "data_wait"),
-    ("time/forward_s", "forward"),
-    ("time/backward_s", "backward"),
-    ("time/allreduce_s", "allreduce"),
-    ("time/optimizer_s", "optimizer"),
-];
+use ferroclip_proto::metrics::{self as metric, PHASES};
 
 /// Keys of the step record shown by a dedicated family (not repeated as ferroclip_step_metric).
 const NAMED: &[&str] = &[
-    "lr",
-    "logit_scale",
-    "grad_norm",
-    "samples_total",
-    "samples_per_s",
-    "workers",
-    "time/step_s",
-    "allreduce/busbw_bytes_per_s",
+    metric::LR,
+    metric::LOGIT_SCALE,
+    metric::GRAD_NORM,
+    metric::SAMPLES_TOTAL,
+    metric::SAMPLES_PER_S,
+    metric::WORKERS,
+    metric::STEP_S,
+    metric::ALLREDUCE_BUSBW,
 ];
 
 /// One sample of a family: what both the text page and the OTLP export are made of.
@@ -253,7 +247,7 @@ pub fn samples(run: &Run, service: Service) -> Vec<Sample> {
     let (epoch, progress) = run.epoch_progress();
     p.put(
         "ferroclip_info",
-        &[("run", &run.config.run.name), ("state", &s.state)],
+        &[("run", &run.config.run.name), ("state", s.state)],
         1.0,
     );
     p.put("ferroclip_step", &[], s.step as f64);
@@ -264,17 +258,17 @@ pub fn samples(run: &Run, service: Service) -> Vec<Sample> {
     if let Some(last) = run.history.back() {
         let m = &last.metrics;
         let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
-        for (k, v) in m.range("loss/".to_string()..) {
-            let Some(objective) = k.strip_prefix("loss/") else {
+        for (k, v) in m.range(metric::LOSS_PREFIX.to_string()..) {
+            let Some(objective) = k.strip_prefix(metric::LOSS_PREFIX) else {
                 break;
             };
             p.put("ferroclip_loss", &[("objective", objective)], *v);
         }
-        p.put("ferroclip_learning_rate", &[], get("lr"));
-        p.put("ferroclip_logit_scale", &[], get("logit_scale"));
-        p.put("ferroclip_grad_norm", &[], get("grad_norm"));
-        p.put("ferroclip_samples_total", &[], get("samples_total"));
-        p.put("ferroclip_step_seconds", &[], get("time/step_s"));
+        p.put("ferroclip_learning_rate", &[], get(metric::LR));
+        p.put("ferroclip_logit_scale", &[], get(metric::LOGIT_SCALE));
+        p.put("ferroclip_grad_norm", &[], get(metric::GRAD_NORM));
+        p.put("ferroclip_samples_total", &[], get(metric::SAMPLES_TOTAL));
+        p.put("ferroclip_step_seconds", &[], get(metric::STEP_S));
         for (key, phase) in PHASES {
             p.put(
                 "ferroclip_step_phase_seconds",
@@ -282,14 +276,14 @@ pub fn samples(run: &Run, service: Service) -> Vec<Sample> {
                 get(key),
             );
         }
-        p.put("ferroclip_allreduce_seconds", &[], get("time/allreduce_s"));
+        p.put("ferroclip_allreduce_seconds", &[], get(metric::ALLREDUCE_S));
         p.put(
             "ferroclip_allreduce_bus_bandwidth_bytes_per_second",
             &[],
-            get("allreduce/busbw_bytes_per_s"),
+            get(metric::ALLREDUCE_BUSBW),
         );
         for (k, v) in m {
-            let shown = k.starts_with("loss/")
+            let shown = k.starts_with(metric::LOSS_PREFIX)
                 || NAMED.contains(&k.as_str())
                 || PHASES.iter().any(|(key, _)| key == k);
             if !shown {
@@ -306,12 +300,7 @@ pub fn samples(run: &Run, service: Service) -> Vec<Sample> {
         ];
         p.put("ferroclip_worker_step_seconds", &labels, w.step_time_s);
         p.put("ferroclip_worker_data_wait_seconds", &labels, w.data_wait_s);
-        let allreduce = run
-            .worker_stats
-            .get(&w.worker_id)
-            .map(|st| st.allreduce_s)
-            .unwrap_or(0.0);
-        p.put("ferroclip_worker_allreduce_seconds", &labels, allreduce);
+        p.put("ferroclip_worker_allreduce_seconds", &labels, w.allreduce_s);
         p.put(
             "ferroclip_worker_heartbeat_age_seconds",
             &labels,

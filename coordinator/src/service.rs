@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 
 use crate::journal::Snapshot;
 use crate::membership::WorkerInfo;
-use crate::run::{Committed, Run};
+use crate::run::{Answer, Committed, Run, StepReport};
+use crate::wire;
 use crate::writer::Writer;
 
 /// Longest an RPC waits for its state to be durable before answering UNAVAILABLE (the worker
@@ -29,6 +30,8 @@ pub struct Shared {
     /// The version last handed to the writer and its state (taken while `run` is locked).
     staged: std::sync::Mutex<(u64, Snapshot)>,
     journal_url: String,
+    /// The run's config as workers get it at Join.
+    config_toml: String,
     token: String,
     pub rejected: AtomicU64,
     /// How to reach object stores (deleting old checkpoints).
@@ -46,6 +49,7 @@ impl Shared {
         store: ferroclip_shards::StoreOptions,
     ) -> Arc<Self> {
         Arc::new(Self {
+            config_toml: run.config.to_toml(),
             run: Mutex::new(run),
             formed: Notify::new(),
             writer,
@@ -191,8 +195,9 @@ impl CoordinatorService {
         Ok(())
     }
 
-    fn counted<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
-        r.map_err(|s| self.shared.reject(s))
+    /// The run's answer, a refusal counted and mapped to its gRPC status.
+    fn counted<T>(&self, r: Answer<T>) -> Result<T, Status> {
+        r.map_err(|refusal| self.shared.reject(wire::status_of(refusal)))
     }
 
     /// Applies `change` to the run; when it succeeds and `prune(answer)`, forgets the
@@ -200,7 +205,7 @@ impl CoordinatorService {
     /// then deletes those checkpoints (the journal no longer lists them).
     async fn pruning<T>(
         &self,
-        change: impl FnOnce(&mut Run) -> Result<T, Status>,
+        change: impl FnOnce(&mut Run) -> Answer<T>,
         prune: impl FnOnce(&T) -> bool,
     ) -> Result<T, Status> {
         let mut run = self.shared.run.lock().await;
@@ -277,7 +282,10 @@ impl Coordinator for CoordinatorService {
                 let version = self.shared.stage(&run);
                 drop(run);
                 self.shared.durable(version).await?;
-                return Ok(Response::new(p));
+                return Ok(Response::new(wire::join_response(
+                    p,
+                    &self.shared.config_toml,
+                )));
             }
             run.join(info, Instant::now());
         }
@@ -300,7 +308,10 @@ impl Coordinator for CoordinatorService {
                 guard.done = true;
                 // The generation is journaled before anyone trains in it.
                 self.shared.durable(version).await?;
-                return Ok(Response::new(p));
+                return Ok(Response::new(wire::join_response(
+                    p,
+                    &self.shared.config_toml,
+                )));
             }
             tokio::select! {
                 _ = notified => {}
@@ -317,9 +328,10 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
-        let out = run.heartbeat(r, Instant::now());
+        let out = run.heartbeat(&r.worker_id, r.generation, r.store_wait_s, Instant::now());
         drop(run);
-        self.counted(out).map(Response::new)
+        let stop = self.counted(out)?;
+        Ok(Response::new(v1::HeartbeatResponse { stop }))
     }
 
     async fn next_step(
@@ -332,9 +344,9 @@ impl Coordinator for CoordinatorService {
         let out = run.next_step(&r.worker_id, r.generation, r.step, Instant::now());
         let version = self.shared.stage(&run);
         drop(run);
-        let resp = self.counted(out)?;
+        let plan = self.counted(out)?;
         self.shared.durable(version).await?;
-        Ok(Response::new(resp))
+        Ok(Response::new(wire::next_step_response(r.step, plan)))
     }
 
     async fn commit_step(
@@ -345,7 +357,18 @@ impl Coordinator for CoordinatorService {
         self.check(&req, &r.worker_id)?;
         let committed = self
             .pruning(
-                |run| run.commit_step(r, Instant::now()),
+                |run| {
+                    let report = StepReport {
+                        step: r.step,
+                        samples: r.samples,
+                        metrics: r
+                            .metrics
+                            .iter()
+                            .map(|m| (m.name.clone(), m.value))
+                            .collect(),
+                    };
+                    run.commit_step(&r.worker_id, r.generation, report, Instant::now())
+                },
                 |c| *c == Committed::Step,
             )
             .await?;
@@ -361,7 +384,13 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
-        let out = run.report_failure(r, Instant::now());
+        let out = run.report_failure(
+            &r.worker_id,
+            r.generation,
+            r.suspect_rank,
+            &r.reason,
+            Instant::now(),
+        );
         let version = self.shared.stage(&run);
         drop(run);
         self.counted(out)?;
@@ -376,8 +405,11 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::CommitCheckpointResponse>, Status> {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
-        self.pruning(|run| run.commit_checkpoint(r), |_| true)
-            .await?;
+        self.pruning(
+            |run| run.commit_checkpoint(&r.worker_id, r.generation, r.step, &r.url),
+            |_| true,
+        )
+        .await?;
         Ok(Response::new(v1::CommitCheckpointResponse {}))
     }
 
@@ -388,7 +420,7 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
-        let out = run.leave(r, Instant::now());
+        let out = run.leave(&r.worker_id, r.generation, &r.reason, Instant::now());
         let version = self.shared.stage(&run);
         drop(run);
         self.counted(out)?;
@@ -402,8 +434,10 @@ impl Coordinator for CoordinatorService {
         req: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         self.shared.auth(&req)?;
-        let mut s = self.shared.run.lock().await.status();
-        s.store_wait_s = self.shared.store_wait_s();
-        Ok(Response::new(s))
+        let s = self.shared.run.lock().await.status();
+        Ok(Response::new(wire::status_response(
+            s,
+            self.shared.store_wait_s(),
+        )))
     }
 }

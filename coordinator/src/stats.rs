@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferroclip_proto::v1;
+use ferroclip_proto::metrics as metric;
 
 /// Step records kept for the dashboard's charts.
 pub const HISTORY: usize = 2000;
@@ -29,7 +29,10 @@ pub struct StepRecord {
 
 impl StepRecord {
     pub fn samples_total(&self) -> u64 {
-        self.metrics.get("samples_total").copied().unwrap_or(0.0) as u64
+        self.metrics
+            .get(metric::SAMPLES_TOTAL)
+            .copied()
+            .unwrap_or(0.0) as u64
     }
 }
 
@@ -49,17 +52,18 @@ pub struct WorkerStats {
 }
 
 impl WorkerStats {
-    pub fn take_metrics(&mut self, step: u64, metrics: &[v1::Metric]) {
+    pub fn take_metrics(&mut self, step: u64, metrics: &[(String, f64)]) {
         self.step = step;
-        for m in metrics {
-            match m.name.as_str() {
-                "time/step_s" => self.step_time_s = m.value,
-                "time/data_wait_s" => self.data_wait_s = m.value,
-                "time/forward_s" => self.forward_s = m.value,
-                "time/backward_s" => self.backward_s = m.value,
-                "time/allreduce_s" => self.allreduce_s = m.value,
-                "time/optimizer_s" => self.optimizer_s = m.value,
-                "allreduce/busbw_bytes_per_s" => self.allreduce_busbw = m.value,
+        for (name, value) in metrics {
+            let value = *value;
+            match name.as_str() {
+                metric::STEP_S => self.step_time_s = value,
+                metric::DATA_WAIT_S => self.data_wait_s = value,
+                metric::FORWARD_S => self.forward_s = value,
+                metric::BACKWARD_S => self.backward_s = value,
+                metric::ALLREDUCE_S => self.allreduce_s = value,
+                metric::OPTIMIZER_S => self.optimizer_s = value,
+                metric::ALLREDUCE_BUSBW => self.allreduce_busbw = value,
                 _ => {}
             }
         }
@@ -89,20 +93,20 @@ pub fn step_record(
     step: u64,
     samples: u64,
     samples_total: u64,
-    ranks: &[(u32, Vec<v1::Metric>)],
+    ranks: &[(u32, Vec<(String, f64)>)],
     world: usize,
     previous: Option<&StepRecord>,
 ) -> StepRecord {
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for (rows, metrics) in ranks {
-        for m in metrics {
-            let w = if m.name.starts_with("loss/") {
+        for (name, value) in metrics {
+            let w = if name.starts_with(metric::LOSS_PREFIX) {
                 *rows as f64
             } else {
                 1.0
             };
-            let e = sums.entry(m.name.clone()).or_default();
-            e.0 += w * m.value;
+            let e = sums.entry(name.clone()).or_default();
+            e.0 += w * value;
             e.1 += w;
         }
     }
@@ -111,13 +115,13 @@ pub fn step_record(
         .filter(|(_, (_, w))| *w > 0.0)
         .map(|(k, (sum, w))| (k, sum / w))
         .collect();
-    out.insert("samples_total".into(), samples_total as f64);
-    out.insert("workers".into(), world as f64);
+    out.insert(metric::SAMPLES_TOTAL.into(), samples_total as f64);
+    out.insert(metric::WORKERS.into(), world as f64);
     let unix_s = unix_now();
     if let Some(prev) = previous {
         let dt = unix_s - prev.unix_s;
         if dt > 0.0 {
-            out.insert("samples_per_s".into(), samples as f64 / dt);
+            out.insert(metric::SAMPLES_PER_S.into(), samples as f64 / dt);
         }
     }
     StepRecord {

@@ -1,6 +1,7 @@
 //! The wire protocol between coordinator and workers, and the run configuration they share.
 
 pub mod config;
+pub mod metrics;
 pub mod token;
 
 /// Generated from `proto/ferroclip/v1/coordinator.proto`.

@@ -5,9 +5,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ferroclip_proto::config::RunConfig;
-use ferroclip_proto::v1;
 
-use super::{Committed, Run};
+use super::{Committed, Placement, Run, StepPlan, StepReport};
 use crate::membership::WorkerInfo;
 
 fn config(epochs: u32, batch: u32, max_workers: u32) -> RunConfig {
@@ -38,7 +37,7 @@ fn info(id: &str, applied: u64) -> WorkerInfo {
 struct Sim {
     run: Run,
     now: Instant,
-    place: HashMap<String, v1::JoinResponse>,
+    place: HashMap<String, Placement>,
     applied: HashMap<String, u64>,
     /// Every committed step's total samples, in order.
     sizes: Vec<u32>,
@@ -90,7 +89,7 @@ impl Sim {
         v.into_iter().map(|(_, id)| id).collect()
     }
 
-    fn next(&mut self, id: &str, step: u64) -> v1::NextStepResponse {
+    fn next(&mut self, id: &str, step: u64) -> StepPlan {
         let g = self.place[id].generation;
         self.run
             .next_step(id, g, step, self.now)
@@ -99,27 +98,25 @@ impl Sim {
 
     fn commit(&mut self, id: &str, step: u64) -> Committed {
         let g = self.place[id].generation;
-        let req = v1::CommitStepRequest {
-            worker_id: id.into(),
-            generation: g,
+        let report = StepReport {
             step,
             samples: 1,
             metrics: vec![],
         };
-        let c = self.run.commit_step(&req, self.now).expect("commit");
+        let c = self
+            .run
+            .commit_step(id, g, report, self.now)
+            .expect("commit");
         self.applied.insert(id.to_string(), step);
         c
     }
 
     fn checkpoint(&mut self, id: &str, step: u64) {
         let g = self.place[id].generation;
-        let req = v1::CommitCheckpointRequest {
-            worker_id: id.into(),
-            generation: g,
-            step,
-            url: format!("s3://b/run/checkpoints/step-{step:08}"),
-        };
-        self.run.commit_checkpoint(&req).expect("checkpoint");
+        let url = format!("s3://b/run/checkpoints/step-{step:08}");
+        self.run
+            .commit_checkpoint(id, g, step, &url)
+            .expect("checkpoint");
     }
 
     /// Every member asks for `step`; Some(size) if it was assigned, None at the end.
@@ -127,11 +124,12 @@ impl Sim {
         let ids = self.ids();
         let mut total = None;
         for id in &ids {
-            let r = self.next(id, step);
-            if r.end_of_run {
-                return None;
+            match self.next(id, step) {
+                StepPlan::Samples { rank_batches, .. } => {
+                    total = Some(rank_batches.iter().sum());
+                }
+                _ => return None,
             }
-            total = Some(r.global_batch);
         }
         for id in &ids {
             self.commit(id, step);
@@ -167,15 +165,14 @@ fn a_run_feeds_full_batches_and_finishes_only_with_its_final_checkpoint() {
     assert_eq!(sim.run.phase_name(), "finishing");
     assert!(!sim.run.finished(), "not before the final checkpoint");
     // Heartbeats keep the finishing generation alive and say nothing of stopping yet.
-    let hb = v1::HeartbeatRequest {
-        worker_id: "b".into(),
-        generation: sim.place["b"].generation,
-        store_wait_s: 0.0,
-    };
-    assert!(!sim.run.heartbeat(&hb, sim.now).expect("beat").stop);
+    let g = sim.place["b"].generation;
+    assert!(!sim.run.heartbeat("b", g, 0.0, sim.now).expect("beat"));
     sim.checkpoint("a", 12);
     assert!(sim.run.finished());
-    assert!(sim.run.heartbeat(&hb, sim.now).expect("beat").stop);
+    assert!(
+        sim.run.heartbeat("b", g, 0.0, sim.now).expect("beat"),
+        "stop"
+    );
 }
 
 #[test]
@@ -190,7 +187,7 @@ fn a_death_in_the_last_steps_regroups_and_the_run_still_finishes() {
     for id in ["a", "b", "c"] {
         sim.next(id, 4);
     }
-    assert!(sim.next("a", 5).end_of_run);
+    assert_eq!(sim.next("a", 5), StepPlan::End);
     assert_eq!(sim.run.phase_name(), "finishing");
     sim.commit("a", 4);
     sim.commit("b", 4);
@@ -198,13 +195,9 @@ fn a_death_in_the_last_steps_regroups_and_the_run_still_finishes() {
     for _ in 0..12 {
         sim.later(0.5);
         for id in ["a", "b"] {
-            let hb = v1::HeartbeatRequest {
-                worker_id: id.into(),
-                generation: sim.place[id].generation,
-                store_wait_s: 0.0,
-            };
-            // Once the generation has ended the answer is FAILED_PRECONDITION: join again.
-            let _ = sim.run.heartbeat(&hb, sim.now);
+            // Once the generation has ended the answer is Stale: join again.
+            let g = sim.place[id].generation;
+            let _ = sim.run.heartbeat(id, g, 0.0, sim.now);
         }
         sim.run.tick(sim.now);
     }
@@ -219,7 +212,7 @@ fn a_death_in_the_last_steps_regroups_and_the_run_still_finishes() {
     sim.form(&["a", "b"]);
     assert_eq!(sim.run.ledger.committed_step(), 4);
     assert_eq!(sim.place["a"].next_step, 5);
-    assert!(sim.next("a", 5).end_of_run);
+    assert_eq!(sim.next("a", 5), StepPlan::End);
     sim.checkpoint("a", 4);
     assert!(sim.run.finished());
 }
@@ -235,12 +228,8 @@ fn a_worker_lost_before_applying_the_last_step_gets_it_rerun_full() {
         sim.next(id, 5);
     }
     // "b" leaves (SIGTERM) before anyone applied step 5: the step is abandoned.
-    let leave = v1::LeaveRequest {
-        worker_id: "b".into(),
-        generation: sim.place["b"].generation,
-        reason: "SIGTERM".into(),
-    };
-    sim.run.leave(&leave, sim.now).expect("leave");
+    let g = sim.place["b"].generation;
+    sim.run.leave("b", g, "SIGTERM", sim.now).expect("leave");
     sim.form(&["a", "c"]);
     assert_eq!(sim.run.ledger.committed_step(), 4);
     assert_eq!(
@@ -248,7 +237,7 @@ fn a_worker_lost_before_applying_the_last_step_gets_it_rerun_full() {
         Some(12),
         "the last step re-runs with the full batch"
     );
-    assert!(sim.next("a", 6).end_of_run);
+    assert_eq!(sim.next("a", 6), StepPlan::End);
     sim.checkpoint("a", 5);
     assert!(sim.run.finished());
 }
@@ -259,7 +248,7 @@ fn retried_calls_get_the_same_answer() {
     sim.form(&["a", "b"]);
     let first = sim.next("a", 1);
     let again = sim.next("a", 1);
-    assert_eq!(first.samples, again.samples, "NextStep is idempotent");
+    assert_eq!(first, again, "NextStep is idempotent");
     sim.next("b", 1);
     assert_eq!(sim.commit("a", 1), Committed::Waiting);
     // "a"'s answer was lost and it retries: still waiting, not double counted.
@@ -293,13 +282,10 @@ fn checkpoints_are_recorded_once_under_the_run_dir_and_pruned_oldest_first() {
         "s3://b/run/checkpoints/step-4",
         "s3://b/run/checkpoints/../data",
     ] {
-        let req = v1::CommitCheckpointRequest {
-            worker_id: "a".into(),
-            generation: g,
-            step: 4,
-            url: url.into(),
-        };
-        assert!(sim.run.commit_checkpoint(&req).is_err(), "{url} accepted");
+        assert!(
+            sim.run.commit_checkpoint("a", g, 4, url).is_err(),
+            "{url} accepted"
+        );
     }
     sim.run.config.checkpoint.keep = 0;
     assert!(

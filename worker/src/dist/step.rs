@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use ferroclip_proto::metrics as m;
 use ferroclip_proto::v1;
 
 use super::audit::Record;
@@ -84,43 +85,43 @@ impl Session {
             })?;
         }
         let mut metrics: Vec<(String, f64)> = vec![
-            ("loss/total".into(), losses.total),
-            ("lr".into(), update.lr),
-            ("grad_norm".into(), update.grad_norm),
-            ("logit_scale".into(), state::logit_scale(&self.trainer)),
+            (m::LOSS_TOTAL.into(), losses.total),
+            (m::LR.into(), update.lr),
+            (m::GRAD_NORM.into(), update.grad_norm),
+            (m::LOGIT_SCALE.into(), state::logit_scale(&self.trainer)),
         ];
         let o = &self.cfg.objectives;
         for (name, w, v) in [
-            ("loss/contrastive", o.contrastive, losses.contrastive),
-            ("loss/mlm", o.mlm, losses.mlm),
-            ("loss/mae", o.mae, losses.mae),
+            (m::LOSS_CONTRASTIVE, o.contrastive, losses.contrastive),
+            (m::LOSS_MLM, o.mlm, losses.mlm),
+            (m::LOSS_MAE, o.mae, losses.mae),
         ] {
             if w > 0.0 {
                 metrics.push((name.into(), v));
             }
         }
-        metrics.push(("time/step_s".into(), at.started.elapsed().as_secs_f64()));
-        metrics.push(("time/data_wait_s".into(), at.data_wait_s));
-        metrics.push(("time/compute_s".into(), compute));
-        metrics.push(("time/forward_s".into(), phases.forward_s));
-        metrics.push(("time/backward_s".into(), phases.backward_s));
-        metrics.push(("time/optimizer_s".into(), optimizer_s));
+        metrics.push((m::STEP_S.into(), at.started.elapsed().as_secs_f64()));
+        metrics.push((m::DATA_WAIT_S.into(), at.data_wait_s));
+        metrics.push((m::COMPUTE_S.into(), compute));
+        metrics.push((m::FORWARD_S.into(), phases.forward_s));
+        metrics.push((m::BACKWARD_S.into(), phases.backward_s));
+        metrics.push((m::OPTIMIZER_S.into(), optimizer_s));
         if at.world_size > 1 {
             // compute_grads = forward + backward + the gradient all-reduce.
             let n = at.world_size as f64;
             let bytes = state::grad_bytes(&self.trainer) as f64;
-            metrics.push(("time/allreduce_s".into(), allreduce_s));
-            metrics.push(("allreduce/bytes".into(), bytes));
+            metrics.push((m::ALLREDUCE_S.into(), allreduce_s));
+            metrics.push((m::ALLREDUCE_BYTES.into(), bytes));
             if allreduce_s > 0.0 {
                 let busbw = bytes * 2.0 * (n - 1.0) / n / allreduce_s;
-                metrics.push(("allreduce/busbw_bytes_per_s".into(), busbw));
+                metrics.push((m::ALLREDUCE_BUSBW.into(), busbw));
             }
         }
         if at.rank == 0 {
             // A rank without rows reports losses of 0, which are no estimate: left out.
             let scalars: Vec<(String, f64)> = metrics
                 .iter()
-                .filter(|(k, _)| !refs.is_empty() || !k.starts_with("loss/"))
+                .filter(|(k, _)| !refs.is_empty() || !k.starts_with(m::LOSS_PREFIX))
                 .cloned()
                 .collect();
             self.log_scalars(at.worker_id, step, &scalars);

@@ -1,0 +1,275 @@
+//! The state of one run: membership + sample ledger + checkpoints, and the rules that tie them
+//! together. Pure state over an explicit clock, answering in the run's own terms (`types`): no
+//! I/O, no wire types, so the gRPC service journals what changed outside the lock and the rules
+//! are unit tested without a process (`tests.rs`).
+//!
+//! `formation` is who trains (joins, deaths, leaves, generations), `steps` what each step feeds
+//! and when it commits, `finish` checkpoints and the end of the run.
+//!
+//! The step contract: every step feeds the full global batch (the ledger's), every sample of
+//! an epoch is used in exactly one committed step, and every run ends: a death, a join or a
+//! restart in the last steps re-forms the generation and the remaining steps run in it; the
+//! run is finished only once the final step's checkpoint is recorded.
+
+mod finish;
+mod formation;
+mod steps;
+pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use ferroclip_plan::{Bound, Ledger};
+use ferroclip_proto::config::RunConfig;
+
+use crate::journal::{CheckpointRecord, Identity, Owner, Snapshot, FORMAT_VERSION};
+use crate::membership::{Limits, Member, Membership, Phase};
+use crate::stats::{self, push_bounded, unix_now, EVENTS};
+pub use crate::stats::{Counters, Event, StepRecord, WorkerStats};
+pub use types::*;
+
+/// One rank's named metrics for one step.
+type RankMetrics = (u32, Vec<(String, f64)>);
+
+pub struct Run {
+    pub config: RunConfig,
+    pub identity: Identity,
+    pub ledger: Ledger,
+    pub members: Membership,
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// Checkpoints written for steps not yet committed.
+    pending_checkpoints: Vec<(u64, String)>,
+    /// step → ranks that reported it, this generation.
+    reports: BTreeMap<u64, BTreeSet<u32>>,
+    /// step → the metrics each rank reported for it.
+    rank_metrics: BTreeMap<u64, Vec<RankMetrics>>,
+    placements: HashMap<String, Placement>,
+    pub worker_stats: stats::WorkerTable,
+    pub history: VecDeque<StepRecord>,
+    pub events: VecDeque<Event>,
+    pub counters: Counters,
+    /// When the last failure ended a generation (for recovery time).
+    failure_at: Option<Instant>,
+    /// When the newest checkpoint was recorded (checkpoint age).
+    pub last_checkpoint_at: Option<Instant>,
+    pub started: Instant,
+    epoch_len: u64,
+    /// Steps the run takes (the LR schedule's length; every one a full global batch but the
+    /// last of an epoch-limited run).
+    total_steps: u64,
+    pub block_count: u32,
+    /// Ctrl-C / SIGTERM of the launcher: end the run at the next step boundary.
+    stop_requested: bool,
+    /// Ranks of the current generation.
+    generation_world: usize,
+    /// Where checkpoints must be (`<run.dir>/checkpoints`): records elsewhere are refused.
+    checkpoint_root: String,
+}
+
+impl Run {
+    pub fn new(config: RunConfig, block_rows: Vec<u32>) -> Self {
+        let identity = Identity::new(
+            &config.run.name,
+            config.run.seed,
+            &config.data.root,
+            &config.data.train_split,
+            &block_rows,
+        );
+        let block_count = block_rows.len() as u32;
+        let mut ledger = Ledger::new(
+            config.run.seed,
+            config.data.shuffle_window_blocks,
+            block_rows,
+            Bound::of(config.run.steps, config.run.epochs),
+        );
+        let epoch_len = ledger.epoch_len();
+        let total_steps = ledger.total_steps(config.optim.global_batch);
+        let limits = limits(&config);
+        Self {
+            checkpoint_root: ferroclip_shards::checkpoints::root_url(&config.run.dir),
+            config,
+            identity,
+            ledger,
+            members: Membership::new(limits, 0),
+            checkpoints: Vec::new(),
+            pending_checkpoints: Vec::new(),
+            reports: BTreeMap::new(),
+            rank_metrics: BTreeMap::new(),
+            placements: HashMap::new(),
+            worker_stats: HashMap::new(),
+            history: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: Counters::default(),
+            failure_at: None,
+            last_checkpoint_at: None,
+            started: Instant::now(),
+            epoch_len,
+            total_steps,
+            block_count,
+            stop_requested: false,
+            generation_world: 0,
+        }
+    }
+
+    /// Steps the whole run takes.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// What bounds the run (shown so a step-limited run's epochs make sense).
+    pub fn bound(&self) -> Bound {
+        self.ledger.bound()
+    }
+
+    /// Continues from a journal snapshot (coordinator restart).
+    pub fn restore(&mut self, snap: Snapshot) {
+        self.ledger
+            .restore(snap.committed_step, snap.data, snap.pending);
+        self.checkpoints = snap.checkpoints;
+        self.last_checkpoint_at = (!self.checkpoints.is_empty()).then(Instant::now);
+        self.members = Membership::new(limits(&self.config), snap.generation);
+        if snap.finished {
+            self.members.set_phase(Phase::Finished);
+        }
+        self.event(
+            "resume",
+            format!(
+                "resumed from the journal at step {} (generation {})",
+                snap.committed_step, snap.generation
+            ),
+        );
+    }
+
+    /// What the journal keeps (the owner and time are the journal's to fill in).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            format_version: FORMAT_VERSION,
+            identity: self.identity.clone(),
+            owner: Owner {
+                host: String::new(),
+                pid: 0,
+                nonce: 0,
+            },
+            written_unix_s: 0.0,
+            released: false,
+            generation: self.members.generation(),
+            committed_step: self.ledger.committed_step(),
+            data: self.ledger.committed_state().clone(),
+            pending: self.ledger.pending().cloned().collect(),
+            checkpoints: self.checkpoints.clone(),
+            finished: self.finished(),
+        }
+    }
+
+    pub fn event(&mut self, kind: &str, message: String) {
+        tracing::info!(kind, "{message}");
+        let e = Event {
+            unix_s: unix_now(),
+            kind: kind.to_string(),
+            message,
+        };
+        push_bounded(&mut self.events, e, EVENTS);
+    }
+
+    /// (epoch, fraction of it used) of the committed data position.
+    pub fn epoch_progress(&self) -> (u32, f64) {
+        let state = self.ledger.committed_state();
+        let done_before = self.epoch_len * state.epoch as u64;
+        let frac = if self.epoch_len == 0 {
+            0.0
+        } else {
+            (state.consumed.saturating_sub(done_before)) as f64 / self.epoch_len as f64
+        };
+        (state.epoch, frac.min(1.0))
+    }
+
+    /// Samples per second over the last steps.
+    pub fn throughput(&self) -> f64 {
+        stats::throughput(&self.history)
+    }
+
+    /// Seconds since the newest checkpoint was recorded by this coordinator.
+    pub fn checkpoint_age_s(&self) -> Option<f64> {
+        self.last_checkpoint_at.map(|t| t.elapsed().as_secs_f64())
+    }
+
+    /// The member `worker_id` of `generation`, or `Stale`: join again.
+    fn member(&self, worker_id: &str, generation: u64) -> Answer<&Member> {
+        self.members.current(worker_id, generation).ok_or_else(|| {
+            Refusal::Stale(format!(
+                "worker {worker_id:?} is not in generation {generation} (current generation {}): join again",
+                self.members.generation()
+            ))
+        })
+    }
+
+    pub fn status(&self) -> RunStatus {
+        let now = Instant::now();
+        let (epoch, epoch_progress) = self.epoch_progress();
+        let workers = self
+            .members
+            .members()
+            .iter()
+            .map(|m| {
+                let s = self
+                    .worker_stats
+                    .get(&m.info.worker_id)
+                    .cloned()
+                    .unwrap_or_default();
+                WorkerView {
+                    rank: m.rank,
+                    worker_id: m.info.worker_id.clone(),
+                    host: m.info.host.clone(),
+                    device: m.info.device.clone(),
+                    seconds_since_heartbeat: now.duration_since(m.last_seen).as_secs_f64(),
+                    step_time_s: s.step_time_s,
+                    data_wait_s: s.data_wait_s,
+                    allreduce_s: s.allreduce_s,
+                    store_wait_s: s.store_wait_s,
+                    last_step: s.step,
+                }
+            })
+            .collect();
+        RunStatus {
+            state: self.phase_name(),
+            generation: self.members.generation(),
+            step: self.ledger.committed_step(),
+            total_steps: self.total_steps,
+            epoch,
+            epoch_progress,
+            workers,
+            metrics: self
+                .history
+                .back()
+                .map(|h| h.metrics.clone())
+                .unwrap_or_default(),
+            last_checkpoint: self.checkpoints.last().map(|c| c.url.clone()),
+        }
+    }
+
+    pub fn phase_name(&self) -> &'static str {
+        match self.members.phase() {
+            Phase::Forming => "waiting",
+            Phase::Training => "training",
+            Phase::Finishing => "finishing",
+            Phase::Finished => "finished",
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.members.phase() == Phase::Finished
+    }
+}
+
+fn limits(config: &RunConfig) -> Limits {
+    let c = &config.cluster;
+    Limits {
+        min_workers: c.min_workers,
+        max_workers: c.max_workers,
+        settle: Duration::from_secs_f64(c.settle_s),
+        rejoin_timeout: Duration::from_secs_f64(c.heartbeat_timeout_s),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,115 @@
+//! What the run's rules answer, in the run's own terms: the service maps these to gRPC
+//! messages and status codes, the HTTP page to JSON.
+
+use std::collections::BTreeMap;
+
+use ferroclip_plan::SampleRef;
+
+/// Why a call is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The caller is not in the current generation: it must join again.
+    #[error("{0}")]
+    Stale(String),
+    /// The request cannot be right (a step never assigned, a checkpoint elsewhere, …).
+    #[error("{0}")]
+    Invalid(String),
+    /// Not yet: a step asked for too far ahead.
+    #[error("{0}")]
+    NotYet(String),
+}
+
+pub type Answer<T> = Result<T, Refusal>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub rank: u32,
+    pub worker_id: String,
+    pub collective_addr: String,
+}
+
+/// A worker's place in a generation that formed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub generation: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    /// Ordered by rank.
+    pub peers: Vec<Peer>,
+    /// The step this generation starts at.
+    pub next_step: u64,
+    /// The rank whose parameters everyone takes by broadcast, when `needs_state`.
+    pub state_source_rank: u32,
+    pub needs_state: bool,
+    /// A checkpoint to load before the first step (a rollback).
+    pub resume_checkpoint: Option<String>,
+    pub total_steps: u64,
+}
+
+/// What a rank feeds into a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepPlan {
+    Samples {
+        step: u64,
+        /// This rank's samples, in feed order.
+        samples: Vec<SampleRef>,
+        /// Samples of each rank in this step.
+        rank_batches: Vec<u32>,
+        /// Blocks this rank will likely read next.
+        prefetch_blocks: Vec<u32>,
+    },
+    /// Membership changes at this step boundary: join again.
+    Regroup,
+    /// No such step: the run's last steps commit and rank 0 writes the final checkpoint.
+    End,
+}
+
+/// A rank's report of an applied step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    pub step: u64,
+    pub samples: u32,
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// What CommitStep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// This report completed the step (or a retry found it committed already).
+    Step,
+    /// Recorded; other ranks have not reported yet (or this was a retried report).
+    Waiting,
+}
+
+/// One member as the status shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerView {
+    pub rank: u32,
+    pub worker_id: String,
+    pub host: String,
+    pub device: String,
+    pub seconds_since_heartbeat: f64,
+    pub step_time_s: f64,
+    pub data_wait_s: f64,
+    pub allreduce_s: f64,
+    pub store_wait_s: f64,
+    /// The step of its last report.
+    pub last_step: u64,
+}
+
+/// The run at a glance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunStatus {
+    /// waiting, training, finishing or finished.
+    pub state: &'static str,
+    pub generation: u64,
+    /// The last committed step.
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u32,
+    pub epoch_progress: f64,
+    pub workers: Vec<WorkerView>,
+    /// The last committed step's record.
+    pub metrics: BTreeMap<String, f64>,
+    pub last_checkpoint: Option<String>,
+}
