@@ -30,8 +30,8 @@ pub enum CheckpointError {
 
 pub type Result<T> = std::result::Result<T, CheckpointError>;
 
-/// Where the run is, besides the tensors. The masks' RNG is a function of (seed, step, rank), so
-/// no generator state needs saving.
+/// Where the run is, besides the tensors. The masks' RNGs are a function of (seed, step, call,
+/// objective, row of the global batch), so no generator state needs saving.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainerState {
     pub step: u64,

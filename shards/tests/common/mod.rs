@@ -8,6 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
+use ferroclip_shards::build::{build, BuildOptions};
+use ferroclip_shards::source::{ColumnNames, InputPlan};
+use ferroclip_shards::writer::Sizing;
+use ferroclip_shards::{Dataset, Manifest, StoreOptions};
 use parquet::arrow::ArrowWriter;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferroclip-shards");
@@ -191,4 +195,46 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The image column of `write_parquet` files.
+pub fn cols() -> ColumnNames {
+    ColumnNames {
+        image: "jpg".into(),
+        text: None,
+        key: None,
+    }
+}
+
+pub fn opts(out: &std::path::Path) -> BuildOptions {
+    let mut o = BuildOptions::new(out.to_str().unwrap());
+    o.sizing = Sizing {
+        rows_per_shard: Some(16),
+        rows_per_row_group: Some(5),
+        ..Sizing::default()
+    };
+    o
+}
+
+pub async fn build_from(
+    srcs: &[&std::path::Path],
+    o: &BuildOptions,
+) -> Result<Manifest, ferroclip_shards::ShardsError> {
+    let srcs: Vec<String> = srcs
+        .iter()
+        .map(|p| p.to_str().unwrap().to_string())
+        .collect();
+    let plan = InputPlan::parquet(&srcs, cols(), &StoreOptions::default()).await?;
+    Ok(build(plan, o, vec![]).await?.manifest)
+}
+
+pub async fn all_samples(url: &str, split: &str) -> Vec<ferroclip_shards::Sample> {
+    let ds = Dataset::open(url, &StoreOptions::default()).await.unwrap();
+    let mut out = Vec::new();
+    for b in ds.blocks(split).unwrap() {
+        let rows = ds.read_block(split, b.index).await.unwrap();
+        assert_eq!(rows.len() as u32, b.rows);
+        out.extend(rows);
+    }
+    out
 }

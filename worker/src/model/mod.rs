@@ -58,7 +58,7 @@ pub struct Heads {
 
 impl ModelConfig {
     /// OpenCLIP's preset shapes; vision heads are width / 64 as in OpenCLIP. `tiny` is the
-    /// 7.96 M-parameter benchmark shape of DESIGN.md.
+    /// 7.96 M-parameter shape of the step benchmarks (`bench/`).
     pub fn preset(name: &str) -> Result<Self, ModelError> {
         #[rustfmt::skip]
         let (e, img, patch, vw, vl, tw, tl, th, ctx) = match name {

@@ -1,0 +1,88 @@
+use super::*;
+
+#[test]
+fn defaults_round_trip_through_toml() {
+    let cfg = RunConfig::default();
+    let back = RunConfig::parse(&cfg.to_toml(), "mem").expect("parse");
+    assert_eq!(cfg, back);
+}
+
+#[test]
+fn unknown_field_names_the_field() {
+    let err = RunConfig::parse("[optim]\nglobal_bach = 3\n", "run.toml").unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("run.toml") && msg.contains("global_bach"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_type_and_bad_values_are_rejected() {
+    let err = RunConfig::parse("[optim]\nglobal_batch = \"x\"\n", "a.toml").unwrap_err();
+    assert!(err.to_string().contains("global_batch"), "{err}");
+    let err = RunConfig::parse("[objectives]\ncontrastive = 0.0\n", "b.toml").unwrap_err();
+    assert!(err.to_string().contains("objectives"), "{err}");
+    let err = RunConfig::parse("[cluster]\nbackend = \"mpi\"\n", "c.toml").unwrap_err();
+    assert!(err.to_string().contains("cluster.backend"), "{err}");
+    let err = RunConfig::parse("[cluster]\ntransport = \"rdma\"\n", "c.toml").unwrap_err();
+    assert!(err.to_string().contains("cluster.transport"), "{err}");
+    let err = RunConfig::parse("[optim]\nprecision = \"fp16\"\n", "c.toml").unwrap_err();
+    assert!(err.to_string().contains("optim.precision"), "{err}");
+    let err = RunConfig::parse("[cluster]\noverlap_allreduce = \"yes\"\n", "c.toml").unwrap_err();
+    assert!(
+        err.to_string().contains("cluster.overlap_allreduce"),
+        "{err}"
+    );
+}
+
+#[test]
+fn numbers_that_reach_durations_and_indices_are_checked_naming_the_key() {
+    for (text, key) in [
+        (
+            "[cluster]\nheartbeat_timeout_s = nan\n",
+            "cluster.heartbeat_timeout_s",
+        ),
+        (
+            "[cluster]\nheartbeat_timeout_s = -1.0\n",
+            "cluster.heartbeat_timeout_s",
+        ),
+        (
+            "[cluster]\nheartbeat_interval_s = inf\n",
+            "cluster.heartbeat_interval_s",
+        ),
+        (
+            "[cluster]\nheartbeat_interval_s = 0.0\n",
+            "cluster.heartbeat_interval_s",
+        ),
+        (
+            "[cluster]\nheartbeat_interval_s = 10.0\nheartbeat_timeout_s = 5.0\n",
+            "cluster.heartbeat_interval_s",
+        ),
+        (
+            "[cluster]\ncollective_timeout_s = 0.0\n",
+            "cluster.collective_timeout_s",
+        ),
+        ("[cluster]\nsettle_s = -0.5\n", "cluster.settle_s"),
+        ("[cluster]\nbucket_mb = inf\n", "cluster.bucket_mb"),
+        ("[store]\nretry_budget_s = 0.0\n", "store.retry_budget_s"),
+        ("[store]\nretry_budget_s = nan\n", "store.retry_budget_s"),
+        ("[data]\ncrop_scale = [nan, 1.0]\n", "data.crop_scale"),
+        ("[data]\ncrop_scale = [0.5, nan]\n", "data.crop_scale"),
+        ("[optim]\nlr = nan\n", "optim.lr"),
+        ("[optim]\neps = 0.0\n", "optim.eps"),
+        ("[optim]\nbeta2 = 1.0\n", "optim.beta2"),
+        ("[optim]\nweight_decay = -0.1\n", "optim.weight_decay"),
+        ("[optim]\ngrad_clip = nan\n", "optim.grad_clip"),
+        ("[objectives]\nmlm = nan\n", "objectives.mlm"),
+        ("[run]\nepochs = 0\n", "run.epochs"),
+    ] {
+        let err = RunConfig::parse(text, "k.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(key) && err.contains("k.toml"),
+            "{text:?}: {err}"
+        );
+    }
+    // A step-limited run may say epochs = 0.
+    RunConfig::parse("[run]\nsteps = 10\nepochs = 0\n", "ok.toml").expect("valid");
+}

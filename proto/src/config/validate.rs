@@ -1,0 +1,103 @@
+//! Checks of a parsed config that serde cannot express: ranges, finiteness, combinations.
+//! Every error names the dotted key.
+
+use super::{ConfigError, RunConfig};
+
+impl RunConfig {
+    pub(super) fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            field,
+            message,
+        };
+        if self.optim.global_batch == 0 {
+            return Err(bad("optim.global_batch", "must be at least 1".into()));
+        }
+        // Every number that reaches a Duration, a division or an index is finite and in range.
+        let positive = |field: &'static str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be a finite number > 0, got {v}")))
+            }
+        };
+        let non_negative = |field: &'static str, v: f64| {
+            if v >= 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be a finite number >= 0, got {v}")))
+            }
+        };
+        positive("optim.lr", self.optim.lr)?;
+        positive("optim.eps", self.optim.eps)?;
+        non_negative("optim.weight_decay", self.optim.weight_decay)?;
+        non_negative("optim.grad_clip", self.optim.grad_clip)?;
+        for (field, v) in [
+            ("optim.beta1", self.optim.beta1),
+            ("optim.beta2", self.optim.beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(bad(field, format!("must be in [0, 1), got {v}")));
+            }
+        }
+        let c = &self.cluster;
+        non_negative("cluster.settle_s", c.settle_s)?;
+        positive("cluster.heartbeat_interval_s", c.heartbeat_interval_s)?;
+        positive("cluster.heartbeat_timeout_s", c.heartbeat_timeout_s)?;
+        positive("cluster.collective_timeout_s", c.collective_timeout_s)?;
+        non_negative("cluster.bucket_mb", c.bucket_mb)?;
+        positive("store.retry_budget_s", self.store.retry_budget_s)?;
+        if c.heartbeat_interval_s >= c.heartbeat_timeout_s {
+            return Err(bad(
+                "cluster.heartbeat_interval_s",
+                format!(
+                    "{} must be below cluster.heartbeat_timeout_s ({}), or every worker is declared dead",
+                    c.heartbeat_interval_s, c.heartbeat_timeout_s
+                ),
+            ));
+        }
+        if self.run.steps == 0 && self.run.epochs == 0 {
+            return Err(bad(
+                "run.epochs",
+                "must be at least 1 when run.steps is 0 (else the run has no step)".into(),
+            ));
+        }
+        for (field, v) in [
+            ("objectives.patch_dropout", self.objectives.patch_dropout),
+            ("objectives.mlm_ratio", self.objectives.mlm_ratio),
+            ("objectives.mae_ratio", self.objectives.mae_ratio),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(bad(field, format!("must be in [0, 1), got {v}")));
+            }
+        }
+        let o = &self.objectives;
+        non_negative("objectives.contrastive", o.contrastive)?;
+        non_negative("objectives.mlm", o.mlm)?;
+        non_negative("objectives.mae", o.mae)?;
+        if o.contrastive + o.mlm + o.mae <= 0.0 {
+            return Err(bad(
+                "objectives",
+                "at least one objective needs a weight > 0".into(),
+            ));
+        }
+        if self.cluster.min_workers == 0 || self.cluster.min_workers > self.cluster.max_workers {
+            return Err(bad(
+                "cluster.min_workers",
+                format!(
+                    "need 1 <= min_workers ({}) <= max_workers ({})",
+                    self.cluster.min_workers, self.cluster.max_workers
+                ),
+            ));
+        }
+        let [lo, hi] = self.data.crop_scale;
+        // Written so that NaN fails every comparison into the error.
+        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+            return Err(bad(
+                "data.crop_scale",
+                format!("{:?} is not 0 < lo <= hi <= 1", self.data.crop_scale),
+            ));
+        }
+        Ok(())
+    }
+}
