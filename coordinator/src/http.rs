@@ -6,8 +6,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use axum::extract::Request;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -22,12 +24,18 @@ pub async fn serve(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+    let guarded = Router::new()
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .merge(guarded)
         .with_state(shared);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -44,20 +52,31 @@ pub async fn serve(
     Ok((local, task))
 }
 
-fn authorized(shared: &Shared, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
-    let bearer = headers
+/// Every route but the probes: the run token as `Authorization: Bearer …` or `?token=`.
+async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let bearer = req
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let presented = bearer.or(query.get("token").map(String::as_str));
-    let ok = presented.is_some_and(|t| shared.token_ok(t));
-    if !ok {
-        shared.rejected.fetch_add(1, Ordering::Relaxed);
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let query = Query::<HashMap<String, String>>::try_from_uri(req.uri())
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let presented = bearer.or_else(|| query.get("token").cloned());
+    if presented.is_some_and(|t| shared.token_ok(&t)) {
+        return next.run(req).await;
     }
-    ok
-}
-
-fn unauthorized() -> Response {
+    shared.rejected.fetch_add(1, Ordering::Relaxed);
+    if req.uri().path() == "/" {
+        // A person opened the dashboard without the token: say how to.
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            "<!doctype html><title>ferroclip</title><p>Open this page as <code>/?token=&lt;run token&gt;</code>.</p>\n",
+        )
+            .into_response();
+    }
     (
         StatusCode::UNAUTHORIZED,
         "run token required: Authorization: Bearer <token> or ?token=\n",
@@ -67,12 +86,8 @@ fn unauthorized() -> Response {
 
 async fn status(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if !authorized(&shared, &headers, &q) {
-        return unauthorized();
-    }
     // `?history=N`: only the last N step records (the dashboard polls every few seconds).
     let keep = q
         .get("history")
@@ -129,14 +144,7 @@ async fn status(
 }
 
 /// Prometheus text exposition format.
-async fn metrics(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if !authorized(&shared, &headers, &q) {
-        return unauthorized();
-    }
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let service = crate::metrics::Service {
         rejected: shared.rejected.load(Ordering::Relaxed),
         journal_store_wait_s: shared.store_wait_s(),
@@ -154,19 +162,7 @@ async fn metrics(
 }
 
 /// The live dashboard: one self-contained page that polls /api/status with the same token.
-async fn dashboard(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if !authorized(&shared, &headers, &q) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            "<!doctype html><title>ferroclip</title><p>Open this page as <code>/?token=&lt;run token&gt;</code>.</p>\n",
-        )
-            .into_response();
-    }
+async fn dashboard() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
