@@ -4,8 +4,8 @@
 
 use std::process::Command;
 
+use ferroclip_worker::cmd::gpu_check::{clip_train_flops_per_sample, peak_bf16_tflops};
 use ferroclip_worker::device::set_autocast_bf16;
-use ferroclip_worker::gpu_check::{clip_train_flops_per_sample, peak_bf16_tflops};
 use ferroclip_worker::model::ModelConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferroclip-worker");

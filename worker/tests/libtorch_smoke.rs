@@ -2,7 +2,7 @@
 
 #[test]
 fn loss_decreases_over_real_optimizer_steps() {
-    let losses = ferroclip_worker::smoke::train(30, 0);
+    let losses = ferroclip_worker::cmd::smoke::train(30, 0);
     assert_eq!(losses.len(), 30);
     assert!(losses.iter().all(|l| l.is_finite()));
     assert!(

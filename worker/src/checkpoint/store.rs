@@ -259,7 +259,7 @@ pub fn save(
             put(&ckpt.join(&name), bytes, opts).await?;
         }
         // Tests kill a worker here: the files are written, COMMIT is not.
-        crate::dist::fault::point("checkpoint");
+        crate::fault::point("checkpoint");
         put(&m, Bytes::from(marker), opts).await?;
         if keep > 0 {
             let all = checkpoints::list_committed(&root_loc, budget)

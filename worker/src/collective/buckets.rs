@@ -74,7 +74,7 @@ impl GradBuckets {
     pub fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<()> {
         for bucket in &mut self.buckets {
             bucket.pack()?;
-            crate::dist::fault::point("allreduce");
+            crate::fault::point("allreduce");
             coll.all_reduce_sum(&mut bucket.flat)?;
             bucket.unpack()?;
         }

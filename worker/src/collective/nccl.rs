@@ -2,7 +2,7 @@
 //! loaded at run time: building needs no CUDA, and a CPU-only machine gets an error, not a crash).
 //!
 //! Setting up a group: rank 0 calls [`unique_id`] and the caller hands the 128 bytes to every
-//! other rank (`join` broadcasts them over the generation's TCP ring: `dist::gpu`); each rank
+//! other rank (`join` broadcasts them over the generation's TCP ring: `cmd::join::gpu`); each rank
 //! then calls [`NcclCollective::new`] with them. On a generation change the old
 //! communicator is dropped (aborted if it failed) and a new one built from a new id.
 //!

@@ -249,7 +249,7 @@ impl OverlappedReducer {
                     ready[b] = true;
                     while next < n && ready[next] {
                         if err.is_none() {
-                            crate::dist::fault::point("allreduce");
+                            crate::fault::point("allreduce");
                             let t = Instant::now();
                             let r = sh.lock(next).and_then(|mut bk| {
                                 coll.all_reduce_sum(&mut bk.flat)?;

@@ -7,7 +7,7 @@ mod tables;
 
 use std::path::{Path, PathBuf};
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 pub use clean::{clean_lower, fix_text, html_unescape};
 
@@ -15,6 +15,25 @@ pub use clean::{clean_lower, fix_text, html_unescape};
 pub const CLIP_BPE_FILE: &str = "bpe_simple_vocab_16e6.txt.gz";
 /// OpenAI CLIP's context length.
 pub const DEFAULT_CONTEXT_LENGTH: usize = 77;
+/// OpenAI CLIP's start-of-text id (what a CLIP [`Tokenizer`]'s `sot()` returns).
+pub const CLIP_SOT: i64 = clip::SOT;
+/// OpenAI CLIP's end-of-text id (`eot()`): the largest id of its vocabulary, so the text
+/// tower's argmax pooling finds it.
+pub const CLIP_EOT: i64 = clip::EOT;
+
+/// Random CLIP rows `[batch, context_length]` for timing on synthetic data: the start token,
+/// ids drawn by libtorch's generator from `1..CLIP_SOT - 1`, the end token in the last column.
+pub fn random_clip_rows(batch: i64, context_length: i64, device: Device) -> Tensor {
+    let tokens = Tensor::randint_low(
+        1,
+        CLIP_SOT - 1,
+        [batch, context_length],
+        (tch::Kind::Int64, device),
+    );
+    let _ = tokens.select(1, 0).fill_(CLIP_SOT);
+    let _ = tokens.select(1, context_length - 1).fill_(CLIP_EOT);
+    tokens
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {

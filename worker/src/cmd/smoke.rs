@@ -22,3 +22,11 @@ pub fn train(steps: usize, seed: i64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// `ferroclip-worker smoke`: trains for `steps` and prints each step's loss.
+pub fn run(steps: usize) {
+    let losses = train(steps, 0);
+    for (i, l) in losses.iter().enumerate() {
+        println!("step {i:>3} loss {l:.4}");
+    }
+}

@@ -6,7 +6,8 @@
 //!
 //! Points: `load` (samples leased, batch not yet fed), `allreduce` (between gradient buckets),
 //! `applied` (optimizer step done, CommitStep not sent), `checkpoint` (a checkpoint's files
-//! written, its COMMIT not).
+//! written, its COMMIT not). A layer-level module: the gradient buckets, the overlapped reducer
+//! and the checkpoint store reach points as well as `cmd::join`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

@@ -9,8 +9,8 @@ use ferroclip_proto::v1;
 use tch::Device;
 
 use super::client::{CallError, Client};
-use super::fault;
 use crate::data::{Batch, Loader, SampleRef};
+use crate::fault;
 
 /// What the coordinator says of a step, with its batch loaded.
 pub(super) enum Next {

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::{Collective, Single};
+use crate::data::tokenizer;
 use crate::model::ModelConfig;
 use crate::train::Trainer;
 
@@ -162,9 +163,7 @@ fn inputs(c: &ModelConfig, batch: i64, device: Device) -> Inputs {
         [batch, 3, c.image_size, c.image_size],
         (Kind::Float, device),
     );
-    let tokens = Tensor::randint_low(1, 49405, [batch, c.context_length], (Kind::Int64, device));
-    let _ = tokens.select(1, 0).fill_(49406);
-    let _ = tokens.select(1, c.context_length - 1).fill_(49407);
+    let tokens = tokenizer::random_clip_rows(batch, c.context_length, device);
     Inputs { images, tokens }
 }
 

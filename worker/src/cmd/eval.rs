@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use ferroclip_shards::{Classes, StoreOptions};
+use clap::Args;
+use ferroclip_shards::{Classes, StoreArgs, StoreOptions};
 use tch::{Kind, Tensor};
 
 use crate::data::{ImageTransform, Loader, LoaderOptions, SampleRef, Tokenizer};
@@ -152,6 +153,35 @@ fn zero_shot(
         );
     }
     Ok((hit1 as f64 / n as f64, hit5 as f64 / n as f64))
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A checkpoint (a `step-N` directory) or a directory holding them (the newest is
+    /// used): a path or an object-store URL.
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Dataset URL (holds manifest.json; classes.json gives the zero-shot classes).
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value = "val")]
+    pub split: String,
+    /// Evaluate at most this many samples (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_samples: usize,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `ferroclip-worker eval` from its flags.
+pub fn run(args: EvalArgs) -> Result<EvalReport> {
+    run_cli(
+        &args.checkpoint,
+        &args.data,
+        &args.split,
+        args.max_samples,
+        &args.store.options(),
+    )
 }
 
 /// `ferroclip-worker eval`: loads a checkpoint (its own trainer.json names the model and the

@@ -12,7 +12,6 @@
 pub mod audit;
 pub mod cli;
 pub mod client;
-pub mod fault;
 mod fetch;
 pub mod gpu;
 mod state;

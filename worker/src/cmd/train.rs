@@ -50,16 +50,10 @@ pub struct Summary {
     pub data_wait_s: f64,
     pub step_s: f64,
     pub checkpoints: Vec<String>,
-    pub evals: Vec<(u64, crate::eval::EvalReport)>,
+    pub evals: Vec<(u64, super::eval::EvalReport)>,
 }
 
 pub fn run_cli(args: TrainArgs) -> Result<Summary> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
     if let Some(n) = args.threads {
         tch::set_num_threads(n.max(1));
     }
@@ -251,7 +245,7 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
         let every = cfg.eval.every_steps;
         if (every > 0 && step.is_multiple_of(every)) || step == total {
             if let Some(val) = &val {
-                let r = crate::eval::evaluate(
+                let r = super::eval::evaluate(
                     &trainer.model,
                     tok.clone(),
                     &cfg.data.root,

@@ -175,12 +175,6 @@ pub fn write(
 }
 
 pub fn run_cli(args: EmbedArgs) -> Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
     if let Some(n) = args.threads {
         tch::set_num_threads(n.max(1));
     }

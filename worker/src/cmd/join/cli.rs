@@ -39,12 +39,6 @@ pub struct JoinArgs {
 }
 
 pub fn run(args: JoinArgs) -> Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
     let token = ferroclip_proto::token::resolve(args.token_file.as_deref(), args.token.as_deref())?;
     let device = crate::device::select(&args.device)?;
     if let Some(n) = args.threads {

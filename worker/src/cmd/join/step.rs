@@ -9,9 +9,10 @@ use ferroclip_proto::metrics as m;
 use ferroclip_proto::v1;
 
 use super::audit::Record;
-use super::{fault, state, Session};
+use super::{state, Session};
 use crate::collective::{Collective, CollectiveError};
 use crate::data::{Batch, SampleRef};
+use crate::fault;
 use crate::train::TrainError;
 
 /// What a step ended in.
