@@ -3,8 +3,9 @@
 //! communication thread that all-reduces buckets strictly in bucket order (every rank issues
 //! the same collectives in the same order) while backward goes on.
 //!
-//! Buckets are laid out exactly as `GradBuckets` lays them out (last parameters first), so the
-//! sums are bit-identical to the plain path (backward, then `GradBuckets::all_reduce_grads`).
+//! The buckets are `collective::buckets::Bucket`s laid out by `Bucket::layout`, as
+//! `GradBuckets`'s are (last parameters first), packed and unpacked by the same code: the sums
+//! are bit-identical to the plain path (backward, then `GradBuckets::all_reduce_grads`).
 
 pub mod hooks;
 
@@ -15,25 +16,18 @@ use std::time::Instant;
 
 use tch::Tensor;
 
-use crate::collective::buckets::{layout, materialize_grad, Layout};
+use crate::collective::buckets::Bucket;
 use crate::collective::{Collective, CollectiveError, Result};
 use hooks::GradHooks;
 
-struct Member {
-    index: usize,
-    param: Tensor,
-    offset: i64,
-    numel: i64,
-}
-
-struct Bucket {
-    flat: Tensor,
-    members: Vec<Member>,
+/// A bucket and whether it was packed in this backward.
+struct Staged {
+    bucket: Bucket,
     packed: bool,
 }
 
 struct Shared {
-    buckets: Vec<Mutex<Bucket>>,
+    buckets: Vec<Mutex<Staged>>,
     /// Parameter index → its bucket.
     bucket_of: Vec<Option<usize>>,
     /// Members whose grad is not final yet, per bucket, this backward.
@@ -61,58 +55,28 @@ pub struct OverlapStats {
     pub total_s: f64,
 }
 
+/// The operation this reducer's errors name.
+const OP: &str = "overlapped_all_reduce";
+
 fn invalid(message: String) -> CollectiveError {
-    CollectiveError::Invalid {
-        op: "overlapped_all_reduce",
-        message,
-    }
+    CollectiveError::Invalid { op: OP, message }
 }
 
 fn tch_err(e: tch::TchError) -> CollectiveError {
     invalid(e.to_string())
 }
 
-impl Bucket {
-    /// Copy the members' grads into the flat buffer (zeros for a missing grad).
+impl Staged {
+    /// Pack the bucket (zeros for a missing grad) and mark it packed.
     fn pack(&mut self) -> Result<()> {
-        let _g = tch::no_grad_guard();
-        for m in &self.members {
-            let mut dst = self.flat.f_narrow(0, m.offset, m.numel).map_err(tch_err)?;
-            let grad = m.param.grad();
-            if grad.defined() {
-                dst.f_copy_(&grad.f_reshape([-1]).map_err(tch_err)?)
-                    .map_err(tch_err)?;
-            } else {
-                let _ = dst.f_zero_().map_err(tch_err)?;
-            }
-        }
+        self.bucket.pack()?;
         self.packed = true;
         Ok(())
-    }
-
-    /// Copy the sums back into the grads that exist; returns whether some grad was missing.
-    fn unpack_defined(&mut self) -> Result<bool> {
-        let _g = tch::no_grad_guard();
-        let mut missing = false;
-        for m in &self.members {
-            let mut grad = m.param.grad();
-            if !grad.defined() {
-                missing = true;
-                continue;
-            }
-            let src = self
-                .flat
-                .f_narrow(0, m.offset, m.numel)
-                .and_then(|s| s.f_view(grad.size().as_slice()))
-                .map_err(tch_err)?;
-            grad.f_copy_(&src).map_err(tch_err)?;
-        }
-        Ok(missing)
     }
 }
 
 impl Shared {
-    fn lock(&self, b: usize) -> Result<std::sync::MutexGuard<'_, Bucket>> {
+    fn lock(&self, b: usize) -> Result<std::sync::MutexGuard<'_, Staged>> {
         self.buckets[b]
             .lock()
             .map_err(|_| invalid(format!("bucket {b} lock poisoned")))
@@ -157,36 +121,17 @@ impl OverlappedReducer {
     /// Buckets of about `bucket_bytes` over the parameters that require grad (one float kind,
     /// one device), laid out as `GradBuckets::new` lays them out, and a grad hook on each.
     pub fn new(params: &[Tensor], bucket_bytes: usize) -> Result<Self> {
-        let Layout {
-            groups,
-            device,
-            kind,
-        } = layout(params, bucket_bytes)?;
-        let groups: Vec<(Vec<Member>, i64)> = groups
-            .into_iter()
-            .map(|(slots, numel)| {
-                let members = slots
-                    .iter()
-                    .map(|s| Member {
-                        index: s.index,
-                        param: params[s.index].shallow_clone(),
-                        offset: s.offset,
-                        numel: s.numel,
-                    })
-                    .collect();
-                (members, numel)
-            })
-            .collect();
         let mut bucket_of = vec![None; params.len()];
         let mut buckets = Vec::new();
-        for (b, (members, numel)) in groups.into_iter().enumerate() {
-            for m in &members {
+        for (b, bucket) in Bucket::layout(params, bucket_bytes, OP)?
+            .into_iter()
+            .enumerate()
+        {
+            for m in &bucket.members {
                 bucket_of[m.index] = Some(b);
             }
-            let flat = Tensor::f_zeros([numel], (kind, device)).map_err(tch_err)?;
-            buckets.push(Mutex::new(Bucket {
-                flat,
-                members,
+            buckets.push(Mutex::new(Staged {
+                bucket,
                 packed: false,
             }));
         }
@@ -211,7 +156,7 @@ impl OverlappedReducer {
         self.shared
             .buckets
             .iter()
-            .map(|b| b.lock().map(|b| b.flat.numel()).unwrap_or(0))
+            .map(|b| b.lock().map(|b| b.bucket.flat.numel()).unwrap_or(0))
             .collect()
     }
 
@@ -228,7 +173,7 @@ impl OverlappedReducer {
         for (b, r) in sh.remaining.iter().enumerate() {
             let mut bk = sh.lock(b)?;
             bk.packed = false;
-            r.store(bk.members.len(), Ordering::Release);
+            r.store(bk.bucket.members.len(), Ordering::Release);
         }
         sh.fired.store(0, Ordering::Relaxed);
         let (tx, rx) = channel::<usize>();
@@ -252,8 +197,8 @@ impl OverlappedReducer {
                             crate::fault::point("allreduce");
                             let t = Instant::now();
                             let r = sh.lock(next).and_then(|mut bk| {
-                                coll.all_reduce_sum(&mut bk.flat)?;
-                                bk.unpack_defined().map(|_| ())
+                                coll.all_reduce_sum(&mut bk.bucket.flat)?;
+                                bk.bucket.unpack_defined().map(|_| ())
                             });
                             busy += t.elapsed().as_secs_f64();
                             err = r.err();
@@ -312,20 +257,7 @@ impl OverlappedReducer {
         r.map_err(tch_err)?;
         // Members that got no grad: autograd must create one (hooks are inactive now).
         for b in &flushed {
-            let bk = sh.lock(*b)?;
-            for m in &bk.members {
-                if m.param.grad().defined() {
-                    continue;
-                }
-                let mut grad = materialize_grad(&m.param)?;
-                let _g = tch::no_grad_guard();
-                let src = bk
-                    .flat
-                    .f_narrow(0, m.offset, m.numel)
-                    .and_then(|s| s.f_view(grad.size().as_slice()))
-                    .map_err(tch_err)?;
-                grad.f_copy_(&src).map_err(tch_err)?;
-            }
+            sh.lock(*b)?.bucket.unpack_missing()?;
         }
         Ok(stats)
     }
