@@ -10,7 +10,7 @@ pub struct MlmHead {
     dense: Linear,
     ln: LayerNorm,
     bias: Tensor,
-    pub mask_embedding: Tensor,
+    mask_embedding: Tensor,
 }
 
 impl MlmHead {
@@ -21,6 +21,11 @@ impl MlmHead {
             bias: p.constant(s.name("bias"), &[vocab], 0.0, s.kind),
             mask_embedding: p.normal(s.name("mask_embedding"), &[width], 0.02, s.kind),
         }
+    }
+
+    /// The learned vector that stands in for a masked token's embedding.
+    pub fn mask_embedding(&self) -> &Tensor {
+        &self.mask_embedding
     }
 
     /// hidden: [M, W] states at the chosen positions → logits [M, vocab].

@@ -16,6 +16,7 @@ use ferroclip_proto::config::ModelSection;
 use params::{Params, Scope};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
+use transformer::Attend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -28,6 +29,8 @@ pub enum ModelError {
     },
     #[error("state dict {origin}: {message}")]
     StateDict { origin: String, message: String },
+    #[error("the model has no {0} head (objectives.{0} was 0 when it was built)")]
+    NoHead(&'static str),
 }
 
 /// The resolved shape of a model.
@@ -260,6 +263,45 @@ impl Clip {
     /// L2-normalised text features [B, E].
     pub fn text_features(&self, tokens: &Tensor) -> Tensor {
         normalize(&self.text.encode(tokens))
+    }
+
+    /// MAE's encoder pass: the class token and the visible patches `keep` ([B, K] indices)
+    /// through the vision tower, after ln_post: [B, 1+K, W].
+    pub fn mae_encode(&self, images: &Tensor, keep: &Tensor) -> Tensor {
+        self.visual.encode_tokens(images, keep)
+    }
+
+    /// MAE's pixel predictions [B, G, 3·p·p] for every patch, from the visible ones (`keep`);
+    /// `restore` [B, G] undoes the shuffle that put them first (`masking::MaeMask`).
+    pub fn mae_predict(
+        &self,
+        images: &Tensor,
+        keep: &Tensor,
+        restore: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let dec = self.mae.as_ref().ok_or(ModelError::NoHead("mae"))?;
+        let enc = self.mae_encode(images, keep);
+        Ok(dec.forward(&enc, restore))
+    }
+
+    /// MLM's logits [M, vocab] at the `chosen` positions of `input` [B, N] (`masking::MlmMask`):
+    /// the text tower attending per `attend`, with the token embedding of the `replace`
+    /// positions swapped for the head's mask embedding.
+    pub fn mlm_logits(
+        &self,
+        input: &Tensor,
+        attend: &Tensor,
+        replace: &Tensor,
+        chosen: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let head = self.mlm.as_ref().ok_or(ModelError::NoHead("mlm"))?;
+        let h = self.text.hidden(
+            input,
+            Attend::Mask(attend),
+            Some((replace, head.mask_embedding())),
+        );
+        let at = h.index(&[Some(chosen.shallow_clone())]);
+        Ok(head.forward(&at, self.text.token_embedding()))
     }
 
     /// Number of scalars in OpenCLIP's keys only (what OpenCLIP's parameter count reports).

@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 #[derive(Debug)]
 pub struct TextTower {
-    pub token_embedding: Tensor,
+    token_embedding: Tensor,
     positional_embedding: Tensor,
     transformer: Transformer,
     ln_final: LayerNorm,
@@ -43,7 +43,7 @@ impl TextTower {
 
     /// Final hidden states [B, N, W] after ln_final. `replace`: positions ([B, N] bool) whose
     /// token embedding is swapped for a learned vector (MLM's mask token).
-    pub fn hidden(
+    pub(super) fn hidden(
         &self,
         tokens: &Tensor,
         attend: Attend,
@@ -77,6 +77,11 @@ impl TextTower {
         let rows = Tensor::arange(b, (Kind::Int64, tokens.device()));
         x.index(&[Some(rows), Some(eot)])
             .matmul(&self.text_projection)
+    }
+
+    /// The token embedding matrix [vocab, W] (MLM's head ties its output weights to it).
+    pub fn token_embedding(&self) -> &Tensor {
+        &self.token_embedding
     }
 
     pub fn context_length(&self) -> i64 {

@@ -12,7 +12,7 @@ pub struct VisionTower {
     positional_embedding: Tensor,
     ln_pre: LayerNorm,
     transformer: Transformer,
-    pub ln_post: LayerNorm,
+    ln_post: LayerNorm,
     proj: Tensor,
     pub patch: i64,
     pub width: i64,
@@ -77,7 +77,7 @@ impl VisionTower {
 
     /// Runs the encoder on the class token plus the patches listed in `keep` ([B, K] indices;
     /// None = all). Returns the final tokens [B, 1+K, W] before ln_post.
-    pub fn tokens(&self, images: &Tensor, keep: Option<&Tensor>) -> Tensor {
+    fn tokens(&self, images: &Tensor, keep: Option<&Tensor>) -> Tensor {
         let x = self.patches(images);
         let (b, _, w) = x.size3().unwrap_or((0, 0, 0));
         let x = match keep {
@@ -92,6 +92,12 @@ impl VisionTower {
         let x = Tensor::cat(&[cls, x], 1);
         self.transformer
             .forward(&self.ln_pre.forward(&x), Attend::All)
+    }
+
+    /// The class token and the patches listed in `keep` ([B, K] indices) after the encoder and
+    /// ln_post: [B, 1+K, W] (what MAE's decoder reads).
+    pub fn encode_tokens(&self, images: &Tensor, keep: &Tensor) -> Tensor {
+        self.ln_post.forward(&self.tokens(images, Some(keep)))
     }
 
     /// Image embedding [B, E] (not normalised), from the class token.

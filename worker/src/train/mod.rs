@@ -5,18 +5,19 @@
 //! Contrastive loss over the global batch with exact gradients: features are all-gathered
 //! (detached) into leaves, each rank takes its rows against all columns, the leaves' gradients
 //! are summed across ranks and this rank's slice is pushed back through its towers in one
-//! backward together with MLM and MAE.
+//! backward together with MLM and MAE. Each objective is one function in `objectives` that
+//! returns its loss and its surrogate terms for that backward (`backward` here).
+
+mod objectives;
 
 use crate::collective::buckets::{GradBuckets, DEFAULT_BUCKET_BYTES};
 use crate::collective::{Collective, CollectiveError};
 use crate::data::Batch;
-use crate::model::transformer::Attend;
-use crate::model::{masking, Clip, Heads, ModelConfig, ModelError};
+use crate::model::{Clip, Heads, ModelConfig, ModelError};
+use crate::optim;
 use crate::overlap::OverlappedReducer;
-use crate::{loss, optim};
 use ferroclip_proto::config::{Objectives, OptimSection, RunConfig, Switch};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use objectives::Rows;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -186,24 +187,6 @@ impl Trainer {
         v
     }
 
-    /// One RNG per row for masks and patch dropout, a function of (seed, step, call, objective,
-    /// the row's index in the global batch): the same masks whatever the world size, and a
-    /// resumed run draws them again without saving generator state.
-    fn row_rngs(&self, stream: u64, first_row: i64, n: i64) -> Vec<StdRng> {
-        (first_row..first_row + n)
-            .map(|row| {
-                let mix = self
-                    .seed
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .wrapping_add(self.step.wrapping_mul(0xBF58_476D_1CE4_E5B9))
-                    .wrapping_add(self.calls.wrapping_mul(0x94D0_49BB_1331_11EB))
-                    .wrapping_add(stream.wrapping_mul(0xD6E8_FEB8_6659_FD93))
-                    .wrapping_add(row as u64);
-                StdRng::seed_from_u64(mix)
-            })
-            .collect()
-    }
-
     /// Forward, losses over the global batch, backward and gradient all-reduce for this rank's
     /// batch; no parameter changes.
     pub fn compute_grads(
@@ -234,6 +217,8 @@ impl Trainer {
         r
     }
 
+    /// The three objectives in a fixed order (every rank issues the same collectives in the same
+    /// order, rows or not), then the one model backward and the gradient all-reduce.
     fn forward_backward(
         &mut self,
         images: &Tensor,
@@ -241,7 +226,50 @@ impl Trainer {
         global_batch: usize,
         coll: &mut dyn Collective,
     ) -> Result<StepLosses> {
-        let c = self.model.config.clone();
+        let n = self.check_batch(images, tokens, global_batch)?;
+        let t0 = std::time::Instant::now();
+        let rows = Rows::locate(n, global_batch, images.device(), coll)?;
+        let o = self.objectives.clone();
+        let mut out = StepLosses::default();
+        // What goes back through the towers in the one model backward.
+        let mut surrogate: Vec<Tensor> = Vec::new();
+        let mut backward_s = 0.0;
+        if o.contrastive > 0.0 {
+            let t = self.contrastive(images, tokens, &rows, coll)?;
+            out.contrastive = t.loss;
+            backward_s += t.backward_s;
+            surrogate.extend(t.surrogate);
+        }
+        if o.mlm > 0.0 && self.model.mlm.is_some() {
+            let t = self.mlm(tokens, &rows, coll)?;
+            out.mlm = t.loss;
+            surrogate.extend(t.surrogate);
+        }
+        if o.mae > 0.0 && rows.n > 0 && self.model.mae.is_some() {
+            let t = self.mae(images, &rows)?;
+            out.mae = t.loss;
+            surrogate.extend(t.surrogate);
+        }
+        out.total = o.contrastive * out.contrastive + o.mlm * out.mlm + o.mae * out.mae;
+        if !out.total.is_finite() {
+            return Err(TrainError::NonFinite {
+                loss: out.total,
+                step: self.step,
+            });
+        }
+        let tb = std::time::Instant::now();
+        let forward_s = tb.duration_since(t0).as_secs_f64() - backward_s;
+        backward_s += self.backward(&surrogate, rows.device, tb, coll)?;
+        self.last_times = PhaseTimes {
+            forward_s,
+            backward_s,
+        };
+        Ok(out)
+    }
+
+    /// This rank's row count, once the batch's shapes fit the model and `global_batch`.
+    fn check_batch(&self, images: &Tensor, tokens: &Tensor, global_batch: usize) -> Result<i64> {
+        let c = &self.model.config;
         let n = images.size().first().copied().unwrap_or(0);
         if images.size() != [n, 3, c.image_size, c.image_size] {
             return Err(TrainError::Batch(format!(
@@ -264,126 +292,21 @@ impl Trainer {
                 "local batch {n} must be in 0..=global batch {global_batch} (and that above 0)"
             )));
         }
-        let scale = n as f64 / global_batch as f64;
-        let t0 = std::time::Instant::now();
-        let mut backward_s = 0.0;
-        // Where this rank's rows sit in the global batch (masks and the contrastive labels).
-        let lens = coll.all_gather(&Tensor::from_slice(&[n]).to_device(images.device()))?;
-        let lens: Vec<i64> = Vec::<i64>::try_from(lens.to_device(tch::Device::Cpu))?;
-        let offset: i64 = lens[..coll.rank().min(lens.len())].iter().sum();
-        let o = self.objectives.clone();
-        let m = &self.model;
-        let dev = images.device();
-        let g = c.num_patches();
-        let mut out = StepLosses::default();
-        // What goes back through the towers in the one model backward.
-        let mut surrogate: Vec<Tensor> = Vec::new();
+        Ok(n)
+    }
 
-        if o.contrastive > 0.0 {
-            let keep = (o.patch_dropout > 0.0).then(|| {
-                let mut rows = self.row_rngs(1, offset, n);
-                masking::patch_keep(&mut rows, g, masking::kept(g, o.patch_dropout)).to_device(dev)
-            });
-            let (img_f, txt_f) = if n > 0 {
-                (
-                    m.image_features(images, keep.as_ref()),
-                    m.text_features(tokens),
-                )
-            } else {
-                let empty = Tensor::zeros([0, c.embed_dim], (m.kind(), dev));
-                (empty.shallow_clone(), empty)
-            };
-            let all_img = coll
-                .all_gather(&img_f.detach())?
-                .detach()
-                .set_requires_grad(true);
-            let all_txt = coll
-                .all_gather(&txt_f.detach())?
-                .detach()
-                .set_requires_grad(true);
-            let l = if n > 0 {
-                loss::contrastive(&all_img, &all_txt, &m.logit_scale, offset, n)
-            } else {
-                // Zero, but with defined (zero) gradients for the all-reduces below.
-                (all_img.sum(m.kind()) + all_txt.sum(m.kind()) + &m.logit_scale) * 0.0
-            };
-            out.contrastive = l.double_value(&[]);
-            let tb = std::time::Instant::now();
-            (l * (o.contrastive * scale)).backward();
-            backward_s += tb.elapsed().as_secs_f64();
-            let mut g_img = all_img.grad();
-            let mut g_txt = all_txt.grad();
-            coll.all_reduce_sum(&mut g_img)?;
-            coll.all_reduce_sum(&mut g_txt)?;
-            if n > 0 {
-                surrogate.push((&img_f * g_img.narrow(0, offset, n)).sum(img_f.kind()));
-                surrogate.push((&txt_f * g_txt.narrow(0, offset, n)).sum(txt_f.kind()));
-            }
-        }
-
-        if let (true, Some(head)) = (o.mlm > 0.0, &m.mlm) {
-            let local = if n > 0 {
-                let len = tokens.size()[1];
-                let flat = Vec::<i64>::try_from(
-                    tokens
-                        .to_device(tch::Device::Cpu)
-                        .to_kind(Kind::Int64)
-                        .flatten(0, -1),
-                )?;
-                let mut rows = self.row_rngs(2, offset, n);
-                let mk = masking::mlm_mask(&mut rows, &flat, len, o.mlm_ratio, c.vocab_size);
-                let attend = mk.attend.to_device(dev);
-                let replace = mk.replace.to_device(dev);
-                let h = m.text.hidden(
-                    &mk.input.to_device(dev),
-                    Attend::Mask(&attend),
-                    Some((&replace, &head.mask_embedding)),
-                );
-                let chosen = h.index(&[Some(mk.chosen.to_device(dev))]);
-                let logits = head.forward(&chosen, &m.text.token_embedding);
-                Some((
-                    loss::mlm_sum(&logits, &mk.labels.to_device(dev)),
-                    mk.labels.numel(),
-                ))
-            } else {
-                None
-            };
-            // BERT's token mean over the global batch: divide by every rank's chosen count.
-            let chosen = local.as_ref().map_or(0, |(_, k)| *k) as f64;
-            let mut count = Tensor::from_slice(&[chosen as f32]).to_device(dev);
-            coll.all_reduce_sum(&mut count)?;
-            let global = count.double_value(&[0]).max(1.0);
-            if let Some((l, _)) = local {
-                out.mlm = l.double_value(&[]) / chosen.max(1.0);
-                surrogate.push(l * (o.mlm / global));
-            }
-        }
-
-        if let (true, true, Some(dec)) = (o.mae > 0.0, n > 0, &m.mae) {
-            // Every row hides as many patches, so local mean × n/B sums to the global mean.
-            let mut rows = self.row_rngs(3, offset, n);
-            let mk = masking::mae_mask(&mut rows, g, o.mae_ratio);
-            let enc = m
-                .visual
-                .ln_post
-                .forward(&m.visual.tokens(images, Some(&mk.keep.to_device(dev))));
-            let pred = dec.forward(&enc, &mk.restore.to_device(dev));
-            let l = loss::mae(&pred, images, &mk.hidden.to_device(dev), c.patch_size);
-            out.mae = l.double_value(&[]);
-            surrogate.push(l * (o.mae * scale));
-        }
-
-        out.total = o.contrastive * out.contrastive + o.mlm * out.mlm + o.mae * out.mae;
-        if !out.total.is_finite() {
-            return Err(TrainError::NonFinite {
-                loss: out.total,
-                step: self.step,
-            });
-        }
-        let tb = std::time::Instant::now();
-        let forward_s = tb.duration_since(t0).as_secs_f64() - backward_s;
+    /// The shared tail: one backward of the objectives' surrogate terms through the model, and
+    /// the gradient all-reduce (overlapped with that backward, or after it). `tb`: when the
+    /// backward phase started. Returns its seconds.
+    fn backward(
+        &mut self,
+        surrogate: &[Tensor],
+        dev: Device,
+        tb: std::time::Instant,
+        coll: &mut dyn Collective,
+    ) -> Result<f64> {
         let model_loss =
-            (!surrogate.is_empty()).then(|| Tensor::stack(&surrogate, 0).sum(self.model.kind()));
+            (!surrogate.is_empty()).then(|| Tensor::stack(surrogate, 0).sum(self.model.kind()));
         // Overlapped: buckets are all-reduced while this backward runs, in the same order and
         // layout as the plain path's, so a rank taking the plain path (no rows) still matches.
         let overlap = self.overlap.unwrap_or(dev.is_cuda());
@@ -394,21 +317,17 @@ impl Trainer {
             };
             let stats = reducer.backward(l, coll);
             self.reducer = Some(reducer);
-            backward_s += stats?.backward_s;
+            Ok(stats?.backward_s)
         } else {
             if let Some(l) = &model_loss {
                 l.backward();
             }
-            backward_s += tb.elapsed().as_secs_f64();
+            let backward_s = tb.elapsed().as_secs_f64();
             if coll.world_size() > 1 {
                 self.all_reduce_grads(coll)?;
             }
+            Ok(backward_s)
         }
-        self.last_times = PhaseTimes {
-            forward_s,
-            backward_s,
-        };
-        Ok(out)
     }
 
     fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<()> {

@@ -1,0 +1,215 @@
+//! The three objectives, one function each. Each takes this rank's rows of the global batch,
+//! runs its forward (and the collectives its global normalisation needs) and returns a [`Term`]:
+//! its loss for `StepLosses` and the surrogate terms whose gradient, in the trainer's one model
+//! backward, is the objective's share of the model gradient.
+//!
+//! Masks are drawn per row from `row_rngs(stream, ..)`: stream 1 FLIP patch dropout, 2 MLM,
+//! 3 MAE.
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tch::{Device, Kind, Tensor};
+
+use super::{Result, Trainer};
+use crate::collective::Collective;
+use crate::loss;
+use crate::model::masking;
+
+/// Where this rank's rows sit in the global batch (masks and the contrastive labels).
+pub(super) struct Rows {
+    /// Index of this rank's first row in the global batch.
+    pub offset: i64,
+    /// This rank's row count (0 in the last, partial step of a run, for some ranks).
+    pub n: i64,
+    /// n / global batch: turns a local mean into this rank's share of the global mean.
+    pub scale: f64,
+    pub device: Device,
+}
+
+impl Rows {
+    /// Every rank's row count, gathered (the step's first collective).
+    pub fn locate(
+        n: i64,
+        global_batch: usize,
+        device: Device,
+        coll: &mut dyn Collective,
+    ) -> Result<Self> {
+        let lens = coll.all_gather(&Tensor::from_slice(&[n]).to_device(device))?;
+        let lens: Vec<i64> = Vec::<i64>::try_from(lens.to_device(Device::Cpu))?;
+        let offset: i64 = lens[..coll.rank().min(lens.len())].iter().sum();
+        Ok(Rows {
+            offset,
+            n,
+            scale: n as f64 / global_batch as f64,
+            device,
+        })
+    }
+}
+
+/// One objective's part of a step.
+pub(super) struct Term {
+    /// This rank's loss, before the objective's weight.
+    pub loss: f64,
+    /// Scalars to add into the model backward (weights and normalisation applied).
+    pub surrogate: Vec<Tensor>,
+    /// Seconds in a backward of the objective's own (the contrastive loss's, to the gathered
+    /// features).
+    pub backward_s: f64,
+}
+
+impl Trainer {
+    /// One RNG per row for masks and patch dropout, a function of (seed, step, call, objective,
+    /// the row's index in the global batch): the same masks whatever the world size, and a
+    /// resumed run draws them again without saving generator state.
+    fn row_rngs(&self, stream: u64, first_row: i64, n: i64) -> Vec<StdRng> {
+        (first_row..first_row + n)
+            .map(|row| {
+                let mix = self
+                    .seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(self.step.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+                    .wrapping_add(self.calls.wrapping_mul(0x94D0_49BB_1331_11EB))
+                    .wrapping_add(stream.wrapping_mul(0xD6E8_FEB8_6659_FD93))
+                    .wrapping_add(row as u64);
+                StdRng::seed_from_u64(mix)
+            })
+            .collect()
+    }
+
+    /// InfoNCE over the global batch with gather-with-grad: features are all-gathered (detached)
+    /// into leaves, this rank's rows are scored against every column, the leaves' gradients are
+    /// summed over the ranks, and this rank's slice of them weighs its own features in the
+    /// surrogate. Collectives: two all-gathers, two all-reduces.
+    pub(super) fn contrastive(
+        &self,
+        images: &Tensor,
+        tokens: &Tensor,
+        rows: &Rows,
+        coll: &mut dyn Collective,
+    ) -> Result<Term> {
+        let o = &self.objectives;
+        let m = &self.model;
+        let (offset, n, dev) = (rows.offset, rows.n, rows.device);
+        let g = m.config.num_patches();
+        let keep = (o.patch_dropout > 0.0).then(|| {
+            let mut rngs = self.row_rngs(1, offset, n);
+            masking::patch_keep(&mut rngs, g, masking::kept(g, o.patch_dropout)).to_device(dev)
+        });
+        let (img_f, txt_f) = if n > 0 {
+            (
+                m.image_features(images, keep.as_ref()),
+                m.text_features(tokens),
+            )
+        } else {
+            let empty = Tensor::zeros([0, m.config.embed_dim], (m.kind(), dev));
+            (empty.shallow_clone(), empty)
+        };
+        let all_img = coll
+            .all_gather(&img_f.detach())?
+            .detach()
+            .set_requires_grad(true);
+        let all_txt = coll
+            .all_gather(&txt_f.detach())?
+            .detach()
+            .set_requires_grad(true);
+        let l = if n > 0 {
+            loss::contrastive(&all_img, &all_txt, &m.logit_scale, offset, n)
+        } else {
+            // Zero, but with defined (zero) gradients for the all-reduces below.
+            (all_img.sum(m.kind()) + all_txt.sum(m.kind()) + &m.logit_scale) * 0.0
+        };
+        let loss = l.double_value(&[]);
+        let tb = std::time::Instant::now();
+        (l * (o.contrastive * rows.scale)).backward();
+        let backward_s = tb.elapsed().as_secs_f64();
+        let mut g_img = all_img.grad();
+        let mut g_txt = all_txt.grad();
+        coll.all_reduce_sum(&mut g_img)?;
+        coll.all_reduce_sum(&mut g_txt)?;
+        let mut surrogate = Vec::new();
+        if n > 0 {
+            surrogate.push((&img_f * g_img.narrow(0, offset, n)).sum(img_f.kind()));
+            surrogate.push((&txt_f * g_txt.narrow(0, offset, n)).sum(txt_f.kind()));
+        }
+        Ok(Term {
+            loss,
+            surrogate,
+            backward_s,
+        })
+    }
+
+    /// BERT's masked-token loss, a token mean over the global batch: this rank's summed loss is
+    /// divided by every rank's chosen count (one all-reduce). The loss reported is the local
+    /// mean (0 without rows).
+    pub(super) fn mlm(
+        &self,
+        tokens: &Tensor,
+        rows: &Rows,
+        coll: &mut dyn Collective,
+    ) -> Result<Term> {
+        let o = &self.objectives;
+        let m = &self.model;
+        let (n, dev) = (rows.n, rows.device);
+        let local = if n > 0 {
+            let len = tokens.size()[1];
+            let flat = Vec::<i64>::try_from(
+                tokens
+                    .to_device(Device::Cpu)
+                    .to_kind(Kind::Int64)
+                    .flatten(0, -1),
+            )?;
+            let mut rngs = self.row_rngs(2, rows.offset, n);
+            let mk = masking::mlm_mask(&mut rngs, &flat, len, o.mlm_ratio, m.config.vocab_size);
+            let attend = mk.attend.to_device(dev);
+            let replace = mk.replace.to_device(dev);
+            let logits = m.mlm_logits(
+                &mk.input.to_device(dev),
+                &attend,
+                &replace,
+                &mk.chosen.to_device(dev),
+            )?;
+            Some((
+                loss::mlm_sum(&logits, &mk.labels.to_device(dev)),
+                mk.labels.numel(),
+            ))
+        } else {
+            None
+        };
+        let chosen = local.as_ref().map_or(0, |(_, k)| *k) as f64;
+        let mut count = Tensor::from_slice(&[chosen as f32]).to_device(dev);
+        coll.all_reduce_sum(&mut count)?;
+        let global = count.double_value(&[0]).max(1.0);
+        let mut term = Term {
+            loss: 0.0,
+            surrogate: Vec::new(),
+            backward_s: 0.0,
+        };
+        if let Some((l, _)) = local {
+            term.loss = l.double_value(&[]) / chosen.max(1.0);
+            term.surrogate.push(l * (o.mlm / global));
+        }
+        Ok(term)
+    }
+
+    /// MAE's pixel loss on the hidden patches, for a rank with rows (no collective). Every row
+    /// hides as many patches, so local mean × n/B sums to the global mean.
+    pub(super) fn mae(&self, images: &Tensor, rows: &Rows) -> Result<Term> {
+        let o = &self.objectives;
+        let m = &self.model;
+        let dev = rows.device;
+        let mut rngs = self.row_rngs(3, rows.offset, rows.n);
+        let mk = masking::mae_mask(&mut rngs, m.config.num_patches(), o.mae_ratio);
+        let pred = m.mae_predict(images, &mk.keep.to_device(dev), &mk.restore.to_device(dev))?;
+        let l = loss::mae(
+            &pred,
+            images,
+            &mk.hidden.to_device(dev),
+            m.config.patch_size,
+        );
+        Ok(Term {
+            loss: l.double_value(&[]),
+            surrogate: vec![l * (o.mae * rows.scale)],
+            backward_s: 0.0,
+        })
+    }
+}
