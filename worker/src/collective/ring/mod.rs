@@ -5,6 +5,12 @@
 //! std::net sockets with SO_RCVTIMEO/SO_SNDTIMEO give the timeouts; see `pipe` for the engine.
 //! When every rank is on this host, all-reduce moves its data through shared memory instead
 //! (`shm`), the TCP links only carrying doorbells.
+//!
+//! This file forms the ring and runs one operation (`operate`: headers, poisoning on error);
+//! `all_reduce` and `gather` (all-gather, broadcast) are the algorithms.
+
+mod all_reduce;
+mod gather;
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::Duration;
@@ -12,7 +18,7 @@ use std::time::Duration;
 use tch::{Kind, Tensor};
 
 use super::host::{check_cpu, f32_data, row_key, tensor_bytes};
-use super::pipe::{self, Codec, Link, INLINE_BYTES};
+use super::pipe::Link;
 use super::rendezvous;
 use super::shm::{self, Shm};
 use super::wire::{self, Header, Op};
@@ -266,224 +272,6 @@ impl RingCollective {
         }
         out
     }
-
-    /// Sum `data` across ranks in place.
-    pub fn all_reduce_f32(&mut self, data: &mut [f32]) -> Result<()> {
-        if self.world_size == 1 {
-            return Ok(());
-        }
-        let dtype_code = match self.opts.dtype {
-            WireDtype::Fp32 => 0,
-            WireDtype::Bf16 => 1,
-        };
-        let (rank, n) = (self.rank, self.world_size);
-        if let Some(mut shm) = self.shm.take() {
-            // Shared memory has no wire: the sum is exact f32 whatever `dtype` says.
-            let chunk = self.opts.shm_chunk_bytes / 4;
-            let out = self.operate(
-                Op::AllReduce,
-                data.len() as u64,
-                ((chunk as u64) << 8) | 0x5A,
-                |link, _| {
-                    if data.is_empty() {
-                        return Ok(());
-                    }
-                    shm.all_reduce(link, rank, n, data, chunk)
-                },
-            );
-            self.shm = Some(shm);
-            return out;
-        }
-        self.operate(
-            Op::AllReduce,
-            data.len() as u64,
-            dtype_code,
-            |link, opts| {
-                if data.is_empty() {
-                    return Ok(());
-                }
-                let codec = match opts.dtype {
-                    WireDtype::Fp32 => Codec::Raw,
-                    WireDtype::Bf16 => Codec::Bf16,
-                };
-                let threaded = data.len() * 4 > INLINE_BYTES;
-                let seg_bytes: Vec<usize> =
-                    (0..n).map(|i| segment_len(data.len(), n, i) * 4).collect();
-                // Chunks hold whole f32s.
-                let chunk = (opts.chunk_bytes / 4).max(1) * 4;
-                let (chunks, segs) = cut(bytemuck::cast_slice_mut(data), &seg_bytes, chunk);
-                pipe::run(link, codec, chunks, threaded, |p| {
-                    // Reduce-scatter: at step s send segment r−s, receive and add segment r−s−1.
-                    // Each received chunk is forwarded at once (it is what step s+1 sends); after the
-                    // last step this rank owns segment r+1, fully reduced.
-                    for id in segs[rank].clone() {
-                        p.send(id)?;
-                    }
-                    for s in 0..n - 1 {
-                        let seg = (rank + 2 * n - s - 1) % n;
-                        for id in segs[seg].clone() {
-                            p.recv_add(id)?;
-                            if s == n - 2 {
-                                p.round_for_wire(id)?;
-                            }
-                            p.send(id)?;
-                        }
-                    }
-                    // All-gather: at step s receive segment r−s, forward it unless it is the last.
-                    for s in 0..n - 1 {
-                        let seg = (rank + n - s) % n;
-                        for id in segs[seg].clone() {
-                            p.recv_store(id)?;
-                            if s < n - 2 {
-                                p.send(id)?;
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-            },
-        )
-    }
-
-    /// f64 sums, for gradient checks and exactness tests (training all-reduces f32): every rank
-    /// gathers every buffer and adds them in rank order, so all ranks get the same bits. Moves
-    /// n× the bytes of the ring all-reduce; tests use small models.
-    fn all_reduce_f64(&mut self, t: &mut Tensor) -> Result<()> {
-        const OP: &str = "all_reduce";
-        check_cpu(t, OP)?;
-        if self.world_size == 1 {
-            return Ok(());
-        }
-        let numel = t.numel() as i64;
-        let err = |e: tch::TchError| invalid(OP, e.to_string());
-        let all = self.all_gather(&t.f_reshape([1, numel]).map_err(err)?)?;
-        let mut sum = all.f_get(0).map_err(err)?.copy();
-        for r in 1..self.world_size as i64 {
-            sum = sum.f_add(&all.f_get(r).map_err(err)?).map_err(err)?;
-        }
-        t.f_copy_(&sum.f_view(t.size().as_slice()).map_err(err)?)
-            .map_err(err)
-    }
-
-    /// Every rank's `rows` rows of `row_bytes` bytes each (`mine`), concatenated in rank
-    /// order; returns the bytes and the total row count. `key` must be equal on all ranks
-    /// (it identifies the row type).
-    pub fn all_gather_rows(
-        &mut self,
-        mine: &[u8],
-        rows: usize,
-        row_bytes: usize,
-        key: u64,
-    ) -> Result<(Vec<u8>, usize)> {
-        if rows.checked_mul(row_bytes) != Some(mine.len()) {
-            return Err(invalid(
-                "all_gather",
-                format!(
-                    "{} bytes are not {rows} rows of {row_bytes} bytes",
-                    mine.len()
-                ),
-            ));
-        }
-        if self.world_size == 1 {
-            return Ok((mine.to_vec(), rows));
-        }
-        let (rank, n) = (self.rank, self.world_size);
-        self.operate(Op::AllGather, key, row_bytes as u64, |link, opts| {
-            // Row counts first (8 bytes per rank), then the rows.
-            let mut counts = vec![0u8; 8 * n];
-            counts[8 * rank..8 * rank + 8].copy_from_slice(&(rows as u64).to_le_bytes());
-            ring_gather(link, rank, n, &mut counts, &vec![8; n], 8)?;
-            let counts: Vec<usize> = counts
-                .chunks_exact(8)
-                .map(|b| {
-                    let mut x = [0u8; 8];
-                    x.copy_from_slice(b);
-                    u64::from_le_bytes(x) as usize
-                })
-                .collect();
-            let total_rows: usize = counts.iter().sum();
-            let sizes: Vec<usize> = counts.iter().map(|c| c * row_bytes).collect();
-            let mut out = vec![0u8; total_rows * row_bytes];
-            let start: usize = sizes[..rank].iter().sum();
-            out[start..start + mine.len()].copy_from_slice(mine);
-            ring_gather(link, rank, n, &mut out, &sizes, opts.chunk_bytes)?;
-            Ok((out, total_rows))
-        })
-    }
-
-    /// Overwrite `data` everywhere with root's `data` (same length on every rank).
-    pub fn broadcast_bytes(&mut self, data: &mut [u8], root: usize) -> Result<()> {
-        if root >= self.world_size {
-            return Err(invalid(
-                "broadcast",
-                format!("root {root} is outside a world of {}", self.world_size),
-            ));
-        }
-        if self.world_size == 1 {
-            return Ok(());
-        }
-        let (rank, n) = (self.rank, self.world_size);
-        self.operate(
-            Op::Broadcast,
-            data.len() as u64,
-            root as u64,
-            |link, opts| {
-                let threaded = data.len() > INLINE_BYTES;
-                let total = data.len();
-                let (chunks, _) = cut(data, &[total], opts.chunk_bytes);
-                let count = chunks.len();
-                let forwards = (rank + 1) % n != root;
-                pipe::run(link, Codec::Raw, chunks, threaded, |p| {
-                    for id in 0..count {
-                        if rank != root {
-                            p.recv_store(id)?;
-                        }
-                        if rank == root || forwards {
-                            p.send(id)?;
-                        }
-                    }
-                    Ok(())
-                })
-            },
-        )
-    }
-}
-
-/// Ring all-gather of variable-size blocks of `buf` (block i belongs to rank i; this rank's
-/// block is already in place). At step s, send block r−s and receive block r−s−1.
-fn ring_gather(
-    link: &Link<'_>,
-    rank: usize,
-    n: usize,
-    buf: &mut [u8],
-    sizes: &[usize],
-    chunk_bytes: usize,
-) -> Result<()> {
-    if sizes.len() != n || sizes.iter().sum::<usize>() != buf.len() {
-        return Err(invalid(link.op, "block sizes do not match the buffer"));
-    }
-    let threaded = buf.len() > INLINE_BYTES;
-    let (chunks, blocks) = cut(buf, sizes, chunk_bytes);
-    pipe::run(link, Codec::Raw, chunks, threaded, |p| {
-        for id in blocks[rank].clone() {
-            p.send(id)?;
-        }
-        for s in 0..n - 1 {
-            let block = (rank + 2 * n - s - 1) % n;
-            for id in blocks[block].clone() {
-                p.recv_store(id)?;
-                if s < n - 2 {
-                    p.send(id)?;
-                }
-            }
-        }
-        Ok(())
-    })
-}
-
-/// Length of segment `i` when `len` items are split in `n` nearly equal parts.
-fn segment_len(len: usize, n: usize, i: usize) -> usize {
-    len / n + usize::from(i < len % n)
 }
 
 /// Cut `buf` into consecutive parts of `part_bytes` and each part into chunks of at most
