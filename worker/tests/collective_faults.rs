@@ -1,6 +1,8 @@
 //! Failures on the TCP ring: dead and silent peers are named within the timeout (never a hang),
 //! a broken ring stays broken and drops promptly, and stale generations are refused.
 
+mod common;
+
 use std::net::TcpListener;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,17 +30,6 @@ fn opts(generation: u64) -> RingOptions {
     }
 }
 
-fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers = ls
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    (ls, peers)
-}
-
 /// 16 MiB: larger than the socket buffers, so writers block on a peer that stops reading.
 fn big() -> Tensor {
     Tensor::ones([4 << 20], (Kind::Float, tch::Device::Cpu))
@@ -46,7 +37,7 @@ fn big() -> Tensor {
 
 #[test]
 fn a_closed_peer_socket_gives_io_naming_it_and_the_ring_stays_broken() {
-    let (ls, peers) = listeners(2);
+    let (ls, peers) = common::listeners(2);
     let peers = &peers;
     let (err, elapsed, after, drop_time) = thread::scope(|s| {
         let mut it = ls.into_iter();
@@ -80,7 +71,7 @@ fn a_closed_peer_socket_gives_io_naming_it_and_the_ring_stays_broken() {
 #[test]
 fn a_silent_peer_times_out_naming_it_on_every_rank_in_time() {
     // Rank 2 stays connected but never calls the collective.
-    let (ls, peers) = listeners(3);
+    let (ls, peers) = common::listeners(3);
     let peers = &peers;
     // The silent rank keeps its sockets open until both others have failed (a timing-free end:
     // if it closed them first, the others would see a closed socket instead of silence).
@@ -139,7 +130,7 @@ fn a_silent_peer_times_out_naming_it_on_every_rank_in_time() {
 
 #[test]
 fn a_peer_that_never_shows_up_times_out_the_connect() {
-    let (mut ls, peers) = listeners(2);
+    let (mut ls, peers) = common::listeners(2);
     // Rank 1's port is bound (the kernel even completes TCP handshakes) but nobody runs it.
     let _absent = ls.pop().unwrap();
     let start = Instant::now();
@@ -161,7 +152,7 @@ fn a_peer_that_never_shows_up_times_out_the_connect() {
 
 #[test]
 fn a_stale_generation_is_refused_and_the_current_one_still_forms() {
-    let (ls, peers) = listeners(2);
+    let (ls, peers) = common::listeners(2);
     let peers = &peers;
     let mut it = ls.into_iter();
     let (l0, l1) = (it.next().unwrap(), it.next().unwrap());
@@ -206,7 +197,7 @@ fn a_stale_generation_is_refused_and_the_current_one_still_forms() {
 fn a_connection_claiming_the_wrong_rank_is_refused() {
     // World of 3: rank 2's left neighbour is rank 1, so rank 0 dialling it (as if rank 2 were
     // its right neighbour) must be refused.
-    let (mut ls, peers) = listeners(3);
+    let (mut ls, peers) = common::listeners(3);
     let l2 = ls.pop().unwrap();
     let _l1 = ls.pop().unwrap();
     let l0 = ls.pop().unwrap();

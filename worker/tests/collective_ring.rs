@@ -1,6 +1,8 @@
 //! The TCP ring on real sockets (127.0.0.1), one thread per rank: results against locally
 //! computed answers, for world sizes 1–5 and lengths that do not divide evenly.
 
+mod common;
+
 use std::net::TcpListener;
 use std::sync::Mutex;
 use std::thread;
@@ -28,27 +30,9 @@ fn with_ring<T: Send>(
     opts: RingOptions,
     f: impl Fn(&mut RingCollective) -> T + Sync,
 ) -> Vec<T> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let (peers, opts, f) = (&peers, opts.clone(), &f);
-                s.spawn(move || {
-                    let mut ring = RingCollective::connect(rank, peers, listener, opts).unwrap();
-                    assert_eq!((ring.rank(), ring.world_size()), (rank, n));
-                    f(&mut ring)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    common::on_ring(n, opts, |rank, ring| {
+        assert_eq!((ring.rank(), ring.world_size()), (rank, n));
+        f(ring)
     })
 }
 

@@ -2,6 +2,8 @@
 //! sums against local answers for world sizes 1–5, bit-identity with the TCP ring, other
 //! collectives in between, and a peer process SIGKILLed mid-operation.
 
+mod common;
+
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -22,38 +24,13 @@ fn opts(transport: Transport, shm_chunk_bytes: usize, generation: u64) -> RingOp
     }
 }
 
-fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers = ls
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    (ls, peers)
-}
-
 /// Run `f` on every rank of a fresh ring of `n` threads; results in rank order.
 fn with_ring<T: Send>(
     n: usize,
     opts: RingOptions,
     f: impl Fn(&mut RingCollective) -> T + Sync,
 ) -> Vec<T> {
-    let (ls, peers) = listeners(n);
-    thread::scope(|s| {
-        let handles: Vec<_> = ls
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let (peers, opts, f) = (&peers, opts.clone(), &f);
-                s.spawn(move || {
-                    let mut ring = RingCollective::connect(rank, peers, listener, opts).unwrap();
-                    f(&mut ring)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    common::on_ring(n, opts, |_, ring| f(ring))
 }
 
 /// Integer-valued floats: sums are exact in any order.
@@ -200,7 +177,7 @@ fn other_collectives_run_between_shm_all_reduces() {
 #[test]
 fn a_peer_that_never_joins_the_shm_all_reduce_times_out_naming_it() {
     let timeout = Duration::from_millis(700);
-    let (ls, peers) = listeners(2);
+    let (ls, peers) = common::listeners(2);
     let peers = &peers;
     // Rank 1 stops taking part but keeps its sockets open until rank 0 has its error: the
     // outcome does not depend on how fast a loaded machine runs either thread.
@@ -267,7 +244,7 @@ fn shm_child_rank() {
 
 #[test]
 fn a_peer_process_killed_mid_all_reduce_gives_an_error_naming_it_not_a_hang() {
-    let (mut ls, peers) = listeners(2);
+    let (mut ls, peers) = common::listeners(2);
     drop(ls.pop()); // the child binds rank 1's port
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "shm_child_rank", "--ignored", "--nocapture"])

@@ -24,6 +24,18 @@ pub fn tiny_config() -> RunConfig {
 /// torch's generator is global: rank threads seeding and drawing at once would interleave.
 pub static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// `n` listeners on loopback ports and their addresses (the ring's peer list).
+pub fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    (listeners, peers)
+}
+
 /// Runs `f(rank, ring)` on `world` threads joined by a real TCP ring over loopback; returns the
 /// results in rank order.
 pub fn on_ring<T: Send>(
@@ -31,13 +43,7 @@ pub fn on_ring<T: Send>(
     opts: RingOptions,
     f: impl Fn(usize, &mut RingCollective) -> T + Sync,
 ) -> Vec<T> {
-    let listeners: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").to_string())
-        .collect();
+    let (listeners, peers) = listeners(world);
     std::thread::scope(|scope| {
         let handles: Vec<_> = listeners
             .into_iter()
