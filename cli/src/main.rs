@@ -20,15 +20,8 @@ use clap::{Parser, Subcommand};
     about = "Multimodal pretraining control plane and data tools"
 )]
 struct Cli {
-    /// Log lines: pretty (a terminal) or json (one object per line); RUST_LOG filters.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "pretty",
-        env = "FERROCLIP_LOG_FORMAT"
-    )]
-    log_format: ferroclip_telemetry::LogFormat,
+    #[command(flatten)]
+    log: ferroclip_telemetry::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,7 +53,7 @@ async fn main() -> Result<()> {
         _ => "ferroclip",
     };
     // Held to the end of main: dropping it flushes spans still queued for OTLP.
-    let _telemetry = ferroclip_telemetry::init(service, cli.log_format)?;
+    let _telemetry = ferroclip_telemetry::init(service, cli.log.log_format)?;
     match cli.command {
         Command::Shards(args) => ferroclip_shards::cli::run(args).await?,
         Command::Coordinator(args) => coordinator::run(args).await?,

@@ -26,6 +26,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// The `--log-format` flag both binaries take (global: it goes before or after the subcommand).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log lines: pretty (a terminal) or json (one object per line); RUST_LOG filters.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "pretty",
+        env = "FERROCLIP_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
 /// Keeps the exporter alive; dropping it flushes the spans still queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,

@@ -4,15 +4,8 @@ use ferroclip_worker::cmd;
 #[derive(Parser)]
 #[command(name = "ferroclip-worker", about = "ferroclip training worker (libtorch)", version = VERSION.as_str())]
 struct Cli {
-    /// Log lines: pretty (a terminal) or json (one object per line); RUST_LOG filters.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "pretty",
-        env = "FERROCLIP_LOG_FORMAT"
-    )]
-    log_format: ferroclip_telemetry::LogFormat,
+    #[command(flatten)]
+    log: ferroclip_telemetry::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The one log set-up of every command. Held to the end of main: dropping it flushes spans
     // still queued for OTLP.
-    let _telemetry = ferroclip_telemetry::init("ferroclip-worker", cli.log_format)?;
+    let _telemetry = ferroclip_telemetry::init("ferroclip-worker", cli.log.log_format)?;
     match cli.command {
         Command::Join(args) => cmd::join::cli::run(args)?,
         Command::Train(args) => {
