@@ -1,24 +1,14 @@
 //! `shards synth`: a procedural captioned dataset (coloured shapes at positions) that a tiny CLIP
 //! can learn from captions. Each row's label is the main shape's class, e.g. `"red circle"`.
-//! Rows are generated in parallel from per-row seeds, so the output depends only on (seed, rows, size).
+//! Rows are generated in parallel from per-row seeds, so the output depends only on (seed, rows, size);
+//! `source/synth.rs` streams them into a build.
 
-use std::sync::Arc;
-
-use arrow::array::{RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
-use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
-use crate::error::ShardsError;
 use crate::jpeg;
-use crate::manifest::COL_LABEL;
 use crate::reader::Classes;
-use crate::source::{RawBatch, RawRow, BATCH_ROWS};
-use crate::validate::RawCaption;
 
 pub const COLORS: [(&str, [u8; 3]); 4] = [
     ("red", [215, 40, 40]),
@@ -179,64 +169,6 @@ fn draw(px: &mut [u8], size: u32, sh: &Shape) {
             }
         }
     }
-}
-
-/// Generates rows batch by batch on rayon and sends them down the build pipeline.
-pub async fn produce(
-    opts: SynthOptions,
-    tx: &mpsc::Sender<Result<RawBatch, ShardsError>>,
-) -> Result<(), ShardsError> {
-    let schema = Arc::new(Schema::new(vec![Field::new(
-        COL_LABEL,
-        DataType::Utf8,
-        true,
-    )]));
-    let source: Arc<str> = Arc::from("synth");
-    let mut start = 0u64;
-    while start < opts.rows {
-        let end = (start + BATCH_ROWS as u64 * 4).min(opts.rows);
-        let (seed, size) = (opts.seed, opts.image_size);
-        let rows: Vec<SynthRow> = tokio::task::spawn_blocking(move || {
-            (start..end)
-                .into_par_iter()
-                .map(|i| generate(seed, i, size))
-                .collect::<Result<Vec<_>, String>>()
-        })
-        .await
-        .map_err(|e| ShardsError::Join(e.to_string()))?
-        .map_err(|e| ShardsError::Config(format!("synth: {e}")))?;
-        let labels = StringArray::from_iter_values(rows.iter().map(|r| r.label.as_str()));
-        let pass = Arc::new(
-            RecordBatch::try_new(schema.clone(), vec![Arc::new(labels)]).map_err(|e| {
-                ShardsError::Arrow {
-                    file: "synth".into(),
-                    source: e,
-                }
-            })?,
-        );
-        let mut bytes = 0;
-        let raw = rows
-            .into_iter()
-            .enumerate()
-            .map(|(j, r)| {
-                bytes += r.jpeg.len() as u64;
-                RawRow {
-                    index: start + j as u64,
-                    source: source.clone(),
-                    source_row: start + j as u64,
-                    key: r.key,
-                    image: Some(Bytes::from(r.jpeg)),
-                    caption: RawCaption::Text(r.caption),
-                    passthrough: Some((pass.clone(), j)),
-                }
-            })
-            .collect();
-        if tx.send(Ok(RawBatch { rows: raw, bytes })).await.is_err() {
-            return Ok(());
-        }
-        start = end;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
