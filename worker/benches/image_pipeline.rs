@@ -3,17 +3,58 @@
 //! Run through `bench/run-image.sh`, which also runs the Pillow + torchvision baseline.
 //!
 //! cargo bench -p ferroclip-worker --bench image_pipeline -- SHARD [--threads 1] [--passes 3]
-//!     [--interpolation bicubic|bilinear]
+//!     [--interpolation bicubic|bilinear] [--decoder pipeline|libjpeg-turbo|zune]
+//! `--decoder pipeline` (the default) times `ImageTransform::apply_into`, exactly what the
+//! training loader runs; `libjpeg-turbo` (`ferroclip_shards::jpeg`) and `zune` (the `image`
+//! crate's zune-jpeg) time that decoder followed by the same crop + normalise
+//! (`ImageTransform::apply_rgb_into`), so the two decoders can be compared in one run.
 //! Prints one JSON line like bench/image_baseline.py does.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use arrow::array::{Array, AsArray};
-use clap::Parser;
-use ferroclip_worker::data::{image::decode_rgb8, sample_seed, ImageTransform, Interpolation};
+use clap::{Parser, ValueEnum};
+use ferroclip_worker::data::image::{decode_rgb8, ImageError};
+use ferroclip_worker::data::{sample_seed, ImageTransform, Interpolation};
+use image::RgbImage;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Decoder {
+    /// What training runs: `data::image::decode_rgb8` inside `ImageTransform::apply_into`.
+    Pipeline,
+    /// libjpeg-turbo-rs through `ferroclip_shards::jpeg::decode` (what shard validation runs).
+    LibjpegTurbo,
+    /// zune-jpeg through `image::load_from_memory`.
+    Zune,
+}
+
+impl Decoder {
+    fn name(self) -> &'static str {
+        match self {
+            Decoder::Pipeline => ferroclip_worker::data::image::JPEG_DECODER,
+            Decoder::LibjpegTurbo => "libjpeg-turbo-rs",
+            Decoder::Zune => "zune-jpeg",
+        }
+    }
+
+    fn decode(self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
+        match self {
+            Decoder::Pipeline => decode_rgb8(bytes),
+            Decoder::LibjpegTurbo => {
+                let rgb =
+                    ferroclip_shards::jpeg::decode(bytes, None).map_err(ImageError::Decode)?;
+                RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels)
+                    .ok_or_else(|| ImageError::Decode("short pixel buffer".into()))
+            }
+            Decoder::Zune => image::load_from_memory(bytes)
+                .map(|i| i.into_rgb8())
+                .map_err(|e| ImageError::Decode(e.to_string())),
+        }
+    }
+}
 
 #[derive(Parser)]
 struct Args {
@@ -25,6 +66,8 @@ struct Args {
     passes: usize,
     #[arg(long, default_value = "bicubic")]
     interpolation: String,
+    #[arg(long, value_enum, default_value_t = Decoder::Pipeline)]
+    decoder: Decoder,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -49,7 +92,13 @@ fn main() -> anyhow::Result<()> {
         pool.install(|| {
             samples[..n].par_iter().try_for_each_init(
                 || vec![0f32; per],
-                |buf, (key, bytes)| transform.apply_into(bytes, sample_seed(0, 0, key), buf),
+                |buf, (key, bytes)| {
+                    let seed = sample_seed(0, 0, key);
+                    match args.decoder {
+                        Decoder::Pipeline => transform.apply_into(bytes, seed, buf),
+                        d => transform.apply_rgb_into(&d.decode(bytes)?, seed, buf),
+                    }
+                },
             )
         })?;
         let cpu = cpu_seconds() - cpu0;
@@ -68,7 +117,7 @@ fn main() -> anyhow::Result<()> {
     pool.install(|| {
         samples
             .par_iter()
-            .try_for_each(|(_, b)| decode_rgb8(b).map(drop))
+            .try_for_each(|(_, b)| args.decoder.decode(b).map(drop))
     })?;
     let decode_only = samples.len() as f64 / start.elapsed().as_secs_f64();
     let best = rates.iter().cloned().fold(0.0, f64::max);
@@ -76,6 +125,8 @@ fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "impl": format!("ferroclip ({})", args.interpolation),
+            "decoder": args.decoder.name(),
+            "pipeline": args.decoder == Decoder::Pipeline,
             "images": samples.len(),
             "threads": args.threads,
             "img_per_s": best,

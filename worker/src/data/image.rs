@@ -94,6 +94,24 @@ impl ImageTransform {
             });
         }
         let rgb = decode_rgb8(bytes)?;
+        self.apply_rgb_into(&rgb, sample_seed, out)
+    }
+
+    /// The transform of an image already decoded to 8-bit RGB: what [`Self::apply_into`] runs
+    /// after its decode (the benchmark times other decoders through it).
+    pub fn apply_rgb_into(
+        &self,
+        rgb: &image::RgbImage,
+        sample_seed: u64,
+        out: &mut [f32],
+    ) -> Result<(), ImageError> {
+        let need = self.output_len();
+        if out.len() != need {
+            return Err(ImageError::OutputSize {
+                got: out.len(),
+                need,
+            });
+        }
         let (w, h) = rgb.dimensions();
         if w == 0 || h == 0 {
             return Err(ImageError::Empty(w, h));
@@ -159,6 +177,9 @@ fn splitmix(x: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+/// The JPEG decoder behind [`decode_rgb8`] (the benchmark's label for it).
+pub const JPEG_DECODER: &str = "zune-jpeg";
 
 /// JPEG/PNG/... → 8-bit RGB (grey and alpha are converted, like `_convert_to_rgb`).
 pub fn decode_rgb8(bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
