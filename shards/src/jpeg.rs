@@ -2,6 +2,10 @@
 //! SIMD paths: about twice as fast as the image crate's encoder. Its decoder can also scale by
 //! 1/2, 1/4 or 1/8 inside the inverse DCT (Pillow's "draft" mode), so a large downscale decodes
 //! fewer pixels; the odd eighths (7/8, ...) measured slower than a full decode plus a resize.
+//!
+//! This is the project's one JPEG decoder: shard validation and `verify` decode here, and so does
+//! the training pipeline (`ferroclip-worker`'s `data::image::decode_rgb8` calls [`decode`]), where
+//! it measured faster than the image crate's zune-jpeg (`bench/README-image.md`).
 
 use libjpeg_turbo_rs::common::types::ScalingFactor;
 use libjpeg_turbo_rs::decode::pipeline::Decoder;

@@ -88,6 +88,23 @@ fn grey_and_alpha_pngs_become_rgb() {
 }
 
 #[test]
+fn grey_jpeg_becomes_rgb() {
+    let grey = image::GrayImage::from_pixel(32, 32, image::Luma([90]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    grey.write_to(&mut bytes, ImageFormat::Jpeg).unwrap();
+    let out = ImageTransform::eval(8).apply(bytes.get_ref(), 0).unwrap();
+    let want = expected([90, 90, 90]);
+    for c in 0..3 {
+        assert!(
+            (out[c * 64] - want[c]).abs() < 0.05,
+            "channel {c}: {} vs {}",
+            out[c * 64],
+            want[c]
+        );
+    }
+}
+
+#[test]
 fn eval_centre_crop_is_deterministic_and_central() {
     // Left third red, middle blue, right third red: a central square crop of a 3:1 image is all blue.
     let img = RgbImage::from_fn(300, 100, |x, _| {
@@ -147,6 +164,12 @@ fn bad_bytes_are_errors_not_panics() {
     let png = encode(&pattern(40, 40), ImageFormat::Png);
     let truncated = &png[..png.len() / 2];
     assert!(t.apply(truncated, 0).is_err());
+    // A JPEG cut in its scan is an error too, not an image padded with grey.
+    let jpg = encode(&pattern(64, 64), ImageFormat::Jpeg);
+    let err = t
+        .apply(&jpg[..jpg.len() / 2], 0)
+        .expect_err("truncated JPEG decoded");
+    assert!(err.to_string().contains("decode"), "{err}");
     // A wrongly sized output buffer is an error too.
     let mut small = vec![0f32; 10];
     assert!(t.apply_into(&png, 0, &mut small).is_err());

@@ -178,12 +178,24 @@ fn splitmix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The JPEG decoder behind [`decode_rgb8`] (the benchmark's label for it).
-pub const JPEG_DECODER: &str = "zune-jpeg";
+/// The JPEG decoder behind [`decode_rgb8`]: shard validation's (`ferroclip_shards::jpeg`), so a
+/// JPEG that `shards build` accepted decodes here the same way. It measured faster than the `image`
+/// crate's zune-jpeg on this pipeline (`bench/README-image.md`).
+pub const JPEG_DECODER: &str = "libjpeg-turbo-rs";
 
-/// JPEG/PNG/... → 8-bit RGB (grey and alpha are converted, like `_convert_to_rgb`).
+/// JPEG/PNG/... → 8-bit RGB. JPEGs through [`ferroclip_shards::jpeg::decode`] (a corrupt or
+/// short scan is an error, not grey fill); other formats through the `image` crate, grey and
+/// alpha converted like `_convert_to_rgb`.
 pub fn decode_rgb8(bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
-    let img = image::load_from_memory(bytes).map_err(|e| ImageError::Decode(e.to_string()))?;
+    let format = image::guess_format(bytes).map_err(|e| ImageError::Decode(e.to_string()))?;
+    if format == image::ImageFormat::Jpeg {
+        let rgb = ferroclip_shards::jpeg::decode(bytes, None).map_err(ImageError::Decode)?;
+        let (w, h) = (rgb.width, rgb.height);
+        return image::RgbImage::from_raw(w, h, rgb.pixels)
+            .ok_or_else(|| ImageError::Decode(format!("short pixel buffer for {w}x{h}")));
+    }
+    let img = image::load_from_memory_with_format(bytes, format)
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
     Ok(img.into_rgb8())
 }
 
