@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ferroclip_proto::config::RunConfig;
 
-use super::{Committed, Placement, Run, StepPlan, StepReport};
+use super::{Committed, Placement, Refusal, Run, StepPlan, StepReport};
 use crate::membership::WorkerInfo;
 
 fn config(epochs: u32, batch: u32, max_workers: u32) -> RunConfig {
@@ -353,4 +353,141 @@ fn a_retried_join_gets_the_same_place_and_a_rejoin_ends_the_generation() {
         "waiting",
         "a real re-join ends the generation"
     );
+}
+
+#[test]
+fn a_reported_failure_ends_the_generation_and_the_survivors_form_at_once() {
+    let mut sim = Sim::new(config(1, 12, 3), vec![12; 4]);
+    sim.form(&["a", "b", "c"]);
+    sim.step_all(1).expect("step");
+    let g = sim.place["a"].generation;
+    let c_rank = sim.place["c"].rank;
+    // A rank outside the generation, or a caller of an older generation, ends nothing.
+    assert!(matches!(
+        sim.run.report_failure("a", g, 7, "x", sim.now),
+        Err(Refusal::Invalid(_))
+    ));
+    assert!(matches!(
+        sim.run.report_failure("a", g - 1, c_rank, "x", sim.now),
+        Err(Refusal::Stale(_))
+    ));
+    assert_eq!(sim.run.phase_name(), "training");
+    sim.run
+        .report_failure("a", g, c_rank, "ring timeout", sim.now)
+        .expect("report");
+    assert_eq!(sim.run.counters.worker_deaths, 1);
+    // The suspect is not waited for: the survivors form as soon as both are back.
+    let before = sim.now;
+    sim.form(&["a", "b"]);
+    assert_eq!(sim.now, before, "no wait for the suspect");
+    let p = &sim.place["b"];
+    assert_eq!((p.generation, p.world_size, p.next_step), (g + 1, 2, 2));
+    assert!(!p.needs_state && p.resume_checkpoint.is_none());
+    sim.run_to_the_end();
+    assert_eq!(sim.sizes, vec![12; 4]);
+    assert!(sim.run.finished());
+}
+
+#[test]
+fn newcomers_without_state_resume_from_the_latest_checkpoint() {
+    let mut sim = Sim::new(config(1, 10, 2), vec![10; 6]);
+    sim.form(&["a", "b"]);
+    for step in 1..=3 {
+        sim.step_all(step).expect("step");
+        if step == 2 {
+            sim.checkpoint("a", 2);
+        }
+    }
+    // Both go silent; two new workers, holding no state, take their places.
+    sim.later(6.0);
+    sim.run.tick(sim.now);
+    assert_eq!(sim.run.phase_name(), "waiting");
+    sim.form(&["c", "d"]);
+    let p = &sim.place["d"];
+    assert_eq!(
+        p.resume_checkpoint.as_deref(),
+        Some("s3://b/run/checkpoints/step-00000002")
+    );
+    assert_eq!(
+        p.next_step, 3,
+        "step 3 was not in the checkpoint: it runs again"
+    );
+    assert_eq!(sim.run.ledger.committed_step(), 2);
+    sim.run_to_the_end();
+    assert_eq!(
+        sim.sizes,
+        vec![10; 7],
+        "3 steps, then 3..=6 again from the checkpoint"
+    );
+    assert_eq!(sim.run.ledger.committed_step(), 6);
+    assert!(sim.run.finished());
+}
+
+#[test]
+fn newcomers_without_state_or_checkpoint_start_over() {
+    let mut sim = Sim::new(config(1, 10, 2), vec![10; 3]);
+    sim.form(&["a", "b"]);
+    sim.step_all(1).expect("step");
+    sim.later(6.0);
+    sim.run.tick(sim.now);
+    sim.form(&["c", "d"]);
+    let p = &sim.place["c"];
+    assert_eq!((p.next_step, p.resume_checkpoint.clone()), (1, None));
+    assert_eq!(sim.run.ledger.committed_step(), 0);
+    sim.run_to_the_end();
+    assert_eq!(sim.sizes, vec![10; 4]);
+    assert!(sim.run.finished());
+}
+
+#[test]
+fn a_joiner_behind_the_survivors_gets_the_state_from_one_of_them() {
+    let mut sim = Sim::new(config(1, 12, 3), vec![12; 5]);
+    sim.form(&["a", "b", "c"]);
+    for step in 1..=2 {
+        sim.step_all(step).expect("step");
+    }
+    for id in ["a", "b", "c"] {
+        sim.next(id, 3);
+    }
+    // "a" and "b" applied step 3; "c" leaves before it did.
+    sim.commit("a", 3);
+    sim.commit("b", 3);
+    let g = sim.place["c"].generation;
+    sim.run.leave("c", g, "SIGTERM", sim.now).expect("leave");
+    sim.form(&["a", "b", "d"]);
+    assert_eq!(
+        sim.run.ledger.committed_step(),
+        3,
+        "what the survivors applied commits"
+    );
+    let d = &sim.place["d"];
+    assert!(d.needs_state);
+    assert_eq!(d.state_source_rank, sim.place["a"].rank);
+    assert_eq!(
+        (d.next_step, d.rank),
+        (4, 2),
+        "joiners follow the survivors"
+    );
+    sim.run_to_the_end();
+    assert_eq!(
+        sim.sizes,
+        vec![12; 4],
+        "steps 1, 2, 4, 5 committed by all; 3 by regroup"
+    );
+    assert!(sim.run.finished());
+}
+
+#[test]
+fn a_join_abandoned_while_forming_is_forgotten() {
+    let mut cfg = config(1, 8, 3);
+    cfg.cluster.min_workers = 2;
+    let mut sim = Sim::new(cfg, vec![8; 4]);
+    sim.run.join(info("a", 0), sim.now);
+    sim.run.abandon_join("a", sim.now);
+    sim.run.join(info("b", 0), sim.now);
+    sim.later(2.0);
+    assert!(!sim.run.tick(sim.now), "one worker waits: min_workers = 2");
+    sim.form(&["b", "c"]);
+    assert!(sim.run.placement("a").is_none());
+    assert_eq!(sim.place["b"].world_size, 2);
 }
