@@ -104,7 +104,7 @@ fn a_sigkilled_coordinator_resumes_and_the_run_finishes() {
     });
 }
 
-/// One worker SIGKILLs itself at an exact moment of a step (see worker/src/dist/fault.rs); the
+/// One worker SIGKILLs itself at an exact moment of a step (see worker/src/fault.rs); the
 /// other two finish the epoch, every sample used exactly once.
 fn killed_at(fault: &str) {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -86,13 +86,6 @@ impl ImageTransform {
         sample_seed: u64,
         out: &mut [f32],
     ) -> Result<(), ImageError> {
-        let need = self.output_len();
-        if out.len() != need {
-            return Err(ImageError::OutputSize {
-                got: out.len(),
-                need,
-            });
-        }
         let rgb = decode_rgb8(bytes)?;
         self.apply_rgb_into(&rgb, sample_seed, out)
     }

@@ -96,6 +96,20 @@ pub struct Loader {
     permits: Arc<tokio::sync::Semaphore>,
 }
 
+/// The runtime the block fetches run on: object stores need a Tokio reactor, and the batch
+/// threads that call them are plain threads.
+fn fetch_runtime() -> Result<tokio::runtime::Runtime, LoaderError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ferroclip-fetch")
+        .enable_all()
+        .build()
+        .map_err(|e| LoaderError::Start {
+            what: "fetch runtime",
+            reason: e.to_string(),
+        })
+}
+
 impl Loader {
     /// A loader over `split` of an opened dataset.
     pub fn new(
@@ -105,15 +119,7 @@ impl Loader {
         tokenizer: Arc<Tokenizer>,
         options: &LoaderOptions,
     ) -> Result<Self, LoaderError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("ferroclip-fetch")
-            .enable_all()
-            .build()
-            .map_err(|e| LoaderError::Start {
-                what: "fetch runtime",
-                reason: e.to_string(),
-            })?;
+        let runtime = fetch_runtime()?;
         Self::with_runtime(dataset, split, transform, tokenizer, options, runtime)
     }
 
@@ -126,15 +132,7 @@ impl Loader {
         tokenizer: Arc<Tokenizer>,
         options: &LoaderOptions,
     ) -> Result<Self, LoaderError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("ferroclip-fetch")
-            .enable_all()
-            .build()
-            .map_err(|e| LoaderError::Start {
-                what: "fetch runtime",
-                reason: e.to_string(),
-            })?;
+        let runtime = fetch_runtime()?;
         let (url_owned, store) = (url.to_string(), store.clone());
         let task = runtime.spawn(async move { Dataset::open(&url_owned, &store).await });
         let dataset = futures::executor::block_on(task)

@@ -207,6 +207,14 @@ impl NcclCollective {
     }
 }
 
+/// An in-place op ran on a contiguous copy of a strided `t`: the result goes back into `t`.
+fn copy_back(op: &'static str, t: &mut Tensor, buf: &Tensor) -> Result<()> {
+    if buf.data_ptr() != t.data_ptr() {
+        t.f_copy_(buf).map_err(|e| invalid(op, e.to_string()))?;
+    }
+    Ok(())
+}
+
 fn contiguous(op: &'static str, t: &Tensor) -> Result<Tensor> {
     t.f_contiguous().map_err(|e| invalid(op, e.to_string()))
 }
@@ -239,10 +247,7 @@ impl Collective for NcclCollective {
             )
         };
         self.finish(op, r)?;
-        if buf.data_ptr() != t.data_ptr() {
-            t.f_copy_(&buf).map_err(|e| invalid(op, e.to_string()))?;
-        }
-        Ok(())
+        copy_back(op, t, &buf)
     }
 
     fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
@@ -321,10 +326,7 @@ impl Collective for NcclCollective {
             )
         };
         self.finish(op, r)?;
-        if buf.data_ptr() != t.data_ptr() {
-            t.f_copy_(&buf).map_err(|e| invalid(op, e.to_string()))?;
-        }
-        Ok(())
+        copy_back(op, t, &buf)
     }
 
     fn barrier(&mut self) -> Result<()> {
