@@ -57,7 +57,11 @@ impl TokenArgs {
     }
 }
 
-pub async fn run(args: CoordinatorArgs) -> Result<()> {
+/// Serves the run; returns the process's exit code. A signal before the run has finished
+/// exits 128 + signal (143 for SIGTERM), as a supervisor expects of work that was stopped, not
+/// done: a Job replaces the pod (and the new coordinator resumes from the journal) instead of
+/// counting the run's coordinator as succeeded.
+pub async fn run(args: CoordinatorArgs) -> Result<u8> {
     let config = RunConfig::load(&args.config)?;
     let handle = ferroclip_coordinator::serve(ferroclip_coordinator::ServeOptions {
         config,
@@ -70,17 +74,30 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     })
     .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = handle.finished(), if args.exit_when_done => tracing::info!("run finished"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: journaling and exiting"),
-        _ = term.recv() => tracing::info!("SIGTERM: journaling and exiting"),
+    let signal = tokio::select! {
+        _ = handle.finished(), if args.exit_when_done => {
+            tracing::info!("run finished");
+            None
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted: journaling and exiting");
+            Some(2)
+        }
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: journaling and exiting");
+            Some(15)
+        }
         why = handle.fatal() => {
             // Another coordinator holds the journal now (or its store stayed down): this one
             // must not acknowledge anything more, nor write the journal on its way out.
             anyhow::bail!("stopping: {why}");
         }
-        _ = std::future::pending::<()>(), if !args.exit_when_done => {}
-    }
+        _ = std::future::pending::<()>(), if !args.exit_when_done => None,
+    };
+    let done = handle.is_finished().await;
     handle.shutdown().await;
-    Ok(())
+    Ok(match signal {
+        Some(sig) if !done => 128 + sig,
+        _ => 0,
+    })
 }

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use ferroclip_proto::config::{Backend, RunConfig};
 use std::io::Write;
 
-use manifests::RunSpec;
+use manifests::{Kind, RunSpec};
 
 #[derive(Args, Debug)]
 pub struct K8sArgs {
@@ -23,6 +23,18 @@ pub enum K8sCommand {
 
 #[derive(Args, Debug)]
 pub struct RenderArgs {
+    /// The objects that carry the pods: `job` (a coordinator Deployment and a workers' Indexed
+    /// Job; any cluster) or `jobset` (one JobSet holding both; needs the JobSet controller,
+    /// and is what Kueue admits as one unit).
+    #[arg(long, value_enum, default_value = "job")]
+    pub kind: Kind,
+    /// Kueue LocalQueue to submit to (`kueue.x-k8s.io/queue-name`); the JobSet starts
+    /// suspended until Kueue admits it. Needs --kind jobset.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// PriorityClass of every pod (Kueue orders and preempts queued runs by it).
+    #[arg(long)]
+    pub priority_class: Option<String>,
     /// Worker pods (one per node).
     #[arg(long)]
     pub workers: u32,
@@ -89,6 +101,15 @@ fn plan(args: &RenderArgs) -> Result<RunSpec> {
             args.gpus_per_worker
         );
     }
+    if let Some(q) = &args.queue {
+        if args.kind != Kind::Jobset {
+            bail!("--queue needs --kind jobset: Kueue must admit the coordinator and the workers as one unit");
+        }
+        check_dns_subdomain("--queue", q)?;
+    }
+    if let Some(p) = &args.priority_class {
+        check_dns_subdomain("--priority-class", p)?;
+    }
     check_image("--image", &args.image)?;
     check_image("--worker-image", &args.worker_image)?;
     check_store_url("--data", &args.data)?;
@@ -143,6 +164,9 @@ fn plan(args: &RenderArgs) -> Result<RunSpec> {
     }
 
     Ok(RunSpec {
+        kind: args.kind,
+        queue: args.queue.clone(),
+        priority_class: args.priority_class.clone(),
         run_name: args.run_name.clone(),
         namespace: args.namespace.clone(),
         pods: args.workers,
@@ -162,8 +186,12 @@ fn plan(args: &RenderArgs) -> Result<RunSpec> {
 /// The objects as one multi-document YAML stream.
 fn to_yaml(spec: &RunSpec) -> Result<String> {
     let mut out = format!(
-        "# ferroclip run \"{}\": {} worker pod(s) × {} {} worker process(es); rendered by `ferroclip k8s render`\n",
+        "# ferroclip run \"{}\" ({}): {} worker pod(s) × {} {} worker process(es); rendered by `ferroclip k8s render`\n",
         spec.run_name,
+        match spec.kind {
+            Kind::Job => "Deployment + Indexed Job",
+            Kind::Jobset => "JobSet",
+        },
         spec.pods,
         spec.procs_per_pod,
         if spec.cpu { "CPU" } else { "GPU" }
@@ -200,15 +228,42 @@ fn check_image(flag: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// Pods share no disk: data and run directory must live in object storage.
+/// A DNS-1123 subdomain (names of queues and PriorityClasses).
+fn check_dns_subdomain(flag: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|part| {
+            !part.is_empty()
+                && part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && part.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        });
+    if !ok {
+        bail!("{flag} \"{value}\" is not a valid Kubernetes name (lowercase letters, digits, '-' and '.')");
+    }
+    Ok(())
+}
+
+/// Pods share no disk: data and run directory must live in an object store that the store
+/// layer opens (its own list of schemes, so render and the pods agree).
 fn check_store_url(what: &str, value: &str) -> Result<()> {
-    const SCHEMES: [&str; 6] = ["s3://", "gs://", "az://", "abfs://", "http://", "https://"];
-    let rest = SCHEMES.iter().find_map(|s| value.strip_prefix(s));
+    let schemes = ferroclip_shards::store::SHARED_SCHEMES;
+    let rest = value
+        .split_once("://")
+        .filter(|(scheme, _)| schemes.contains(scheme))
+        .map(|(_, rest)| rest);
     match rest {
         Some(rest) if !rest.is_empty() && !value.chars().any(char::is_whitespace) => Ok(()),
         _ => bail!(
-            "{what} \"{value}\" is not an object-store URL (s3://, gs://, az://, abfs://, http(s)://): \
-             pods share no local disk"
+            "{what} \"{value}\" is not an object-store URL the workers can open ({}): pods share \
+             no local disk",
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -233,12 +288,18 @@ mod tests {
             "s3://",
             "memory://x",
             "s3://a b",
+            "http://host/ds",
+            "https://host/ds",
         ] {
             let err = check_store_url("--data", bad).unwrap_err().to_string();
             assert!(
                 err.contains("--data") && err.contains("object-store URL"),
                 "{err}"
             );
+        }
+        assert!(check_dns_subdomain("--queue", "team-a.gpu").is_ok());
+        for bad in ["", "Team", "a..b", "-a", "a_b"] {
+            assert!(check_dns_subdomain("--queue", bad).is_err(), "{bad}");
         }
     }
 }

@@ -6,6 +6,7 @@ mod status;
 mod train;
 
 use anyhow::Result;
+use std::process::ExitCode;
 
 // See Cargo.toml: mimalloc keeps freed image buffers for reuse instead of unmapping them.
 #[global_allocator]
@@ -45,8 +46,23 @@ enum Command {
     },
 }
 
+/// Exit codes: 0 done, 1 failed, 2 a usage or config error (retrying cannot help; a Job's
+/// podFailurePolicy fails at once on it), 128 + n stopped by signal n before the work was done.
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            let usage = e
+                .chain()
+                .any(|c| c.is::<ferroclip_proto::config::ConfigError>());
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn run() -> Result<u8> {
     let cli = Cli::parse();
     let service = match cli.command {
         Command::Coordinator(_) => "ferroclip-coordinator",
@@ -56,7 +72,7 @@ async fn main() -> Result<()> {
     let _telemetry = ferroclip_telemetry::init(service, cli.log.log_format)?;
     match cli.command {
         Command::Shards(args) => ferroclip_shards::cli::run(args).await?,
-        Command::Coordinator(args) => coordinator::run(args).await?,
+        Command::Coordinator(args) => return coordinator::run(args).await,
         Command::Train(args) => train::run(args).await?,
         Command::Status(args) => status::run(args).await?,
         Command::K8s(args) => k8s::run(args)?,
@@ -65,5 +81,5 @@ async fn main() -> Result<()> {
             print!("{}", cfg.to_toml());
         }
     }
-    Ok(())
+    Ok(0)
 }

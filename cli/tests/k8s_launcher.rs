@@ -1,8 +1,10 @@
 //! `k8s/base/launch-workers.sh`, the worker pods' launcher, run as a real process with real
-//! signals. Its children are a small stand-in for `ferroclip-worker` (set through
-//! FERROCLIP_WORKER_BIN) that records its flags and then serves, crashes or exits as told, since
-//! what is under test is the launcher's supervision: flags per local rank, restarts, SIGTERM
-//! forwarding and the exit status the Job's podFailurePolicy acts on.
+//! signals, as each kind's rendered worker pod runs it: the script from the launcher ConfigMap
+//! and the container's environment, from `ferroclip k8s render --kind job` and `--kind jobset`.
+//! Its children are a small stand-in for `ferroclip-worker` (set through FERROCLIP_WORKER_BIN)
+//! that records its flags and then serves, crashes or exits as told, since what is under test is
+//! the launcher's supervision: flags per local rank, restarts, SIGTERM forwarding and the exit
+//! status the Job's podFailurePolicy acts on.
 
 mod k8s_common;
 
@@ -31,34 +33,70 @@ esac
 while :; do sleep 0.05; done
 "#;
 
+/// Every test runs against both kinds' worker pods.
+const KINDS: [&str; 2] = ["job", "jobset"];
+
 struct Pod {
     dir: tempfile::TempDir,
     child: Child,
+    /// FERROCLIP_COORDINATOR of the rendered pod.
+    coordinator: String,
 }
 
 impl Pod {
-    fn start(local_workers: u32, device: &str, modes: &[(u32, &str)]) -> Pod {
+    /// The worker pod that `k8s render --kind KIND` gives for `local_workers` GPUs (or CPU
+    /// processes, for device "cpu"), started as its container would be.
+    fn start(kind: &str, local_workers: u32, device: &str, modes: &[(u32, &str)]) -> Pod {
+        let n = local_workers.to_string();
+        let mut args = vec!["--kind", kind, "--workers", "1", "--gpus-per-worker", &n];
+        args.extend(["--config", "k8s/base/run.toml", "--data", "s3://b/ds"]);
+        if device == "cpu" {
+            args.push("--cpu");
+        }
+        let (_, docs) = k8s_common::render(&args);
+        let container =
+            &k8s_common::workers_job(&docs, "ferroclip")["template"]["spec"]["containers"][0];
+        assert_eq!(
+            container["command"],
+            serde_json::json!(["bash", "/opt/ferroclip/launch-workers.sh"])
+        );
         let dir = tempfile::tempdir().expect("tempdir");
+        let launcher = dir.path().join("launch-workers.sh");
+        let script = k8s_common::find(&docs, "ConfigMap", "ferroclip-launcher")["data"]
+            ["launch-workers.sh"]
+            .as_str()
+            .expect("launcher text");
+        std::fs::write(&launcher, script).expect("write launcher");
         let stub = dir.path().join("ferroclip-worker");
         std::fs::write(&stub, STUB).expect("write stub");
         make_executable(&stub);
         for (port, mode) in modes {
             std::fs::write(dir.path().join(format!("mode-{port}")), mode).expect("write mode");
         }
-        let child = Command::new("bash")
-            .arg(k8s_common::repo_root().join("k8s/base/launch-workers.sh"))
+        let mut cmd = Command::new("bash");
+        cmd.arg(&launcher);
+        // The container's literal environment (POD_IP comes from the downward API: not here).
+        for var in container["env"].as_array().expect("env") {
+            if let (Some(name), Some(value)) = (var["name"].as_str(), var["value"].as_str()) {
+                cmd.env(name, value);
+            }
+        }
+        let child = cmd
             .env("STUB_DIR", dir.path())
             .env("FERROCLIP_WORKER_BIN", &stub)
-            .env("FERROCLIP_LOCAL_WORKERS", local_workers.to_string())
-            .env("FERROCLIP_DEVICE", device)
-            .env("FERROCLIP_COORDINATOR", "http://run-coordinator:50051")
-            .env("FERROCLIP_TOKEN_FILE", "/var/run/ferroclip/token/token")
-            .env("FERROCLIP_COLLECTIVE_PORT_BASE", "29500")
             .env("FERROCLIP_MAX_RESTARTS", "2")
             .env("FERROCLIP_RESTART_DELAY_S", "0")
             .spawn()
             .expect("start launcher");
-        Pod { dir, child }
+        let coordinator = k8s_common::env(container, "FERROCLIP_COORDINATOR")["value"]
+            .as_str()
+            .expect("a literal value")
+            .to_string();
+        Pod {
+            dir,
+            child,
+            coordinator,
+        }
     }
 
     fn lines(&self, file: &str) -> Vec<String> {
@@ -125,15 +163,25 @@ fn count(lines: &[String], needle: &str) -> usize {
 
 #[test]
 fn each_local_rank_gets_its_gpu_and_port_and_sigterm_makes_all_leave_then_exit_143() {
-    let mut pod = Pod::start(3, "cuda", &[]);
+    for (kind, coordinator) in KINDS.into_iter().zip([
+        "http://ferroclip-coordinator:50051",
+        "http://ferroclip-coordinator-0-0.ferroclip:50051",
+    ]) {
+        each_local_rank_gets_its_place(kind, coordinator);
+    }
+}
+
+fn each_local_rank_gets_its_place(kind: &str, coordinator: &str) {
+    let mut pod = Pod::start(kind, 3, "cuda", &[]);
+    assert_eq!(pod.coordinator, coordinator, "{kind}");
     let calls = pod.wait_lines("calls", 3);
     for i in 0..3 {
         let want = format!(
-            "join --coordinator http://run-coordinator:50051 --token-file /var/run/ferroclip/token/token \
+            "join --coordinator {coordinator} --token-file /var/run/ferroclip/token/token \
              --device cuda:{i} --collective-port {}",
             29500 + i
         );
-        assert_eq!(count(&calls, &want), 1, "{calls:?}");
+        assert_eq!(count(&calls, &want), 1, "{kind}: {calls:?}");
     }
     pod.sigterm();
     assert_eq!(
@@ -152,7 +200,13 @@ fn each_local_rank_gets_its_gpu_and_port_and_sigterm_makes_all_leave_then_exit_1
 
 #[test]
 fn a_crashed_worker_is_restarted_in_place_and_its_siblings_keep_running() {
-    let mut pod = Pod::start(2, "cpu", &[(29501, "crash-once")]);
+    for kind in KINDS {
+        a_crashed_worker_is_restarted_in_place_and_its_siblings_keep_running_under(kind);
+    }
+}
+
+fn a_crashed_worker_is_restarted_in_place_and_its_siblings_keep_running_under(kind: &str) {
+    let mut pod = Pod::start(kind, 2, "cpu", &[(29501, "crash-once")]);
     let calls = pod.wait_lines("calls", 3);
     assert_eq!(count(&calls, "--collective-port 29501"), 2, "{calls:?}");
     assert_eq!(count(&calls, "--collective-port 29500"), 1, "{calls:?}");
@@ -165,7 +219,13 @@ fn a_crashed_worker_is_restarted_in_place_and_its_siblings_keep_running() {
 
 #[test]
 fn a_worker_that_keeps_crashing_fails_the_pod_after_its_restarts() {
-    let mut pod = Pod::start(2, "cuda", &[(29501, "crash")]);
+    for kind in KINDS {
+        a_worker_that_keeps_crashing_fails_the_pod_after_its_restarts_under(kind);
+    }
+}
+
+fn a_worker_that_keeps_crashing_fails_the_pod_after_its_restarts_under(kind: &str) {
+    let mut pod = Pod::start(kind, 2, "cuda", &[(29501, "crash")]);
     assert_eq!(
         pod.exit_code(),
         1,
@@ -186,7 +246,13 @@ fn a_worker_that_keeps_crashing_fails_the_pod_after_its_restarts() {
 
 #[test]
 fn a_usage_error_fails_at_once_with_exit_2() {
-    let mut pod = Pod::start(2, "cuda", &[(29500, "usage")]);
+    for kind in KINDS {
+        a_usage_error_fails_at_once_with_exit_2_under(kind);
+    }
+}
+
+fn a_usage_error_fails_at_once_with_exit_2_under(kind: &str) {
+    let mut pod = Pod::start(kind, 2, "cuda", &[(29500, "usage")]);
     assert_eq!(
         pod.exit_code(),
         2,
@@ -203,7 +269,13 @@ fn a_usage_error_fails_at_once_with_exit_2() {
 
 #[test]
 fn the_pod_succeeds_when_every_worker_is_done() {
-    let mut pod = Pod::start(2, "cuda", &[(29500, "done"), (29501, "done")]);
+    for kind in KINDS {
+        the_pod_succeeds_when_every_worker_is_done_under(kind);
+    }
+}
+
+fn the_pod_succeeds_when_every_worker_is_done_under(kind: &str) {
+    let mut pod = Pod::start(kind, 2, "cuda", &[(29500, "done"), (29501, "done")]);
     assert_eq!(pod.exit_code(), 0);
     assert_eq!(pod.lines("calls").len(), 2);
 }

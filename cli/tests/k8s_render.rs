@@ -425,6 +425,9 @@ fn validate_k8s_script_passes_on_base_overlays_and_renders() {
         "ok   k8s/base (kustomize build)",
         "ok   k8s/overlays/cpu-smoke == ferroclip k8s render",
         "ok   k8s/overlays/gpu == ferroclip k8s render",
+        "ok   k8s/overlays/jobset == ferroclip k8s render --kind jobset",
+        "ok   ferroclip k8s render (jobset-gpu-16x8-queued)",
+        "k8s/tests/jobset-invalid-misspelled-field.yaml is rejected",
         "k8s/tests/invalid-misspelled-field.yaml is rejected",
         "k8s/tests/invalid-wrong-type.yaml is rejected",
     ] {

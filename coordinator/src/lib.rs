@@ -76,6 +76,10 @@ impl Handle {
         }
     }
 
+    pub async fn is_finished(&self) -> bool {
+        self.shared.run.lock().await.finished()
+    }
+
     /// Resolves when this coordinator has lost its journal (another coordinator took it, or
     /// its store stayed down beyond `store.retry_budget_s`): it no longer acknowledges
     /// anything and should exit.

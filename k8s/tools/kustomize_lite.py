@@ -2,7 +2,8 @@
 """Builds a kustomization directory without kubectl: the subset of kustomize that k8s/ uses.
 
 Supported (anything else in a kustomization.yaml is an error, so nothing is silently ignored):
-  resources (files and directories), namespace, patches with `path` (strategic-merge patch files),
+  resources (files and directories), namespace, patches with `path` (strategic-merge patch files;
+  a patch whose top level says `$patch: delete` removes its target object),
   configMapGenerator (files, literals, behavior create/merge/replace, options.labels) with
   generatorOptions.disableNameSuffixHash: true.
 
@@ -160,7 +161,10 @@ def build(root):
             at = [n for n, o in enumerate(objects) if ident(o) == ident(doc)]
             if not at:
                 raise KustomizeError(f"{path}: patch {patch['path']} targets {ident(doc)}, which no resource is")
-            objects[at[0]] = merge(objects[at[0]], doc, f"{patch['path']}")
+            if doc.get("$patch") == "delete":
+                del objects[at[0]]
+            else:
+                objects[at[0]] = merge(objects[at[0]], doc, f"{patch['path']}")
 
     if "namespace" in kust:
         for obj in objects:

@@ -91,6 +91,10 @@ pub struct Location {
     display_prefix: String,
 }
 
+/// The schemes of stores that every machine of a cluster reaches (not `file://` or `memory://`):
+/// what `k8s render` accepts for data and run directories.
+pub const SHARED_SCHEMES: &[&str] = &["s3", "s3a", "gs", "az", "azure", "abfs"];
+
 impl Location {
     pub fn open(url: &str, opts: &StoreOptions) -> Result<Location, ShardsError> {
         let bad = |reason: &str| ShardsError::BadUrl {
@@ -346,6 +350,22 @@ mod tests {
         assert!(err.contains("unsupported scheme"), "{err}");
         let err = Location::open("s3:///y", &opts).unwrap_err().to_string();
         assert!(err.contains("no bucket"), "{err}");
+    }
+
+    /// `k8s render` trusts this list: every scheme in it is one `open` knows.
+    #[test]
+    fn every_shared_scheme_is_one_open_knows() {
+        for scheme in SHARED_SCHEMES {
+            match Location::open(&format!("{scheme}://bucket/x"), &StoreOptions::default()) {
+                Ok(_) => {}
+                Err(e) => assert!(
+                    !e.to_string().contains("unsupported scheme"),
+                    "{scheme}: {e}"
+                ),
+            }
+        }
+        let e = Location::open("http://host/x", &StoreOptions::default()).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("unsupported scheme")));
     }
 
     #[test]

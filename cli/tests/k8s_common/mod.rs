@@ -38,6 +38,23 @@ pub fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name} in {docs:#?}"))
 }
 
+/// A JobSet's replicated job `name`: its Job spec.
+pub fn replicated_job<'a>(jobset: &'a Value, name: &str) -> &'a Value {
+    jobset["spec"]["replicatedJobs"]
+        .as_array()
+        .and_then(|r| r.iter().find(|j| j["name"] == name))
+        .map(|j| &j["template"]["spec"])
+        .unwrap_or_else(|| panic!("no replicated job {name} in {jobset:#}"))
+}
+
+/// The workers' Job spec under either kind: the Job `<run>-workers`, or the JobSet's `workers`.
+pub fn workers_job<'a>(docs: &'a [Value], run: &str) -> &'a Value {
+    match docs.iter().find(|d| d["kind"] == "JobSet") {
+        Some(jobset) => replicated_job(jobset, "workers"),
+        None => &find(docs, "Job", &format!("{run}-workers"))["spec"],
+    }
+}
+
 /// The value of env var `name` of the first container of a pod template.
 pub fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
     container["env"]
@@ -71,6 +88,42 @@ pub fn validator() -> Option<Vec<String>> {
     );
     eprintln!("NOTICE: kubernetes-validate not found; skipping schema validation (pip install kubernetes-validate==1.37.0)");
     None
+}
+
+/// The python that runs `k8s/tools/validate_crd.py` (PyYAML and jsonschema, both installed with
+/// kubernetes-validate), if there is one; under CI a missing one fails the test.
+pub fn crd_python() -> Option<String> {
+    let ok = Command::new("python3")
+        .args(["-c", "import jsonschema, yaml"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Some("python3".into());
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "python3 with jsonschema and PyYAML not found and CI is set: pip install kubernetes-validate==1.37.0"
+    );
+    eprintln!("NOTICE: python3 lacks jsonschema/PyYAML; skipping JobSet schema validation");
+    None
+}
+
+/// Validates the JobSets in `file` against k8s/crds' JobSet CRD, strictly: (passed, output).
+pub fn validate_jobset(python: &str, file: &std::path::Path) -> (bool, String) {
+    let root = repo_root();
+    let out = Command::new(python)
+        .arg(root.join("k8s/tools/validate_crd.py"))
+        .arg(root.join("k8s/crds/jobset.x-k8s.io_jobsets.yaml"))
+        .arg(file)
+        .output()
+        .expect("run validate_crd.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// Runs the validator (--strict, Kubernetes 1.32.0) on a file: (passed, output).
