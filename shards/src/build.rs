@@ -27,7 +27,7 @@ use crate::reader::get_all;
 use crate::resume::{scan, SplitResume};
 use crate::source::{InputPlan, RawBatch, RawRow};
 use crate::store::{Location, StoreOptions};
-use crate::validate::{content_hash, validate, Accepted, Rejection, ValidateOptions};
+use crate::validate::{check_caption, pair_hash, validate, Accepted, Rejection, ValidateOptions};
 use crate::writer::{output_schema, OutRow, Sizing, SplitWriter};
 
 pub const SPLITS: [&str; 2] = ["train", "val"];
@@ -94,7 +94,7 @@ pub fn is_val(key: &str, val_fraction: f64) -> bool {
 
 enum Verdict {
     New(Accepted),
-    /// Held by a kept shard (resume): only its content hash is needed.
+    /// Held by a kept shard (resume): only its (image, caption) hash is needed.
     Known(u128),
     Rejected(Rejection),
 }
@@ -134,7 +134,10 @@ impl CheckCtx {
         let r = &self.resume[split];
         let verdict = match &row.image {
             Some(img) if r.is_done(row.index) && r.rows.contains(&row.index) => {
-                Verdict::Known(content_hash(img))
+                match check_caption(&row.caption, &self.validate) {
+                    Ok(caption) => Verdict::Known(pair_hash(img, &caption)),
+                    Err(rej) => Verdict::Rejected(rej),
+                }
             }
             _ => match validate(row.image.as_ref(), &row.caption, &self.validate) {
                 Ok(a) => Verdict::New(a),
@@ -394,6 +397,10 @@ async fn accept(
         )
     };
     match c.verdict {
+        // A row a kept shard holds cannot be rejected now unless the input changed.
+        Verdict::Rejected(_) if resume[c.split].rows.contains(&c.row.index) => {
+            return Err(inconsistent(&c.row))
+        }
         Verdict::Rejected(r) => tally.reject(&c.row, r.reason, r.detail),
         Verdict::Known(hash) => {
             if !tally.seen.insert(hash) {
@@ -405,7 +412,7 @@ async fn accept(
                 tally.reject(
                     &c.row,
                     "duplicate",
-                    "same image bytes as an earlier row".into(),
+                    "same image bytes and caption as an earlier row".into(),
                 );
             } else if resume[c.split].is_done(c.row.index) {
                 return Err(inconsistent(&c.row));

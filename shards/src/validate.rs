@@ -69,9 +69,16 @@ fn reject(reason: &'static str, detail: impl Into<String>) -> Rejection {
     }
 }
 
-/// Content hash for exact-duplicate detection (128 bits of SHA-256 of the source bytes).
-pub fn content_hash(bytes: &[u8]) -> u128 {
-    let d = Sha256::digest(bytes);
+/// The identity of a pair for exact-duplicate detection: 128 bits of SHA-256 over the source
+/// image bytes and the caption. An image with several captions (COCO, Flickr30K) keeps them all;
+/// only a repeated (image, caption) pair is a duplicate.
+pub fn pair_hash(image: &[u8], caption: &str) -> u128 {
+    let mut hasher = Sha256::new();
+    // Length-prefixed, so no (image, caption) split of the same bytes collides with another.
+    hasher.update((image.len() as u64).to_le_bytes());
+    hasher.update(image);
+    hasher.update(caption.as_bytes());
+    let d = hasher.finalize();
     let mut h = [0u8; 16];
     h.copy_from_slice(&d[..16]);
     u128::from_le_bytes(h)
@@ -134,7 +141,7 @@ pub fn validate(
             ),
         ));
     }
-    let hash = content_hash(bytes);
+    let hash = pair_hash(bytes, &caption);
     match (rgb, opts.resize) {
         (Some(rgb), Some(short)) => {
             let (nw, nh) = scaled(w, h, short);

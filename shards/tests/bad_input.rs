@@ -91,21 +91,34 @@ async fn non_utf8_caption_is_rejected_and_counted() {
 }
 
 #[tokio::test]
-async fn exact_duplicates_are_dropped_and_counted() {
+async fn exact_duplicate_pairs_are_dropped_and_counted_but_an_images_other_captions_stay() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rows = good_rows("d", 8, 16);
+    // Row 2 again under another key: the same image and caption, a duplicate.
     let mut dup = rows[2].clone();
     dup.key = "copy-of-2".into();
     rows.push(dup);
+    // Row 3's image with four more captions (as COCO and Flickr30K have): five pairs, all kept.
+    for n in 0..4 {
+        let mut other = rows[3].clone();
+        other.key = format!("d00003-caption-{n}");
+        other.caption = format!("another caption {n} of the same image").into_bytes();
+        rows.push(other);
+    }
     write_parquet(&tmp.path().join("in.parquet"), &rows, "caption", false, 100);
-    let m = build_from(
-        &[&tmp.path().join("in.parquet")],
-        &opts(&tmp.path().join("out")),
-    )
-    .await
-    .unwrap();
+    let out = tmp.path().join("out");
+    let m = build_from(&[&tmp.path().join("in.parquet")], &opts(&out))
+        .await
+        .unwrap();
     assert_eq!(m.rejected.get("duplicate"), Some(&1));
-    assert_eq!(m.total_rows(), 8);
+    assert_eq!(m.total_rows(), 12);
+    let kept = all_samples(&out.to_string_lossy(), "train").await;
+    assert_eq!(kept.len(), 12, "no validation split here");
+    let image_3 = kept
+        .iter()
+        .filter(|s| s.image.as_ref() == rows[3].image.as_slice())
+        .count();
+    assert_eq!(image_3, 5, "every caption of image 3 is a sample");
 }
 
 #[tokio::test]
