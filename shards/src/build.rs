@@ -92,6 +92,10 @@ pub fn is_val(key: &str, val_fraction: f64) -> bool {
     (u64::from_le_bytes(b) as f64) / (u64::MAX as f64 + 1.0) < val_fraction
 }
 
+fn to_strings(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
 enum Verdict {
     New(Accepted),
     /// Held by a kept shard (resume): only its (image, caption) hash is needed.
@@ -130,7 +134,10 @@ impl CheckCtx {
     }
 
     fn check(&self, row: RawRow) -> Checked {
-        let split = usize::from(is_val(&row.key, self.val_fraction));
+        let split = match row.split {
+            Some(s) => usize::from(s),
+            None => usize::from(is_val(&row.key, self.val_fraction)),
+        };
         let r = &self.resume[split];
         let verdict = match &row.image {
             Some(img) if r.is_done(row.index) && r.rows.contains(&row.index) => {
@@ -233,14 +240,22 @@ pub async fn build(
         Err(e) => return Err(e),
     }
 
-    let splits: Vec<&str> = if opts.val_fraction > 0.0 {
-        SPLITS.to_vec()
-    } else {
-        vec!["train"]
+    // A writer per possible split (index = the row's split); `used` are the ones the build fills.
+    let (names, used): (Vec<String>, Vec<String>) = match &plan.splits {
+        Some(own) => {
+            if opts.val_fraction > 0.0 {
+                return Err(ShardsError::Config(
+                    "--val-fraction with an annotation file: its splits are the splits".into(),
+                ));
+            }
+            (own.clone(), own.clone())
+        }
+        None if opts.val_fraction > 0.0 => (to_strings(&SPLITS), to_strings(&SPLITS)),
+        None => (to_strings(&SPLITS), to_strings(&SPLITS[..1])),
     };
     let mut resume = Vec::new();
-    for split in SPLITS {
-        resume.push(if splits.contains(&split) {
+    for split in &names {
+        resume.push(if used.contains(split) {
             scan(&root, split, &id).await?
         } else {
             SplitResume::default()
@@ -248,7 +263,7 @@ pub async fn build(
     }
     let kept_shards = resume.iter().map(|r| r.kept.len()).sum();
     let schema = output_schema(&plan.passthrough);
-    let mut writers: Vec<SplitWriter> = SPLITS
+    let mut writers: Vec<SplitWriter> = names
         .iter()
         .zip(resume.iter_mut())
         .map(|(split, r)| {
@@ -322,7 +337,7 @@ pub async fn build(
     }
     bar.finish_and_clear();
 
-    for (w, split) in writers.iter().zip(SPLITS) {
+    for (w, split) in writers.iter().zip(&names) {
         remove_stale_shards(&root, split, w.finished.len()).await?;
     }
     if let Some(url) = &opts.rejects {
@@ -355,8 +370,8 @@ pub async fn build(
         build_id: id,
         input_rows: tally.input_rows,
     };
-    for (w, split) in writers.iter().zip(SPLITS) {
-        if !splits.contains(&split) {
+    for (w, split) in writers.iter().zip(&names) {
+        if !used.contains(split) {
             continue;
         }
         let mut s = Split::default();

@@ -83,8 +83,19 @@ pub struct SizingArgs {
 #[derive(Args, Debug)]
 pub struct BuildArgs {
     /// Parquet files or prefixes, or one folder of images with a captions file.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "format")]
     pub srcs: Vec<String>,
+    /// Read a captioning dataset's annotation file instead: `coco` (captions_*.json) or
+    /// `karpathy` (dataset_coco.json / dataset_flickr30k.json). One row per (image, caption), an
+    /// `image_id` column, the file's splits as the shards' splits.
+    #[arg(long, value_enum, requires_all = ["annotations", "images"], conflicts_with = "srcs")]
+    pub format: Option<crate::source::annotations::Format>,
+    /// The annotation file (any store) for --format.
+    #[arg(long, requires = "format")]
+    pub annotations: Option<String>,
+    /// The folder or prefix (any store) holding the images the annotations name.
+    #[arg(long, requires = "format")]
+    pub images: Option<String>,
     #[arg(long)]
     pub out: String,
     #[arg(long, default_value = "jpg")]
@@ -249,30 +260,33 @@ async fn run_build(b: BuildArgs, store: StoreOptions) -> anyhow::Result<()> {
         max_caption_chars: b.max_caption_chars,
     };
     opts.rejects = b.rejects.clone();
-    let plan = if let Some(c) = &b.captions {
-        if b.srcs.len() != 1 {
-            bail!("--captions takes exactly one image folder");
-        }
-        InputPlan::folder(&b.srcs[0], Some(c), &store).await?
-    } else {
-        let cols = ColumnNames {
-            image: b.image_col.clone(),
-            text: b.text_col.clone(),
-            key: b.key_col.clone(),
-        };
-        match InputPlan::parquet(&b.srcs, cols, &store).await {
-            // One folder with no Parquet in it: a folder of images with a captions file.
-            Err(ShardsError::EmptySource(msg)) if b.srcs.len() == 1 => {
-                InputPlan::folder(&b.srcs[0], None, &store)
-                    .await
-                    .map_err(|e| match e {
-                        ShardsError::BadInput { .. } => ShardsError::EmptySource(msg),
-                        e => e,
-                    })?
+    let plan =
+        if let (Some(format), Some(ann), Some(images)) = (b.format, &b.annotations, &b.images) {
+            InputPlan::annotated(format, ann, images, &store).await?
+        } else if let Some(c) = &b.captions {
+            if b.srcs.len() != 1 {
+                bail!("--captions takes exactly one image folder");
             }
-            other => other?,
-        }
-    };
+            InputPlan::folder(&b.srcs[0], Some(c), &store).await?
+        } else {
+            let cols = ColumnNames {
+                image: b.image_col.clone(),
+                text: b.text_col.clone(),
+                key: b.key_col.clone(),
+            };
+            match InputPlan::parquet(&b.srcs, cols, &store).await {
+                // One folder with no Parquet in it: a folder of images with a captions file.
+                Err(ShardsError::EmptySource(msg)) if b.srcs.len() == 1 => {
+                    InputPlan::folder(&b.srcs[0], None, &store)
+                        .await
+                        .map_err(|e| match e {
+                            ShardsError::BadInput { .. } => ShardsError::EmptySource(msg),
+                            e => e,
+                        })?
+                }
+                other => other?,
+            }
+        };
     let report = build(plan, &opts, vec![]).await?;
     print!("{}", render_report(&report));
     Ok(())

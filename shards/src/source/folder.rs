@@ -1,14 +1,18 @@
 //! A folder of images (any store) with a captions file: CSV or JSONL rows naming an image by its
 //! path relative to the folder (`path`/`file`/`image`/`filename`), its caption
 //! (`caption`/`text`/`txt`) and optionally a `key`. Without `--captions` the folder's own
-//! `captions.jsonl` or `captions.csv` is used.
+//! `captions.jsonl` or `captions.csv` is used. Or a captioning dataset's annotation file
+//! (`--format coco|karpathy`): its pairs carry an `image_id` column and their own splits.
 
 use std::sync::Arc;
 
+use arrow::array::{Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 
+use super::annotations::{Annotations, Format};
 use super::{Input, InputFile, InputPlan, RawBatch, RawRow, Sink, BATCH_ROWS};
 use crate::error::ShardsError;
 use crate::reader::get_all;
@@ -28,7 +32,13 @@ struct CaptionEntry {
     path: String,
     key: Option<String>,
     caption: RawCaption,
+    /// From an annotation file: the image's id (the `image_id` column) and split.
+    image_id: Option<i64>,
+    split: Option<u16>,
 }
+
+/// The column that groups an image's captions (annotation files only).
+pub const COL_IMAGE_ID: &str = "image_id";
 
 impl InputPlan {
     /// A folder of images plus a captions file (CSV or JSONL with `path`/`file`/`image` and
@@ -65,10 +75,63 @@ impl InputPlan {
                 captions,
                 entries,
             }),
-            passthrough: Arc::new(arrow::datatypes::Schema::empty()),
+            passthrough: Arc::new(Schema::empty()),
             total_rows,
+            splits: None,
         })
     }
+
+    /// The images under `images` named by an annotation file of a captioning dataset: one row
+    /// per (image, caption) pair, an `image_id` column, and the file's splits.
+    pub async fn annotated(
+        format: Format,
+        annotations: &str,
+        images: &str,
+        opts: &StoreOptions,
+    ) -> Result<InputPlan, ShardsError> {
+        let root = Location::open(images, opts)?;
+        let loc = Location::open(annotations, opts)?;
+        let url = loc.url();
+        let bytes = get_all(&loc).await?;
+        let parsed = Annotations::parse(format, &url, &bytes)?;
+        if parsed.pairs.is_empty() {
+            return Err(ShardsError::EmptySource(url));
+        }
+        let entries: Vec<CaptionEntry> = parsed
+            .pairs
+            .into_iter()
+            .map(|p| CaptionEntry {
+                path: p.path,
+                key: Some(p.key),
+                caption: p.caption,
+                image_id: Some(p.image_id),
+                split: Some(p.split),
+            })
+            .collect();
+        let total_rows = entries.len() as u64;
+        Ok(InputPlan {
+            input: Input::Folder(FolderInput {
+                root,
+                captions: InputFile {
+                    url,
+                    size: bytes.len() as u64,
+                    rows: total_rows,
+                },
+                entries,
+            }),
+            passthrough: image_id_schema(),
+            total_rows,
+            splits: Some(parsed.splits),
+        })
+    }
+}
+
+fn image_id_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![Field::new(
+        COL_IMAGE_ID,
+        DataType::Int64,
+        false,
+    )]))
 }
 
 /// The folder's `captions.jsonl`, else its `captions.csv`.
@@ -107,6 +170,7 @@ impl FolderInput {
                 .collect();
             let fetched: Vec<FetchedImage> =
                 futures::stream::iter(fetches).buffered(16).collect().await;
+            let ids = image_ids(chunk)?;
             let mut rows = Vec::with_capacity(chunk.len());
             let mut bytes = 0;
             for (e, f) in chunk.iter().zip(fetched) {
@@ -123,7 +187,8 @@ impl FolderInput {
                     key,
                     image,
                     caption: e.caption.clone(),
-                    passthrough: None,
+                    passthrough: ids.clone().map(|b| (b, rows.len())),
+                    split: e.split,
                 });
                 index += 1;
             }
@@ -133,6 +198,15 @@ impl FolderInput {
         }
         Ok(())
     }
+}
+
+/// The `image_id` column of a batch of annotated rows (None for a plain captions file).
+fn image_ids(chunk: &[CaptionEntry]) -> Result<Option<Arc<RecordBatch>>, ShardsError> {
+    let ids: Option<Vec<i64>> = chunk.iter().map(|e| e.image_id).collect();
+    let Some(ids) = ids else { return Ok(None) };
+    let batch = RecordBatch::try_new(image_id_schema(), vec![Arc::new(Int64Array::from(ids))])
+        .map_err(|e| ShardsError::Config(format!("image_id column: {e}")))?;
+    Ok(Some(Arc::new(batch)))
 }
 
 /// An image fetched for a row: its source name and bytes (None = missing).
@@ -202,7 +276,13 @@ fn parse_csv(url: &str, bytes: &[u8]) -> Result<Vec<CaptionEntry>, ShardsError> 
         let key = key_i
             .and_then(|k| rec.get(k))
             .map(|k| String::from_utf8_lossy(k).to_string());
-        out.push(CaptionEntry { path, key, caption });
+        out.push(CaptionEntry {
+            path,
+            key,
+            caption,
+            image_id: None,
+            split: None,
+        });
     }
     Ok(out)
 }
@@ -232,7 +312,13 @@ fn parse_jsonl(url: &str, bytes: &[u8]) -> Result<Vec<CaptionEntry>, ShardsError
             Some(s) => s.to_string(),
             None => k.to_string(),
         });
-        out.push(CaptionEntry { path, key, caption });
+        out.push(CaptionEntry {
+            path,
+            key,
+            caption,
+            image_id: None,
+            split: None,
+        });
     }
     Ok(out)
 }

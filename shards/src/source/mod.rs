@@ -3,9 +3,11 @@
 //! bad credentials stop the build before any work); producing streams rows in a fixed order.
 //!
 //! One file per input kind: [`parquet`] (img2dataset-style Parquet, passthrough columns),
-//! [`folder`] (images with captions from CSV or JSONL) and [`synth`] (the generator's rows). This
-//! file holds what they share: the rows they produce, the plan, and the dispatch over kinds.
+//! [`folder`] (images with captions from CSV or JSONL, or from a captioning dataset's annotation
+//! file read by [`annotations`]) and [`synth`] (the generator's rows). This file holds what they
+//! share: the rows they produce, the plan, and the dispatch over kinds.
 
+pub mod annotations;
 mod folder;
 mod parquet;
 mod synth;
@@ -38,6 +40,8 @@ pub struct RawRow {
     pub image: Option<Bytes>,
     pub caption: RawCaption,
     pub passthrough: Option<(Arc<RecordBatch>, usize)>,
+    /// The row's split, an index into [`InputPlan::splits`], when the source names splits.
+    pub split: Option<u16>,
 }
 
 pub struct RawBatch {
@@ -69,6 +73,8 @@ pub struct InputPlan {
     input: Input,
     pub passthrough: SchemaRef,
     pub total_rows: u64,
+    /// The splits the source assigns (annotation files); None: the build splits by key hash.
+    pub splits: Option<Vec<String>>,
 }
 
 impl InputPlan {

@@ -89,6 +89,7 @@ impl InputPlan {
             input: Input::Parquet(ParquetInput { cols, files }),
             passthrough: passthrough.unwrap_or_else(|| Arc::new(Schema::empty())),
             total_rows,
+            splits: None,
         })
     }
 }
@@ -276,6 +277,7 @@ impl ParquetInput {
                 image,
                 caption: captions[i].clone(),
                 passthrough: Some((passthrough.clone(), i)),
+                split: None,
             });
         }
         Ok(RawBatch { rows, bytes })

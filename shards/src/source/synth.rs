@@ -30,6 +30,7 @@ impl InputPlan {
             input: Input::Synth(opts),
             passthrough: label_schema(),
             total_rows,
+            splits: None,
         }
     }
 }
@@ -74,6 +75,7 @@ pub(super) async fn produce(opts: SynthOptions, tx: &Sink) -> Result<(), ShardsE
                     image: Some(Bytes::from(r.jpeg)),
                     caption: RawCaption::Text(r.caption),
                     passthrough: Some((pass.clone(), j)),
+                    split: None,
                 }
             })
             .collect();
