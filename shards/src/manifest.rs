@@ -17,6 +17,9 @@ pub const COL_WIDTH: &str = "width";
 pub const COL_HEIGHT: &str = "height";
 /// Optional passthrough column read into `Sample::label` (written by `shards synth`).
 pub const COL_LABEL: &str = "label";
+/// Optional passthrough column read into `Sample::image_id`: groups an image's captions
+/// (written by `shards build --format coco|karpathy`).
+pub const COL_IMAGE_ID: &str = "image_id";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Manifest {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::UInt32Type;
+use arrow::datatypes::{Int64Type, UInt32Type};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
@@ -38,6 +38,8 @@ pub struct Sample {
     pub width: u32,
     pub height: u32,
     pub label: Option<String>,
+    /// The image this caption belongs to, where the dataset groups several captions per image.
+    pub image_id: Option<i64>,
 }
 
 /// `classes.json`: class names and zero-shot prompt templates (`"a photo of a {}."`).
@@ -332,6 +334,9 @@ pub(crate) fn samples_from_batch(
     let label = batch
         .column_by_name(COL_LABEL)
         .and_then(|c| c.as_string_opt::<i32>());
+    let image_id = batch
+        .column_by_name(COL_IMAGE_ID)
+        .and_then(|c| c.as_primitive_opt::<Int64Type>());
     for i in 0..batch.num_rows() {
         out.push(Sample {
             key: key.value(i).to_string(),
@@ -342,6 +347,7 @@ pub(crate) fn samples_from_batch(
             label: label
                 .filter(|l| l.is_valid(i))
                 .map(|l| l.value(i).to_string()),
+            image_id: image_id.filter(|c| c.is_valid(i)).map(|c| c.value(i)),
         });
     }
     Ok(())

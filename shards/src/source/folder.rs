@@ -15,6 +15,7 @@ use object_store::ObjectStoreExt;
 use super::annotations::{Annotations, Format};
 use super::{Input, InputFile, InputPlan, RawBatch, RawRow, Sink, BATCH_ROWS};
 use crate::error::ShardsError;
+use crate::manifest::COL_IMAGE_ID;
 use crate::reader::get_all;
 use crate::store::{Location, StoreOptions};
 use crate::validate::RawCaption;
@@ -36,9 +37,6 @@ struct CaptionEntry {
     image_id: Option<i64>,
     split: Option<u16>,
 }
-
-/// The column that groups an image's captions (annotation files only).
-pub const COL_IMAGE_ID: &str = "image_id";
 
 impl InputPlan {
     /// A folder of images plus a captions file (CSV or JSONL with `path`/`file`/`image` and

@@ -1,5 +1,7 @@
 //! Evaluation on a dataset split: zero-shot classification (class names × prompt templates, as
-//! OpenCLIP's zero-shot eval) and image↔text retrieval recall@1/5/10 over the split's captions.
+//! OpenCLIP's zero-shot eval) and image↔text retrieval recall@1/5/10 over the split's captions,
+//! grouped by image where the dataset has several captions per image (`image_id`), as
+//! CLIP_benchmark computes it.
 
 use std::sync::Arc;
 
@@ -13,7 +15,10 @@ use crate::model::{normalize, Clip};
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EvalReport {
+    /// Rows (captions) evaluated.
     pub samples: usize,
+    /// Distinct images among them (each encoded once).
+    pub images: usize,
     pub classes: usize,
     /// Zero-shot top-1 / top-5 accuracy (samples with a label only).
     pub zeroshot_top1: f64,
@@ -72,22 +77,33 @@ pub fn evaluate(
         bail!("{url}: split {split:?} has no samples to evaluate");
     }
     let _guard = tch::no_grad_guard();
-    let (mut img, mut txt, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut img, mut txt, mut labels, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut firsts = std::collections::HashSet::new();
     for chunk in refs.chunks(256) {
         let batch = loader.load(chunk)?;
-        img.push(model.image_features(&batch.images, None));
+        // Each image once: the rows that repeat an earlier row's image id encode only text.
+        let new: Vec<i64> = (0..batch.image_ids.len())
+            .filter(|&r| batch.image_ids[r].is_none_or(|id| firsts.insert(id)))
+            .map(|r| r as i64)
+            .collect();
+        if !new.is_empty() {
+            let rows = Tensor::from_slice(&new);
+            img.push(model.image_features(&batch.images.index_select(0, &rows), None));
+            labels.extend(new.iter().map(|&r| batch.labels[r as usize].clone()));
+        }
         txt.push(model.text_features(&batch.tokens));
-        labels.extend(batch.labels);
+        ids.extend(batch.image_ids);
     }
     let img = Tensor::cat(&img, 0);
     let txt = Tensor::cat(&txt, 0);
+    let text_image = image_of_each_text(&ids);
     let mut report = EvalReport {
         samples: refs.len(),
+        images: img.size()[0] as usize,
         ..Default::default()
     };
     let sims = img.matmul(&txt.tr());
-    report.image_to_text = recall(&sims);
-    report.text_to_image = recall(&sims.tr());
+    (report.image_to_text, report.text_to_image) = recall(&sims, &text_image);
     if let Some(classes) = classes {
         let (top1, top5) = zero_shot(model, &tokenizer, &classes, &img, &labels)?;
         report.classes = classes.classes.len();
@@ -97,13 +113,47 @@ pub fn evaluate(
     Ok(report)
 }
 
-/// Fraction of rows whose matching column (the diagonal) ranks within the top 1, 5, 10.
-fn recall(sims: &Tensor) -> [f64; 3] {
-    let n = sims.size()[0];
-    let diag = sims.diagonal(0, 0, 1).unsqueeze(1);
-    // Rank = how many columns score strictly higher than the true one.
-    let rank = sims.gt_tensor(&diag).sum_dim_intlist(1, false, Kind::Int64);
-    [1, 5, 10].map(|k| rank.lt(k).sum(Kind::Int64).double_value(&[]) / n as f64)
+/// Each text's image: an index into the distinct images in order of first appearance (a row
+/// without an image id is an image of its own).
+fn image_of_each_text(ids: &[Option<i64>]) -> Vec<i64> {
+    let mut index = std::collections::HashMap::new();
+    let mut next = 0i64;
+    ids.iter()
+        .map(|id| {
+            let mut new = || {
+                next += 1;
+                next - 1
+            };
+            match id {
+                Some(id) => *index.entry(*id).or_insert_with(new),
+                None => new(),
+            }
+        })
+        .collect()
+}
+
+/// Recall@{1,5,10} both ways over `sims` = [images, texts], text t being a caption of image
+/// `text_image[t]` (CLIP_benchmark's definition). Image→text: an image is a hit at k when any of
+/// its captions ranks within k. Text→image: each caption's own image within k. A rank is the
+/// number of candidates scoring strictly higher than the true one.
+fn recall(sims: &Tensor, text_image: &[i64]) -> ([f64; 3], [f64; 3]) {
+    let (n_img, n_txt) = (sims.size()[0], sims.size()[1]);
+    let owner = Tensor::from_slice(text_image).to_device(sims.device());
+    let positive = Tensor::arange(n_img, (Kind::Int64, sims.device()))
+        .unsqueeze(1)
+        .eq_tensor(&owner.unsqueeze(0));
+    // An image's best-scoring caption against every other caption.
+    let best = sims
+        .masked_fill(&positive.logical_not(), f64::NEG_INFINITY)
+        .amax([1i64].as_slice(), true);
+    let i2t_rank = sims.gt_tensor(&best).sum_dim_intlist(1, false, Kind::Int64);
+    // A caption's own image against every image.
+    let own = sims.gather(0, &owner.unsqueeze(0), false);
+    let t2i_rank = sims.gt_tensor(&own).sum_dim_intlist(0, false, Kind::Int64);
+    let at = |rank: &Tensor, n: i64| {
+        [1, 5, 10].map(|k| rank.lt(k).sum(Kind::Int64).double_value(&[]) / n as f64)
+    };
+    (at(&i2t_rank, n_img), at(&t2i_rank, n_txt))
 }
 
 fn zero_shot(
@@ -169,6 +219,9 @@ pub struct EvalArgs {
     /// Evaluate at most this many samples (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_samples: usize,
+    /// Print the report as one JSON object instead of lines.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -180,6 +233,7 @@ pub fn run(args: EvalArgs) -> Result<EvalReport> {
         &args.data,
         &args.split,
         args.max_samples,
+        args.json,
         &args.store.options(),
     )
 }
@@ -191,6 +245,7 @@ pub fn run_cli(
     data: &str,
     split: &str,
     max_samples: usize,
+    json: bool,
     store: &StoreOptions,
 ) -> Result<EvalReport> {
     // A checkpoint, or the newest under a directory, on any store.
@@ -204,9 +259,16 @@ pub fn run_cli(
     let ctx = trainer.model.config.context_length as usize;
     let tokenizer = Arc::new(Tokenizer::from_config(&cfg.data.tokenizer, ctx)?);
     let r = evaluate(&trainer.model, tokenizer, data, store, split, max_samples)?;
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["split"] = split.into();
+        v["step"] = state.step.into();
+        println!("{v}");
+        return Ok(r);
+    }
     println!(
-        "evaluated {} samples of split {split:?} at step {}",
-        r.samples, state.step
+        "evaluated {} samples ({} images) of split {split:?} at step {}",
+        r.samples, r.images, state.step
     );
     if r.classes > 0 {
         println!(
@@ -228,4 +290,55 @@ pub fn run_cli(
     println!("image→text retrieval: {}", pct(r.image_to_text));
     println!("text→image retrieval: {}", pct(r.text_to_image));
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recall_counts_an_image_hit_when_any_of_its_captions_ranks_within_k() {
+        // 3 images; texts 0,1 are captions of image 0, text 2 of image 1, texts 3..=11 of image 2.
+        let owner = image_of_each_text(&[
+            Some(70),
+            Some(70),
+            Some(5),
+            Some(9),
+            Some(9),
+            Some(9),
+            Some(9),
+            Some(9),
+            Some(9),
+            Some(9),
+            Some(9),
+            Some(9),
+        ]);
+        assert_eq!(owner, [0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
+        #[rustfmt::skip]
+        let sims = Tensor::from_slice(&[
+            // image 0: its second caption (0.9) is beaten only by text 2 (0.95): rank 1.
+            0.1f32, 0.9, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+            // image 1: its caption (0.5) is beaten by 6 texts: rank 6.
+            0.6, 0.6, 0.5, 0.6, 0.6, 0.6, 0.6, 0.0, 0.0, 0.0, 0.0, 0.0,
+            // image 2: its best caption (text 3, 0.8) is the top score: rank 0.
+            0.0, 0.0, 0.0, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
+        ])
+        .view([3, 12]);
+        let (i2t, t2i) = recall(&sims, &owner);
+        // Image ranks 1, 6, 0: R@1 1/3, R@5 2/3, R@10 3/3.
+        assert_eq!(i2t, [1.0 / 3.0, 2.0 / 3.0, 1.0]);
+        // Text ranks (own image's score vs the others in the column):
+        // t0: 0.1 vs 0.6 → 1; t1: 0.9 → 0; t2: 0.5 vs 0.95 → 1; t3: 0.8 vs 0.6 → 0;
+        // t4..=6: 0.1 vs 0.6 → 1 each; t7..=11: 0.1 vs 0.0, 0.0 → 0 each.
+        let r1 = 7.0 / 12.0;
+        assert_eq!(t2i, [r1, 1.0, 1.0]);
+        // One caption per image (no ids): the diagonal, as before.
+        let single = image_of_each_text(&[None, None, None]);
+        let sims =
+            Tensor::from_slice(&[0.9f32, 0.1, 0.95, 0.2, 0.8, 0.1, 0.3, 0.2, 0.1]).view([3, 3]);
+        let (i2t, t2i) = recall(&sims, &single);
+        // Image ranks 1, 0, 2; text ranks 0, 0, 1.
+        assert_eq!(i2t, [1.0 / 3.0, 1.0, 1.0]);
+        assert_eq!(t2i, [2.0 / 3.0, 1.0, 1.0]);
+    }
 }

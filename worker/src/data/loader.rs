@@ -304,6 +304,7 @@ impl Loader {
             keys: samples.iter().map(|(_, s)| s.key.clone()).collect(),
             captions: samples.iter().map(|(_, s)| s.caption.clone()).collect(),
             labels: samples.iter().map(|(_, s)| s.label.clone()).collect(),
+            image_ids: samples.iter().map(|(_, s)| s.image_id).collect(),
         })
     }
 

@@ -25,6 +25,8 @@ pub struct Batch {
     pub keys: Vec<String>,
     pub captions: Vec<String>,
     pub labels: Vec<Option<String>>,
+    /// Each row's image id, where the dataset groups several captions per image.
+    pub image_ids: Vec<Option<i64>>,
 }
 
 /// One use of a sample: (epoch, block, row), the plan's own type.
