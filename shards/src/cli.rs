@@ -9,6 +9,7 @@ use crate::build::{build, BuildOptions, BuildReport};
 use crate::error::ShardsError;
 use crate::manifest::{Manifest, CLASSES_FILE, MANIFEST_FILE};
 use crate::reader::get_all;
+use crate::source::webdataset::WdsFields;
 use crate::source::{ColumnNames, InputPlan};
 use crate::store::{Location, StoreArgs, StoreOptions};
 use crate::synth::SynthOptions;
@@ -26,7 +27,7 @@ pub struct ShardsArgs {
 #[derive(Subcommand, Debug)]
 pub enum ShardsCommand {
     /// Build verified Parquet shards and manifest.json from Parquet files or a folder of images.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Generate a procedural captioned dataset (coloured shapes) through the same writer.
     Synth(SynthArgs),
     /// Show splits, shards, rows, bytes and statistics.
@@ -110,6 +111,13 @@ pub struct BuildArgs {
     /// captions.jsonl or captions.csv inside the folder.
     #[arg(long)]
     pub captions: Option<String>,
+    /// Webdataset tars / img2dataset `files` layout: the image member's extension(s), first
+    /// match wins (e.g. `jpg,png,webp`).
+    #[arg(long, default_value = "jpg", value_delimiter = ',')]
+    pub image_ext: Vec<String>,
+    /// Webdataset tars / img2dataset `files` layout: the caption member's extension.
+    #[arg(long, default_value = "txt")]
+    pub caption_ext: String,
     /// Downscale images so the short side is this many pixels, re-encoding as JPEG.
     #[arg(long)]
     pub resize: Option<u32>,
@@ -177,7 +185,7 @@ pub async fn run(args: ShardsArgs) -> anyhow::Result<()> {
         ..args.store.options()
     };
     match args.command {
-        ShardsCommand::Build(b) => run_build(b, store).await,
+        ShardsCommand::Build(b) => run_build(*b, store).await,
         ShardsCommand::Synth(s) => run_synth(s, store).await,
         ShardsCommand::Inspect { url, json, shards } => {
             let loc = Location::open(&url, &store)?;
@@ -274,22 +282,55 @@ async fn run_build(b: BuildArgs, store: StoreOptions) -> anyhow::Result<()> {
                 text: b.text_col.clone(),
                 key: b.key_col.clone(),
             };
-            match InputPlan::parquet(&b.srcs, cols, &store).await {
-                // One folder with no Parquet in it: a folder of images with a captions file.
-                Err(ShardsError::EmptySource(msg)) if b.srcs.len() == 1 => {
-                    InputPlan::folder(&b.srcs[0], None, &store)
-                        .await
-                        .map_err(|e| match e {
-                            ShardsError::BadInput { .. } => ShardsError::EmptySource(msg),
-                            e => e,
-                        })?
+            let fields = WdsFields {
+                image_exts: b.image_ext.iter().map(|e| e.to_ascii_lowercase()).collect(),
+                caption_ext: b.caption_ext.to_ascii_lowercase(),
+            };
+            if b.srcs
+                .iter()
+                .any(|s| s.ends_with(".tar") || s.contains('{'))
+            {
+                InputPlan::webdataset(&b.srcs, fields, &store).await?
+            } else {
+                match InputPlan::parquet(&b.srcs, cols, &store).await {
+                    // One prefix with no Parquet in it: tars, a folder with a captions file, or
+                    // img2dataset's files layout, in that order.
+                    Err(ShardsError::EmptySource(msg)) if b.srcs.len() == 1 => {
+                        other_layouts(&b.srcs[0], &msg, fields, &store).await?
+                    }
+                    other => other?,
                 }
-                other => other?,
             }
         };
     let report = build(plan, &opts, vec![]).await?;
     print!("{}", render_report(&report));
     Ok(())
+}
+
+/// The input at `src` when it holds no Parquet: webdataset tars, a folder of images with a
+/// captions file, or img2dataset's `files` layout.
+async fn other_layouts(
+    src: &str,
+    parquet: &str,
+    fields: WdsFields,
+    store: &StoreOptions,
+) -> Result<InputPlan, ShardsError> {
+    match InputPlan::webdataset(&[src.to_string()], fields.clone(), store).await {
+        Err(ShardsError::EmptySource(_)) => {}
+        other => return other,
+    }
+    match InputPlan::folder(src, None, store).await {
+        Err(ShardsError::BadInput { message, .. }) if message.starts_with("no captions file") => {}
+        other => return other,
+    }
+    InputPlan::files_layout(src, fields, store)
+        .await
+        .map_err(|e| match e {
+            ShardsError::EmptySource(_) => ShardsError::EmptySource(format!(
+                "{parquet}; no .tar files, captions file or KEY.jpg + KEY.txt files either"
+            )),
+            e => e,
+        })
 }
 
 async fn run_synth(s: SynthArgs, store: StoreOptions) -> anyhow::Result<()> {

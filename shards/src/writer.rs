@@ -50,6 +50,11 @@ pub fn shard_path(split: &str, n: usize) -> String {
     format!("{split}/shard-{n:05}.parquet")
 }
 
+/// Whether `name` is one of the fixed columns (a source column of that name cannot pass through).
+pub fn is_fixed_column(name: &str) -> bool {
+    [COL_KEY, COL_IMAGE, COL_CAPTION, COL_WIDTH, COL_HEIGHT].contains(&name)
+}
+
 /// The output schema: fixed columns, then the sources' passthrough columns.
 pub fn output_schema(passthrough: &Schema) -> SchemaRef {
     let mut fields = vec![

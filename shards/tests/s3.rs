@@ -181,3 +181,41 @@ async fn unreachable_endpoint_is_a_clear_error() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn webdataset_tars_stream_from_s3() {
+    credentials();
+    let server = S3Server::start();
+    let so = store_opts(&server);
+    let rows = good_rows("wds", 12, 16);
+    for (n, chunk) in rows.chunks(6).enumerate() {
+        let mut tar = Vec::new();
+        for r in chunk {
+            tar.extend(tar_entry(&format!("{}.jpg", r.key), &r.image));
+            tar.extend(tar_entry(&format!("{}.txt", r.key), &r.caption));
+        }
+        let (store, path) = open_url(&format!("s3://{BUCKET}/wds/{n:05}.tar"), &so).unwrap();
+        store.put(&path, PutPayload::from(tar)).await.unwrap();
+    }
+    let out = format!("s3://{BUCKET}/datasets/wds");
+    let plan = InputPlan::webdataset(
+        &[format!("s3://{BUCKET}/wds/{{00000..00001}}.tar")],
+        Default::default(),
+        &so,
+    )
+    .await
+    .unwrap();
+    let mut opts = BuildOptions::new(&out);
+    opts.store = so.clone();
+    let report = build(plan, &opts, vec![]).await.unwrap();
+    assert_eq!(report.manifest.total_rows(), 12);
+    let ds = Dataset::open(&out, &so).await.unwrap();
+    let mut keys = HashSet::new();
+    for b in ds.blocks("train").unwrap() {
+        for s in ds.read_block("train", b.index).await.unwrap() {
+            keys.insert(s.key);
+        }
+    }
+    let want: HashSet<String> = rows.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys, want);
+}

@@ -11,6 +11,7 @@ pub mod annotations;
 mod folder;
 mod parquet;
 mod synth;
+pub mod webdataset;
 
 use std::sync::Arc;
 
@@ -65,6 +66,8 @@ pub struct InputFile {
 enum Input {
     Parquet(parquet::ParquetInput),
     Folder(folder::FolderInput),
+    Tar(webdataset::TarInput),
+    Files(webdataset::FilesInput),
     Synth(SynthOptions),
 }
 
@@ -83,6 +86,8 @@ impl InputPlan {
         let result = match &self.input {
             Input::Parquet(p) => p.produce(&self.passthrough, &tx).await,
             Input::Folder(f) => f.produce(&tx).await,
+            Input::Tar(t) => t.produce(&self.passthrough, &tx).await,
+            Input::Files(f) => f.produce(&self.passthrough, &tx).await,
             Input::Synth(o) => synth::produce(o.clone(), &tx).await,
         };
         if let Err(e) = result {
@@ -95,7 +100,8 @@ impl InputPlan {
         match &self.input {
             Input::Parquet(p) => p.files(),
             Input::Folder(f) => vec![f.captions_file()],
-            Input::Synth(_) => vec![],
+            Input::Tar(t) => t.files(),
+            Input::Files(_) | Input::Synth(_) => vec![],
         }
     }
 
@@ -105,6 +111,8 @@ impl InputPlan {
         let kind = match &self.input {
             Input::Parquet(p) => serde_json::json!({ "parquet": p.columns() }),
             Input::Folder(f) => f.describe(),
+            Input::Tar(t) => t.describe(),
+            Input::Files(f) => f.describe(),
             Input::Synth(o) => serde_json::json!({ "synth": o }),
         };
         serde_json::json!({
