@@ -220,7 +220,7 @@ pub async fn run(args: ShardsArgs) -> anyhow::Result<()> {
             for s in &samples {
                 let label = s
                     .label
-                    .as_deref()
+                    .as_ref()
                     .map(|l| format!(" [{l}]"))
                     .unwrap_or_default();
                 println!(

@@ -31,5 +31,5 @@ pub mod writer;
 
 pub use error::ShardsError;
 pub use manifest::*;
-pub use reader::{Block, Classes, Dataset, Sample};
+pub use reader::{Block, Classes, Dataset, Label, Sample};
 pub use store::{open_url, StoreArgs, StoreOptions};

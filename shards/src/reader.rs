@@ -37,9 +37,26 @@ pub struct Sample {
     pub caption: String,
     pub width: u32,
     pub height: u32,
-    pub label: Option<String>,
+    pub label: Option<Label>,
     /// The image this caption belongs to, where the dataset groups several captions per image.
     pub image_id: Option<i64>,
+}
+
+/// A sample's class: a name (a string label column) or an index into the class list (an
+/// integer label column, as ImageNet-style datasets have).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Label {
+    Name(String),
+    Index(i64),
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Label::Name(n) => write!(f, "{n}"),
+            Label::Index(i) => write!(f, "{i}"),
+        }
+    }
 }
 
 /// `classes.json`: class names and zero-shot prompt templates (`"a photo of a {}."`).
@@ -47,6 +64,20 @@ pub struct Sample {
 pub struct Classes {
     pub classes: Vec<String>,
     pub templates: Vec<String>,
+}
+
+impl Classes {
+    /// A classes file (the `classes.json` shape) at a path or URL: `eval.classes`, `--classes`.
+    pub async fn load(url: &str, opts: &StoreOptions) -> Result<Classes, ShardsError> {
+        let loc = Location::open(url, opts)?;
+        let bytes = get_all(&loc).await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ShardsError::bad_input(
+                url,
+                format!("not a classes file ({{\"classes\": [...], \"templates\": [...]}}): {e}"),
+            )
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -331,9 +362,14 @@ pub(crate) fn samples_from_batch(
     let height = height
         .as_primitive_opt::<UInt32Type>()
         .ok_or_else(|| type_err(COL_HEIGHT, "UInt32", height.as_ref()))?;
-    let label = batch
-        .column_by_name(COL_LABEL)
-        .and_then(|c| c.as_string_opt::<i32>());
+    let label = batch.column_by_name(COL_LABEL);
+    let label_names = label.and_then(|c| c.as_string_opt::<i32>());
+    let label_ids = label
+        .filter(|c| c.data_type().is_integer())
+        .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok());
+    let label_ids = label_ids
+        .as_ref()
+        .and_then(|c| c.as_primitive_opt::<Int64Type>());
     let image_id = batch
         .column_by_name(COL_IMAGE_ID)
         .and_then(|c| c.as_primitive_opt::<Int64Type>());
@@ -344,9 +380,11 @@ pub(crate) fn samples_from_batch(
             caption: caption.value(i).to_string(),
             width: width.value(i),
             height: height.value(i),
-            label: label
-                .filter(|l| l.is_valid(i))
-                .map(|l| l.value(i).to_string()),
+            label: match (label_names, label_ids) {
+                (Some(l), _) if l.is_valid(i) => Some(Label::Name(l.value(i).to_string())),
+                (_, Some(l)) if l.is_valid(i) => Some(Label::Index(l.value(i))),
+                _ => None,
+            },
             image_id: image_id.filter(|c| c.is_valid(i)).map(|c| c.value(i)),
         });
     }

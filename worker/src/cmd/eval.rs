@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferroclip_shards::{Classes, StoreArgs, StoreOptions};
+use ferroclip_shards::{Classes, Label, StoreArgs, StoreOptions};
 use tch::{Kind, Tensor};
 
 use crate::data::{ImageTransform, Loader, LoaderOptions, SampleRef, Tokenizer};
@@ -20,9 +20,15 @@ pub struct EvalReport {
     /// Distinct images among them (each encoded once).
     pub images: usize,
     pub classes: usize,
-    /// Zero-shot top-1 / top-5 accuracy (samples with a label only).
+    /// Zero-shot top-1 / top-5 accuracy (samples with a label in the class list only).
     pub zeroshot_top1: f64,
     pub zeroshot_top5: f64,
+    /// Images whose label is in the class list (the zero-shot denominator).
+    pub labelled: usize,
+    /// Images whose label names no class (an unknown name, an index out of range): counted,
+    /// not scored; a few of them as examples.
+    pub bad_labels: usize,
+    pub bad_label_examples: Vec<String>,
     /// Image → text and text → image recall@{1,5,10}.
     pub image_to_text: [f64; 3],
     pub text_to_image: [f64; 3],
@@ -44,6 +50,8 @@ impl EvalReport {
 }
 
 /// Evaluates `model` on `split` of the dataset at `url` (at most `max_samples`, 0 = all).
+/// Zero-shot classes come from `classes` (a classes file's path or URL: `--classes`,
+/// `eval.classes`) or else the dataset's own `classes.json`.
 pub fn evaluate(
     model: &Clip,
     tokenizer: Arc<Tokenizer>,
@@ -51,6 +59,7 @@ pub fn evaluate(
     store: &StoreOptions,
     split: &str,
     max_samples: usize,
+    classes: Option<&str>,
 ) -> Result<EvalReport> {
     // The loader opens the dataset on its own runtime: an object store's pooled connections
     // belong to the runtime that made them (one made on a runtime that then stops would hang
@@ -64,7 +73,15 @@ pub fn evaluate(
         &LoaderOptions::default(),
     )
     .with_context(|| format!("opening {url}"))?;
-    let classes = loader.dataset().classes().cloned();
+    let classes = match classes {
+        Some(c) => Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(Classes::load(c, store))?,
+        ),
+        None => loader.dataset().classes().cloned(),
+    };
     let blocks = loader.dataset().blocks(split)?;
     let mut refs: Vec<SampleRef> = blocks
         .iter()
@@ -105,10 +122,11 @@ pub fn evaluate(
     let sims = img.matmul(&txt.tr());
     (report.image_to_text, report.text_to_image) = recall(&sims, &text_image);
     if let Some(classes) = classes {
-        let (top1, top5) = zero_shot(model, &tokenizer, &classes, &img, &labels)?;
+        let z = zero_shot(model, &tokenizer, &classes, &img, &labels)?;
         report.classes = classes.classes.len();
-        report.zeroshot_top1 = top1;
-        report.zeroshot_top5 = top5;
+        (report.zeroshot_top1, report.zeroshot_top5) = (z.top1, z.top5);
+        (report.labelled, report.bad_labels) = (z.labelled, z.bad.len());
+        report.bad_label_examples = z.bad.into_iter().take(5).collect();
     }
     Ok(report)
 }
@@ -156,15 +174,32 @@ fn recall(sims: &Tensor, text_image: &[i64]) -> ([f64; 3], [f64; 3]) {
     (at(&i2t_rank, n_img), at(&t2i_rank, n_txt))
 }
 
+/// Zero-shot accuracy over the images with a label in the class list.
+struct ZeroShot {
+    top1: f64,
+    top5: f64,
+    labelled: usize,
+    /// The labels that name no class, one per image.
+    bad: Vec<String>,
+}
+
+/// A label's class: a name's position in the list, or an index within it.
+fn class_of(label: &Label, classes: &[String]) -> Option<usize> {
+    match label {
+        Label::Name(n) => classes.iter().position(|c| c == n),
+        Label::Index(i) => usize::try_from(*i).ok().filter(|&i| i < classes.len()),
+    }
+}
+
 fn zero_shot(
     model: &Clip,
     tokenizer: &Tokenizer,
     classes: &Classes,
     img: &Tensor,
-    labels: &[Option<String>],
-) -> Result<(f64, f64)> {
+    labels: &[Option<Label>],
+) -> Result<ZeroShot> {
     if classes.classes.is_empty() || classes.templates.is_empty() {
-        bail!("classes.json needs at least one class and one template");
+        bail!("the class list needs at least one class and one template");
     }
     let mut class_emb = Vec::new();
     for name in &classes.classes {
@@ -186,10 +221,11 @@ fn zero_shot(
     let k = 5.min(classes.classes.len() as i64);
     let (_, top) = logits.topk(k, 1, true, true);
     let top: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(top)?;
-    let (mut n, mut hit1, mut hit5) = (0usize, 0usize, 0usize);
+    let (mut n, mut hit1, mut hit5, mut bad) = (0usize, 0usize, 0usize, Vec::new());
     for (row, label) in top.iter().zip(labels) {
         let Some(label) = label else { continue };
-        let Some(idx) = classes.classes.iter().position(|c| c == label) else {
+        let Some(idx) = class_of(label, &classes.classes) else {
+            bad.push(label.to_string());
             continue;
         };
         n += 1;
@@ -198,11 +234,18 @@ fn zero_shot(
     }
     if n == 0 {
         bail!(
-            "no evaluated sample has a label among the {} classes",
-            classes.classes.len()
+            "no evaluated sample has a label among the {} classes ({} labels name no class, e.g. {:?})",
+            classes.classes.len(),
+            bad.len(),
+            bad.iter().take(5).collect::<Vec<_>>()
         );
     }
-    Ok((hit1 as f64 / n as f64, hit5 as f64 / n as f64))
+    Ok(ZeroShot {
+        top1: hit1 as f64 / n as f64,
+        top5: hit5 as f64 / n as f64,
+        labelled: n,
+        bad,
+    })
 }
 
 #[derive(Args, Debug)]
@@ -222,6 +265,10 @@ pub struct EvalArgs {
     /// Print the report as one JSON object instead of lines.
     #[arg(long)]
     pub json: bool,
+    /// Zero-shot class names and prompt templates (a `classes.json`-shaped file, path or URL)
+    /// instead of the dataset's own classes.json. Integer labels index this list.
+    #[arg(long)]
+    pub classes: Option<String>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -234,6 +281,7 @@ pub fn run(args: EvalArgs) -> Result<EvalReport> {
         &args.split,
         args.max_samples,
         args.json,
+        args.classes.as_deref(),
         &args.store.options(),
     )
 }
@@ -246,6 +294,7 @@ pub fn run_cli(
     split: &str,
     max_samples: usize,
     json: bool,
+    classes: Option<&str>,
     store: &StoreOptions,
 ) -> Result<EvalReport> {
     // A checkpoint, or the newest under a directory, on any store.
@@ -258,7 +307,17 @@ pub fn run_cli(
     crate::checkpoint::restore(&mut trainer, &c.state, &c.tensors, c.optim, &c.url)?;
     let ctx = trainer.model.config.context_length as usize;
     let tokenizer = Arc::new(Tokenizer::from_config(&cfg.data.tokenizer, ctx)?);
-    let r = evaluate(&trainer.model, tokenizer, data, store, split, max_samples)?;
+    // --classes, else the run's eval.classes, else the dataset's classes.json.
+    let classes = classes.or((!cfg.eval.classes.is_empty()).then_some(cfg.eval.classes.as_str()));
+    let r = evaluate(
+        &trainer.model,
+        tokenizer,
+        data,
+        store,
+        split,
+        max_samples,
+        classes,
+    )?;
     if json {
         let mut v = serde_json::to_value(&r)?;
         v["split"] = split.into();
@@ -278,6 +337,14 @@ pub fn run_cli(
             100.0 * r.zeroshot_top1,
             100.0 * r.zeroshot_top5
         );
+        if r.bad_labels > 0 {
+            println!(
+                "zero-shot: {} of {} labelled images have a label outside the class list (e.g. {}): not scored",
+                r.bad_labels,
+                r.labelled + r.bad_labels,
+                r.bad_label_examples.join(", ")
+            );
+        }
     }
     let pct = |v: [f64; 3]| {
         format!(

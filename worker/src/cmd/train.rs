@@ -252,6 +252,7 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
                     &store,
                     &val.split,
                     cfg.eval.max_samples as usize,
+                    (!cfg.eval.classes.is_empty()).then_some(cfg.eval.classes.as_str()),
                 )
                 .with_context(|| format!("evaluating at step {step}"))?;
                 pb.suspend(|| {

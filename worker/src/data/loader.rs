@@ -372,7 +372,7 @@ fn block_bytes(samples: &[Sample]) -> usize {
             s.image.len()
                 + s.caption.len()
                 + s.key.len()
-                + s.label.as_ref().map_or(0, String::len)
+                + s.label.as_ref().map_or(0, |l| l.to_string().len())
                 + 64
         })
         .sum()

@@ -24,7 +24,7 @@ pub struct Batch {
     pub tokens: Tensor,
     pub keys: Vec<String>,
     pub captions: Vec<String>,
-    pub labels: Vec<Option<String>>,
+    pub labels: Vec<Option<ferroclip_shards::Label>>,
     /// Each row's image id, where the dataset groups several captions per image.
     pub image_ids: Vec<Option<i64>>,
 }
