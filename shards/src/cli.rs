@@ -86,9 +86,10 @@ pub struct BuildArgs {
     /// Parquet files or prefixes, or one folder of images with a captions file.
     #[arg(required_unless_present = "format")]
     pub srcs: Vec<String>,
-    /// Read a captioning dataset's annotation file instead: `coco` (captions_*.json) or
-    /// `karpathy` (dataset_coco.json / dataset_flickr30k.json). One row per (image, caption), an
-    /// `image_id` column, the file's splits as the shards' splits.
+    /// Read a captioning dataset's annotation file instead: `coco` (captions_*.json),
+    /// `karpathy` (dataset_coco.json / dataset_flickr30k.json) or `vg` (Visual Genome's
+    /// region_descriptions.json: whole images captioned by their region phrases). One row per
+    /// (image, caption), an `image_id` column, the file's splits as the shards' splits.
     #[arg(long, value_enum, requires_all = ["annotations", "images"], conflicts_with = "srcs")]
     pub format: Option<crate::source::annotations::Format>,
     /// The annotation file (any store) for --format.
@@ -97,6 +98,9 @@ pub struct BuildArgs {
     /// The folder or prefix (any store) holding the images the annotations name.
     #[arg(long, requires = "format")]
     pub images: Option<String>,
+    /// `--format vg`: Visual Genome's image_data.json (image id → file, from its URL).
+    #[arg(long, requires = "format")]
+    pub image_data: Option<String>,
     #[arg(long)]
     pub out: String,
     #[arg(long, default_value = "jpg")]
@@ -270,7 +274,7 @@ async fn run_build(b: BuildArgs, store: StoreOptions) -> anyhow::Result<()> {
     opts.rejects = b.rejects.clone();
     let plan =
         if let (Some(format), Some(ann), Some(images)) = (b.format, &b.annotations, &b.images) {
-            InputPlan::annotated(format, ann, images, &store).await?
+            InputPlan::annotated(format, ann, b.image_data.as_deref(), images, &store).await?
         } else if let Some(c) = &b.captions {
             if b.srcs.len() != 1 {
                 bail!("--captions takes exactly one image folder");

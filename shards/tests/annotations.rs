@@ -212,3 +212,62 @@ fn karpathy_splits_become_the_shards_splits() {
     assert!(!o.status.success());
     assert!(text(&o).contains("--val-fraction"), "{}", text(&o));
 }
+
+#[test]
+fn visual_genome_regions_caption_whole_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    images(tmp.path(), "vg/VG_100K", 2, 500);
+    // img-0 is image 10, img-1 is image 11; image 10's "sky" phrase appears twice (a duplicate).
+    let regions = serde_json::json!([
+        {"id": 10, "regions": [
+            {"region_id": 1, "image_id": 10, "phrase": "sky"},
+            {"region_id": 2, "image_id": 10, "phrase": "a red bus"},
+            {"region_id": 3, "image_id": 10, "phrase": "sky"}]},
+        {"id": 11, "regions": [{"region_id": 4, "image_id": 11, "phrase": "a dog"}]}
+    ]);
+    let data = serde_json::json!([
+        {"image_id": 10, "url": "https://cs.example/rak248/VG_100K/img-0.jpg"},
+        {"image_id": 11, "url": "https://cs.example/rak248/VG_100K/img-1.jpg"}
+    ]);
+    let (reg, dat) = (
+        tmp.path().join("region_descriptions.json"),
+        tmp.path().join("image_data.json"),
+    );
+    std::fs::write(&reg, regions.to_string()).unwrap();
+    std::fs::write(&dat, data.to_string()).unwrap();
+    let out = tmp.path().join("out");
+    let o = run_bin(
+        &[
+            "build",
+            "--format",
+            "vg",
+            "--annotations",
+            reg.to_str().unwrap(),
+            "--image-data",
+            dat.to_str().unwrap(),
+            "--images",
+            tmp.path().join("vg").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let m = manifest(&out);
+    assert_eq!(m.rejected.get("duplicate"), Some(&1));
+    let mut rows = rows_of(&out, &m, "train");
+    rows.sort();
+    let got: Vec<(&str, &str, i64)> = rows
+        .iter()
+        .map(|(k, c, i)| (k.as_str(), c.as_str(), *i))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("10-1", "sky", 10),
+            ("10-2", "a red bus", 10),
+            ("11-4", "a dog", 11)
+        ]
+    );
+}

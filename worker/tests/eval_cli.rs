@@ -161,9 +161,7 @@ fn labelled(dir: &Path) -> String {
     let images: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             let rgb: Vec<u8> = (0..16 * 16 * 3)
-                .map(|p| {
-                    ((p % 3 == label(i) as u32 % 3) as u32 * 200 + p * (i + 1) % 40) as u8
-                })
+                .map(|p| ((p % 3 == label(i) as u32 % 3) as u32 * 200 + p * (i + 1) % 40) as u8)
                 .collect();
             ferroclip_shards::jpeg::encode(&rgb, 16, 16, 90).expect("encode")
         })

@@ -7,6 +7,11 @@
 //! - `karpathy`: Karpathy's `dataset_coco.json` / `dataset_flickr30k.json`: `images[]` with
 //!   `filepath` (COCO only) / `filename`, `split` (train/val/test/restval), `sentences[].raw`,
 //!   `cocoid` or `imgid`.
+//! - `vg`: Visual Genome's `region_descriptions.json` (`[{id, regions: [{image_id, phrase}]}]`),
+//!   read as whole images captioned by their region phrases (not crops: a region's box is often
+//!   too small for the image encoder). `image_data.json` (`--image-data`) maps an image id to its
+//!   file (`VG_100K_2/1.jpg`, from its `url`); without it the file is `<id>.jpg`. One split,
+//!   `train`.
 
 use std::collections::HashMap;
 
@@ -21,6 +26,7 @@ use crate::validate::RawCaption;
 pub enum Format {
     Coco,
     Karpathy,
+    Vg,
 }
 
 /// One (image, caption) pair of an annotation file.
@@ -42,11 +48,20 @@ pub struct Annotations {
     pub splits: Vec<String>,
 }
 
+/// A second file some formats need: Visual Genome's `image_data.json` (URL, bytes).
+pub type ImageData<'a> = Option<(&'a str, &'a [u8])>;
+
 impl Annotations {
-    pub fn parse(format: Format, url: &str, bytes: &[u8]) -> Result<Annotations, ShardsError> {
+    pub fn parse(
+        format: Format,
+        url: &str,
+        bytes: &[u8],
+        image_data: ImageData,
+    ) -> Result<Annotations, ShardsError> {
         match format {
             Format::Coco => coco(url, bytes),
             Format::Karpathy => karpathy(url, bytes),
+            Format::Vg => vg(url, bytes, image_data),
         }
     }
 
@@ -187,6 +202,87 @@ fn karpathy(url: &str, bytes: &[u8]) -> Result<Annotations, ShardsError> {
     Ok(Annotations { pairs, splits })
 }
 
+#[derive(Deserialize)]
+struct VgImage {
+    #[serde(default)]
+    id: Option<i64>,
+    regions: Vec<VgRegion>,
+}
+
+#[derive(Deserialize)]
+struct VgRegion {
+    image_id: i64,
+    #[serde(default)]
+    region_id: Option<i64>,
+    #[serde(default)]
+    phrase: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct VgImageData {
+    #[serde(alias = "id")]
+    image_id: i64,
+    #[serde(default)]
+    url: Option<String>,
+}
+
+fn vg(url: &str, bytes: &[u8], image_data: ImageData) -> Result<Annotations, ShardsError> {
+    let images: Vec<VgImage> = parse_json(url, bytes)?;
+    // image_data.json: an image's file is the last two parts of its URL (`VG_100K_2/1.jpg`).
+    let mut files: HashMap<i64, String> = HashMap::new();
+    if let Some((data_url, data)) = image_data {
+        let entries: Vec<VgImageData> = parse_json(data_url, data)?;
+        for e in entries {
+            if let Some(u) = e.url {
+                let parts: Vec<&str> = u.rsplitn(3, '/').collect();
+                let file = match parts.as_slice() {
+                    [name, dir, _] => format!("{dir}/{name}"),
+                    _ => u.clone(),
+                };
+                files.insert(e.image_id, file);
+            }
+        }
+    }
+    let mut splits = Vec::new();
+    let split = Annotations::split_index(&mut splits, "train");
+    let mut pairs = Vec::new();
+    for (n, img) in images.iter().enumerate() {
+        for (r, region) in img.regions.iter().enumerate() {
+            let id = region.image_id;
+            if img.id.is_some_and(|i| i != id) {
+                return Err(ShardsError::bad_input(
+                    url,
+                    format!(
+                        "[{n}].regions[{r}].image_id {id} is not the entry's id {:?}",
+                        img.id
+                    ),
+                ));
+            }
+            let path = match (image_data.is_some(), files.get(&id)) {
+                (_, Some(f)) => f.clone(),
+                (false, None) => format!("{id}.jpg"),
+                (true, None) => {
+                    return Err(ShardsError::bad_input(
+                        url,
+                        format!("[{n}].regions[{r}].image_id {id} is not in the --image-data file"),
+                    ))
+                }
+            };
+            pairs.push(Pair {
+                path,
+                key: format!("{id}-{}", region.region_id.unwrap_or(r as i64)),
+                caption: region
+                    .phrase
+                    .clone()
+                    .map_or(RawCaption::Missing, RawCaption::Text),
+                image_id: id,
+                split,
+            });
+        }
+    }
+    Ok(Annotations { pairs, splits })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +294,8 @@ mod tests {
             "annotations": [{"image_id": 7, "id": 1, "caption": "one"},
                             {"image_id": 9, "id": 2, "caption": "two"},
                             {"image_id": 7, "id": 3, "caption": "three"}]}"#;
-        let a = Annotations::parse(Format::Coco, "s3://b/captions_val2017.json", json).unwrap();
+        let a =
+            Annotations::parse(Format::Coco, "s3://b/captions_val2017.json", json, None).unwrap();
         assert_eq!(a.splits, ["val"]);
         let got: Vec<(&str, &str, i64)> = a
             .pairs
@@ -214,14 +311,14 @@ mod tests {
             ]
         );
         let bad = br#"{"images": [], "annotations": [{"image_id": 5, "caption": "x"}]}"#;
-        let e = Annotations::parse(Format::Coco, "c.json", bad)
+        let e = Annotations::parse(Format::Coco, "c.json", bad, None)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("c.json") && e.contains("annotations[0].image_id 5"),
             "{e}"
         );
-        let e = Annotations::parse(Format::Coco, "c.json", b"{\"images\": 3}")
+        let e = Annotations::parse(Format::Coco, "c.json", b"{\"images\": 3}", None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("c.json") && e.contains("annotation file"), "{e}");
@@ -233,7 +330,7 @@ mod tests {
             {"filepath": "val2014", "filename": "x.jpg", "imgid": 0, "cocoid": 42, "split": "test",
              "sentences": [{"raw": "A.", "sentid": 0}, {"raw": "B.", "sentid": 1}]},
             {"filename": "y.jpg", "imgid": 1, "split": "restval", "sentences": [{"raw": "C."}]}]}"#;
-        let a = Annotations::parse(Format::Karpathy, "k.json", json).unwrap();
+        let a = Annotations::parse(Format::Karpathy, "k.json", json, None).unwrap();
         assert_eq!(a.splits, ["test", "restval"]);
         let got: Vec<(&str, &str, i64, u16)> = a
             .pairs
@@ -248,5 +345,37 @@ mod tests {
                 ("y.jpg", "1-0", 1, 1)
             ]
         );
+    }
+
+    #[test]
+    fn vg_regions_caption_whole_images_found_through_image_data() {
+        let regions = br#"[{"id": 1, "regions": [
+                {"region_id": 10, "image_id": 1, "phrase": "white clouds"},
+                {"region_id": 11, "image_id": 1, "phrase": "a red bus"}]},
+            {"id": 2, "regions": [{"region_id": 20, "image_id": 2, "phrase": "a dog"}]}]"#;
+        let data = br#"[{"image_id": 1, "url": "https://x/rak248/VG_100K/1.jpg"},
+            {"image_id": 2, "url": "https://x/rak248/VG_100K_2/2.jpg"}]"#;
+        let a = Annotations::parse(Format::Vg, "r.json", regions, Some(("d.json", data))).unwrap();
+        assert_eq!(a.splits, ["train"]);
+        let got: Vec<(&str, &str, i64)> = a
+            .pairs
+            .iter()
+            .map(|p| (p.path.as_str(), p.key.as_str(), p.image_id))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("VG_100K/1.jpg", "1-10", 1),
+                ("VG_100K/1.jpg", "1-11", 1),
+                ("VG_100K_2/2.jpg", "2-20", 2)
+            ]
+        );
+        // Without image_data.json the file is <id>.jpg; an id missing from it is an error.
+        let a = Annotations::parse(Format::Vg, "r.json", regions, None).unwrap();
+        assert_eq!(a.pairs[2].path, "2.jpg");
+        let e = Annotations::parse(Format::Vg, "r.json", regions, Some(("d.json", b"[]")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("r.json") && e.contains("image_id 1"), "{e}");
     }
 }

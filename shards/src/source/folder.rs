@@ -84,6 +84,7 @@ impl InputPlan {
     pub async fn annotated(
         format: Format,
         annotations: &str,
+        image_data: Option<&str>,
         images: &str,
         opts: &StoreOptions,
     ) -> Result<InputPlan, ShardsError> {
@@ -91,7 +92,15 @@ impl InputPlan {
         let loc = Location::open(annotations, opts)?;
         let url = loc.url();
         let bytes = get_all(&loc).await?;
-        let parsed = Annotations::parse(format, &url, &bytes)?;
+        let data = match image_data {
+            Some(d) => {
+                let dloc = Location::open(d, opts)?;
+                Some((dloc.url(), get_all(&dloc).await?))
+            }
+            None => None,
+        };
+        let data_ref = data.as_ref().map(|(u, b)| (u.as_str(), b.as_ref()));
+        let parsed = Annotations::parse(format, &url, &bytes, data_ref)?;
         if parsed.pairs.is_empty() {
             return Err(ShardsError::EmptySource(url));
         }
