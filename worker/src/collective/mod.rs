@@ -4,6 +4,7 @@
 use tch::Tensor;
 
 pub mod buckets;
+mod handshake;
 mod host;
 pub mod nccl;
 mod pipe;

@@ -1,17 +1,25 @@
-//! Forming the ring: dial the right neighbour, accept the left one, both with a handshake
-//! carrying (generation, rank, world size) so that stale or misplaced peers are refused.
+//! Forming the ring: dial the right neighbour, accept the left one, both with the handshake of
+//! `handshake.rs` (generation, rank and world size, proven with the run's key), so that stale,
+//! misplaced or foreign peers are refused. Incoming connections are greeted concurrently, each
+//! within `HANDSHAKE_TIMEOUT`: a silent or hostile connection delays no one.
 
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::handshake::{self, Hello, RingKey, Verdict};
 use super::ring::invalid;
-use super::wire::{self, Hello, Reply, Verdict};
+use super::wire;
 use super::{CollectiveError, Result};
 
 /// Socket buffer size asked of the kernel (capped by net.core.{r,w}mem_max).
 const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// How long one incoming connection may take to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in flight at once; connections beyond this are closed at once.
+const MAX_GREETERS: usize = 64;
 
 /// The (left, right) sockets of `rank`, configured (no delay, timeouts, buffers). Needs
 /// `peers.len() >= 2`.
@@ -20,6 +28,7 @@ pub(crate) fn form(
     peers: &[String],
     listener: &TcpListener,
     generation: u64,
+    key: RingKey,
     timeout: Duration,
 ) -> Result<(TcpStream, TcpStream)> {
     const OP: &str = "connect";
@@ -27,18 +36,15 @@ pub(crate) fn form(
     let left = (rank + world_size - 1) % world_size;
     let right = (rank + 1) % world_size;
     let right_addr = resolve(&peers[right], right)?;
-    let hello = Hello {
-        generation,
-        rank: rank as u64,
-        world_size: world_size as u64,
-    };
+    let hello = Hello::new(generation, rank as u64, world_size as u64);
     let deadline = Instant::now() + timeout;
     // Accepted sockets inherit the listener's receive buffer (it sizes the TCP window).
     let _ = socket2::SockRef::from(listener).set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let cancel = AtomicBool::new(false);
     let (right_stream, left_stream) = thread::scope(|s| {
-        let acceptor = s.spawn(|| accept_left(listener, hello, left, deadline, timeout, &cancel));
-        let connected = connect_right(right_addr, hello, right, deadline, timeout);
+        let acceptor =
+            s.spawn(|| accept_left(listener, hello, key, left, deadline, timeout, &cancel));
+        let connected = connect_right(right_addr, hello, key, right, deadline, timeout);
         if connected.is_err() {
             cancel.store(true, Ordering::SeqCst);
         }
@@ -90,6 +96,7 @@ fn remaining(deadline: Instant) -> Option<Duration> {
 fn connect_right(
     addr: SocketAddr,
     hello: Hello,
+    key: RingKey,
     right: usize,
     deadline: Instant,
     timeout: Duration,
@@ -97,7 +104,7 @@ fn connect_right(
     const OP: &str = "connect";
     let mut last_err: Option<std::io::Error> = None;
     while let Some(left_time) = remaining(deadline) {
-        match try_hello(addr, hello, left_time) {
+        match try_hello(addr, hello, &key, left_time) {
             Ok((stream, reply)) => {
                 if reply.verdict == Verdict::Accepted {
                     return Ok(stream);
@@ -124,7 +131,7 @@ fn connect_right(
             }
         }
     }
-    tracing::debug!(right, error = ?last_err, "could not reach the right neighbour");
+    tracing::warn!(right, error = ?last_err, "could not reach the right neighbour");
     Err(CollectiveError::Timeout {
         peer: right,
         op: OP,
@@ -135,27 +142,25 @@ fn connect_right(
 fn try_hello(
     addr: SocketAddr,
     hello: Hello,
+    key: &RingKey,
     time: Duration,
-) -> std::io::Result<(TcpStream, Reply)> {
+) -> std::io::Result<(TcpStream, handshake::Reply)> {
     let stream = TcpStream::connect_timeout(&addr, time)?;
     let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(time))?;
     stream.set_write_timeout(Some(time))?;
-    wire::write_all(&stream, &hello.encode())?;
-    let mut b = [0u8; Reply::LEN];
-    wire::read_exact(&stream, &mut b)?;
-    let reply = Reply::decode(&b).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed handshake reply")
-    })?;
+    let reply = handshake::dial(&stream, hello, key)?;
     Ok((stream, reply))
 }
 
-/// Accept connections until one carries the expected hello; refuse (and keep waiting past)
-/// stale generations, wrong ranks and strangers.
+/// Accept connections until one proves to be the expected left neighbour; refuse (and keep
+/// waiting past) stale generations, wrong ranks, strangers and peers without the key. Each
+/// connection is greeted on its own thread, so none can hold up the real neighbour.
 fn accept_left(
     listener: &TcpListener,
     ours: Hello,
+    key: RingKey,
     left: usize,
     deadline: Instant,
     timeout: Duration,
@@ -170,6 +175,8 @@ fn accept_left(
     listener
         .set_nonblocking(true)
         .map_err(|e| wire::link_error(e, left, OP, timeout))?;
+    let (tx, rx) = mpsc::channel::<TcpStream>();
+    let greeting = Arc::new(AtomicUsize::new(0));
     loop {
         if cancel.load(Ordering::SeqCst) {
             return Err(timed_out());
@@ -177,28 +184,33 @@ fn accept_left(
         let Some(left_time) = remaining(deadline) else {
             return Err(timed_out());
         };
+        if let Ok(stream) = rx.try_recv() {
+            return Ok(stream);
+        }
         match listener.accept() {
-            Ok((stream, from)) => match greet(&stream, ours, left, left_time) {
-                Ok(true) => return Ok(stream),
-                Ok(false) => tracing::warn!(%from, "refused a ring connection"),
-                Err(e) => tracing::warn!(%from, error = %e, "bad ring handshake"),
-            },
+            Ok((stream, from)) => {
+                if greeting.load(Ordering::SeqCst) >= MAX_GREETERS {
+                    tracing::warn!(%from, "too many ring handshakes in flight: connection closed");
+                    continue;
+                }
+                greeting.fetch_add(1, Ordering::SeqCst);
+                let (tx, greeting) = (tx.clone(), greeting.clone());
+                let time = HANDSHAKE_TIMEOUT.min(left_time);
+                thread::spawn(move || {
+                    match handshake::answer(&stream, ours, left as u64, &key, time) {
+                        Ok(true) => {
+                            let _ = tx.send(stream);
+                        }
+                        Ok(false) => tracing::warn!(%from, "refused a ring connection"),
+                        Err(e) => tracing::warn!(%from, error = %e, "bad ring handshake"),
+                    }
+                    greeting.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 thread::sleep(Duration::from_millis(2));
             }
             Err(e) => return Err(wire::link_error(e, left, OP, timeout)),
         }
     }
-}
-
-/// Read a hello, answer it; true if accepted.
-fn greet(stream: &TcpStream, ours: Hello, left: usize, time: Duration) -> std::io::Result<bool> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(time))?;
-    stream.set_write_timeout(Some(time))?;
-    let mut b = [0u8; Hello::LEN];
-    wire::read_exact(stream, &mut b)?;
-    let reply = wire::judge(Hello::decode(&b), ours, left as u64);
-    wire::write_all(stream, &reply.encode())?;
-    Ok(reply.verdict == Verdict::Accepted)
 }

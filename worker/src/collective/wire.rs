@@ -1,5 +1,5 @@
-//! What travels on a ring link: the connection handshake, the per-operation header, and the
-//! f32 ⇄ bf16 codec. All integers are little-endian.
+//! What travels on a ring link once formed (the handshake is `handshake.rs`): the per-operation
+//! header and the f32 ⇄ bf16 codec. All integers are little-endian.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -9,115 +9,6 @@ use super::CollectiveError;
 
 #[cfg(target_endian = "big")]
 compile_error!("the ring reinterprets f32 buffers as little-endian bytes");
-
-/// First bytes of every connection: refuses strangers (a port reused by something else).
-const MAGIC: [u8; 8] = *b"FCRING01";
-
-/// Sent by the connecting rank to its right neighbour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Hello {
-    pub generation: u64,
-    pub rank: u64,
-    pub world_size: u64,
-}
-
-impl Hello {
-    pub const LEN: usize = 32;
-
-    pub fn encode(&self) -> [u8; Self::LEN] {
-        let mut b = [0u8; Self::LEN];
-        b[..8].copy_from_slice(&MAGIC);
-        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
-        b[16..24].copy_from_slice(&self.rank.to_le_bytes());
-        b[24..32].copy_from_slice(&self.world_size.to_le_bytes());
-        b
-    }
-
-    /// `None` when the magic is wrong.
-    pub fn decode(b: &[u8; Self::LEN]) -> Option<Self> {
-        if b[..8] != MAGIC {
-            return None;
-        }
-        Some(Hello {
-            generation: u64_at(b, 8),
-            rank: u64_at(b, 16),
-            world_size: u64_at(b, 24),
-        })
-    }
-}
-
-/// The acceptor's answer to a [`Hello`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    Accepted,
-    WrongGeneration,
-    WrongRank,
-    WrongWorldSize,
-    BadMagic,
-}
-
-/// Verdict plus the acceptor's own (generation, expected rank, world size), for the error message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Reply {
-    pub verdict: Verdict,
-    pub generation: u64,
-    pub expected_rank: u64,
-    pub world_size: u64,
-}
-
-impl Reply {
-    pub const LEN: usize = 32;
-
-    pub fn encode(&self) -> [u8; Self::LEN] {
-        let code: u64 = match self.verdict {
-            Verdict::Accepted => 0,
-            Verdict::WrongGeneration => 1,
-            Verdict::WrongRank => 2,
-            Verdict::WrongWorldSize => 3,
-            Verdict::BadMagic => 4,
-        };
-        let mut b = [0u8; Self::LEN];
-        b[..8].copy_from_slice(&code.to_le_bytes());
-        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
-        b[16..24].copy_from_slice(&self.expected_rank.to_le_bytes());
-        b[24..32].copy_from_slice(&self.world_size.to_le_bytes());
-        b
-    }
-
-    pub fn decode(b: &[u8; Self::LEN]) -> Option<Self> {
-        let verdict = match u64_at(b, 0) {
-            0 => Verdict::Accepted,
-            1 => Verdict::WrongGeneration,
-            2 => Verdict::WrongRank,
-            3 => Verdict::WrongWorldSize,
-            4 => Verdict::BadMagic,
-            _ => return None,
-        };
-        Some(Reply {
-            verdict,
-            generation: u64_at(b, 8),
-            expected_rank: u64_at(b, 16),
-            world_size: u64_at(b, 24),
-        })
-    }
-}
-
-/// Judge a connecting neighbour against what this rank expects.
-pub(crate) fn judge(hello: Option<Hello>, ours: Hello, expected_left: u64) -> Reply {
-    let verdict = match hello {
-        None => Verdict::BadMagic,
-        Some(h) if h.generation != ours.generation => Verdict::WrongGeneration,
-        Some(h) if h.world_size != ours.world_size => Verdict::WrongWorldSize,
-        Some(h) if h.rank != expected_left => Verdict::WrongRank,
-        Some(_) => Verdict::Accepted,
-    };
-    Reply {
-        verdict,
-        generation: ours.generation,
-        expected_rank: expected_left,
-        world_size: ours.world_size,
-    }
-}
 
 /// Operations, so that two ranks calling different collectives fail loudly instead of
 /// exchanging garbage.
@@ -278,26 +169,6 @@ pub(crate) fn round_to_bf16(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hello_and_reply_round_trip() {
-        let h = Hello {
-            generation: 7,
-            rank: 3,
-            world_size: 5,
-        };
-        assert_eq!(Hello::decode(&h.encode()), Some(h));
-        let mut bad = h.encode();
-        bad[0] = b'X';
-        assert_eq!(Hello::decode(&bad), None);
-        let r = judge(Some(h), Hello { rank: 4, ..h }, 3);
-        assert_eq!(r.verdict, Verdict::Accepted);
-        assert_eq!(Reply::decode(&r.encode()), Some(r));
-        let stale = judge(Some(Hello { generation: 6, ..h }), h, 3);
-        assert_eq!(stale.verdict, Verdict::WrongGeneration);
-        assert_eq!(judge(Some(h), h, 2).verdict, Verdict::WrongRank);
-        assert_eq!(judge(None, h, 2).verdict, Verdict::BadMagic);
-    }
 
     #[test]
     fn branchless_bf16_matches_half_bit_for_bit() {

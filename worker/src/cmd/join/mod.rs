@@ -31,7 +31,7 @@ use ferroclip_proto::v1;
 use ferroclip_shards::StoreOptions;
 use tch::Device;
 
-use crate::collective::ring::{RingCollective, RingOptions};
+use crate::collective::ring::{RingCollective, RingKey, RingOptions};
 use crate::collective::Collective;
 use crate::data::{pipeline, Loader};
 use crate::train::Trainer;
@@ -115,8 +115,7 @@ pub fn run(opts: JoinOptions) -> Result<()> {
         let _ctx = rt.enter();
         Client::new(&opts.coordinator, &opts.token, Duration::from_secs(120))?
     };
-    let listener = TcpListener::bind(("0.0.0.0", opts.collective_port))
-        .with_context(|| format!("binding the collective port {}", opts.collective_port))?;
+    let listener = bind_collective(&opts.advertise_host, opts.collective_port)?;
     let collective_addr = format!("{}:{}", opts.advertise_host, listener.local_addr()?.port());
     let mut w = Worker {
         opts,
@@ -129,6 +128,28 @@ pub fn run(opts: JoinOptions) -> Result<()> {
         generation: 0,
     };
     w.main_loop()
+}
+
+/// The ring's listener on the address this worker advertises (not every interface); a host
+/// name that resolves to no local address falls back to all interfaces, with a warning.
+fn bind_collective(host: &str, port: u16) -> Result<TcpListener> {
+    use std::net::ToSocketAddrs;
+    let advertised = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next());
+    if let Some(addr) = advertised {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => tracing::warn!(
+                %addr,
+                error = %e,
+                "cannot bind the advertised address; the ring port listens on every interface"
+            ),
+        }
+    }
+    TcpListener::bind(("0.0.0.0", port))
+        .with_context(|| format!("binding the collective port {port}"))
 }
 
 impl Worker {
@@ -204,6 +225,7 @@ impl Worker {
             dtype: s.cfg.cluster.allreduce_dtype,
             generation: place.generation,
             transport: s.cfg.cluster.transport,
+            key: RingKey::from_token(&self.opts.token),
             ..RingOptions::default()
         };
         let use_nccl = s.gpu.nccl;

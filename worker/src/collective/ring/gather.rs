@@ -43,9 +43,9 @@ impl RingCollective {
                     u64::from_le_bytes(x) as usize
                 })
                 .collect();
+            let sizes = gather_sizes(&counts, row_bytes)?;
             let total_rows: usize = counts.iter().sum();
-            let sizes: Vec<usize> = counts.iter().map(|c| c * row_bytes).collect();
-            let mut out = vec![0u8; total_rows * row_bytes];
+            let mut out = vec![0u8; sizes.iter().sum()];
             let start: usize = sizes[..rank].iter().sum();
             out[start..start + mine.len()].copy_from_slice(mine);
             ring_gather(link, rank, n, &mut out, &sizes, opts.chunk_bytes)?;
@@ -121,4 +121,50 @@ fn ring_gather(
         }
         Ok(())
     })
+}
+
+/// The most bytes one all-gather may hold: row counts come from peers, and a count beyond any
+/// real batch is an error, never an allocation.
+pub(crate) const MAX_GATHER_BYTES: usize = 1 << 32;
+
+/// Each rank's bytes in an all-gather of `counts[r]` rows of `row_bytes`, checked against
+/// overflow and [`MAX_GATHER_BYTES`] before anything is allocated.
+pub(crate) fn gather_sizes(counts: &[usize], row_bytes: usize) -> Result<Vec<usize>> {
+    let mut total = 0usize;
+    let mut sizes = Vec::with_capacity(counts.len());
+    for (r, &c) in counts.iter().enumerate() {
+        let bytes = c
+            .checked_mul(row_bytes)
+            .and_then(|b| total.checked_add(b).map(|t| (b, t)))
+            .filter(|&(_, t)| t <= MAX_GATHER_BYTES);
+        let Some((b, t)) = bytes else {
+            return Err(invalid(
+                "all_gather",
+                format!(
+                    "rank {r} sent a row count of {c} ({row_bytes} bytes a row): more than the {MAX_GATHER_BYTES} bytes an all-gather may hold"
+                ),
+            ));
+        };
+        sizes.push(b);
+        total = t;
+    }
+    Ok(sizes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_peer_row_count_is_refused_before_any_allocation() {
+        assert_eq!(gather_sizes(&[2, 3], 8).unwrap(), [16, 24]);
+        for counts in [
+            vec![1, usize::MAX],
+            vec![MAX_GATHER_BYTES / 8 + 1, 0],
+            vec![1 << 40, 1 << 40],
+        ] {
+            let e = gather_sizes(&counts, 8).unwrap_err().to_string();
+            assert!(e.contains("row count") && e.contains("rank"), "{e}");
+        }
+    }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tch::{Kind, Tensor};
 
+pub use super::handshake::RingKey;
 use super::host::{check_cpu, f32_data, row_key, tensor_bytes};
 use super::pipe::Link;
 use super::rendezvous;
@@ -43,6 +44,8 @@ pub struct RingOptions {
     pub transport: Transport,
     /// Shared-memory pipelining unit (one doorbell per chunk).
     pub shm_chunk_bytes: usize,
+    /// The run's secret the handshake proves (`RingKey::from_token`); every rank must agree.
+    pub key: RingKey,
 }
 
 impl Default for RingOptions {
@@ -54,6 +57,7 @@ impl Default for RingOptions {
             generation: 0,
             transport: Transport::Auto,
             shm_chunk_bytes: DEFAULT_SHM_CHUNK_BYTES,
+            key: RingKey::default(),
         }
     }
 }
@@ -159,6 +163,7 @@ impl RingCollective {
             peers,
             &listener,
             ring.opts.generation,
+            ring.opts.key,
             ring.opts.timeout,
         )?;
         ring.links = Some(Links {
