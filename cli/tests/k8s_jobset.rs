@@ -43,7 +43,17 @@ fn a_jobset_holds_the_same_pods_started_coordinator_first() {
     let (_, jobs) = render(GPU);
     let (_, docs) = render(&with(GPU, &["--kind", "jobset"]));
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    assert_eq!(kinds, ["ConfigMap", "ConfigMap", "Service", "JobSet"]);
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "Service",
+            "JobSet",
+            "NetworkPolicy",
+            "NetworkPolicy"
+        ]
+    );
     let js = find(&docs, "JobSet", "ferroclip");
     assert_eq!(js["apiVersion"], "jobset.x-k8s.io/v1alpha2");
     let spec = &js["spec"];
@@ -339,4 +349,42 @@ fn failure_rules_answer_every_exit_code_as_the_job_kind_does() {
         .as_u64()
         .expect("maxRestarts");
     assert!((1..=10).contains(&max), "{max}");
+}
+
+#[test]
+fn network_policies_admit_workers_to_the_coordinator_and_each_other_only() {
+    let workers = json!({ "podSelector": { "matchLabels": {
+        "app.kubernetes.io/instance": "ferroclip", "app.kubernetes.io/component": "worker" } } });
+    for (args, ring_ports) in [
+        // CPU: 2 processes per pod, the ring's two ports.
+        (
+            with(&["--gpus-per-worker", "2"], &CPU[..]),
+            json!([{ "protocol": "TCP", "port": 29500, "endPort": 29501 }]),
+        ),
+        // GPU: NCCL opens its own ports, so any port, but still only from the run's workers.
+        (GPU.to_vec(), Value::Null),
+    ] {
+        for kind in ["job", "jobset"] {
+            let (_, docs) = render(&with(&args, &["--kind", kind]));
+            let coord = &find(&docs, "NetworkPolicy", "ferroclip-coordinator")["spec"];
+            assert_eq!(coord["policyTypes"], json!(["Ingress"]));
+            assert_eq!(
+                coord["ingress"][0]["from"],
+                json!([workers.clone()]),
+                "{kind}"
+            );
+            assert_eq!(
+                coord["ingress"][0]["ports"],
+                json!([{ "protocol": "TCP", "port": 50051 }])
+            );
+            assert_eq!(
+                coord["ingress"][1]["ports"],
+                json!([{ "protocol": "TCP", "port": 8080 }])
+            );
+            let w = &find(&docs, "NetworkPolicy", "ferroclip-workers")["spec"];
+            assert_eq!(w["ingress"][0]["from"], json!([workers.clone()]), "{kind}");
+            assert_eq!(w["ingress"][0]["ports"], ring_ports, "{kind} {args:?}");
+            assert_eq!(w["ingress"].as_array().map(Vec::len), Some(1));
+        }
+    }
 }

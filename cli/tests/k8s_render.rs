@@ -50,7 +50,15 @@ fn gpu_run_has_an_indexed_job_with_gpus_and_a_probed_coordinator() {
         .collect();
     assert_eq!(
         kinds,
-        ["ConfigMap", "ConfigMap", "Service", "Deployment", "Job"]
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "Service",
+            "Deployment",
+            "Job",
+            "NetworkPolicy",
+            "NetworkPolicy"
+        ]
     );
 
     let job = &find(&docs, "Job", "ferroclip-workers")["spec"];

@@ -7,6 +7,7 @@
 
 mod job;
 mod jobset;
+mod network;
 mod pods;
 
 use serde_json::{json, Value};
@@ -118,6 +119,7 @@ pub fn render(spec: &RunSpec) -> Vec<Value> {
         Kind::Job => objects.extend([job::deployment(spec), job::job(spec)]),
         Kind::Jobset => objects.push(jobset::jobset(spec)),
     }
+    objects.extend(network::policies(spec));
     objects
 }
 
