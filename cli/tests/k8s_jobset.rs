@@ -358,7 +358,7 @@ fn network_policies_admit_workers_to_the_coordinator_and_each_other_only() {
     for (args, ring_ports) in [
         // CPU: 2 processes per pod, the ring's two ports.
         (
-            with(&["--gpus-per-worker", "2"], &CPU[..]),
+            with(&["--gpus-per-worker", "2"], CPU),
             json!([{ "protocol": "TCP", "port": 29500, "endPort": 29501 }]),
         ),
         // GPU: NCCL opens its own ports, so any port, but still only from the run's workers.
