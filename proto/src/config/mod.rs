@@ -122,6 +122,11 @@ pub struct OptimSection {
     pub global_batch: u32,
     pub lr: f64,
     pub weight_decay: f64,
+    /// Which parameters `weight_decay` applies to: "openclip" (OpenCLIP's rule: not to
+    /// parameters with fewer than 2 dims, norms, biases, `logit_scale`/`logit_bias`) or
+    /// "no_embeddings" (that rule, and not to the token, positional and class embeddings or the
+    /// MAE/MLM learned vectors either).
+    pub weight_decay_rule: WeightDecayRule,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -199,6 +204,19 @@ pub enum Precision {
     Auto,
     Fp32,
     AmpBf16,
+}
+
+/// Which parameters AdamW's weight decay applies to (`optim.weight_decay_rule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightDecayRule {
+    /// OpenCLIP's `exclude`: no decay for `ndim < 2` or a name containing "bn", "ln", "bias"
+    /// or "logit_scale".
+    #[default]
+    Openclip,
+    /// OpenCLIP's rule, and no decay for embeddings (names containing "embedding" or
+    /// "pos_embed") either.
+    NoEmbeddings,
 }
 
 /// Number format of all-reduce payloads on the wire.
@@ -315,6 +333,7 @@ impl Default for OptimSection {
             global_batch: 64,
             lr: 5e-4,
             weight_decay: 0.2,
+            weight_decay_rule: WeightDecayRule::Openclip,
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-6,

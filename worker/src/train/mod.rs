@@ -109,6 +109,7 @@ impl Trainer {
                 beta2: o.beta2,
                 eps: o.eps,
                 weight_decay: o.weight_decay,
+                decay_rule: o.weight_decay_rule,
             },
         );
         let bucket_bytes = if cfg.cluster.bucket_mb > 0.0 {
