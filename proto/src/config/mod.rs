@@ -96,6 +96,18 @@ pub struct ModelSection {
     pub decoder_width: Option<i64>,
     pub decoder_layers: Option<i64>,
     pub decoder_heads: Option<i64>,
+    /// LiT: freeze the image tower (OpenCLIP's `--lock-image`); its parameters are neither
+    /// updated nor all-reduced.
+    pub lock_image: bool,
+    /// With `lock_image`, the image tower's last N groups stay trainable (OpenCLIP's
+    /// `--lock-image-unlocked-groups`; groups: embeddings, each block, the last block with
+    /// ln_post, the projection).
+    pub lock_image_unlocked_groups: u32,
+    /// Freeze the text tower (OpenCLIP's `--lock-text`).
+    pub lock_text: bool,
+    /// With `lock_text`, the text tower's last N groups stay trainable (OpenCLIP's
+    /// `--lock-text-unlocked-layers`; groups as the image tower's, ln_final for ln_post).
+    pub lock_text_unlocked_groups: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,6 +322,10 @@ impl Default for ModelSection {
             decoder_width: None,
             decoder_layers: None,
             decoder_heads: None,
+            lock_image: false,
+            lock_image_unlocked_groups: 0,
+            lock_text: false,
+            lock_text_unlocked_groups: 0,
         }
     }
 }

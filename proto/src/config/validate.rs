@@ -90,6 +90,26 @@ impl RunConfig {
                 ),
             ));
         }
+        let m = &self.model;
+        for (field, lock, unlocked) in [
+            (
+                "model.lock_image_unlocked_groups",
+                m.lock_image,
+                m.lock_image_unlocked_groups,
+            ),
+            (
+                "model.lock_text_unlocked_groups",
+                m.lock_text,
+                m.lock_text_unlocked_groups,
+            ),
+        ] {
+            if unlocked > 0 && !lock {
+                return Err(bad(
+                    field,
+                    format!("is {unlocked}, but its tower is not locked (set the lock too)"),
+                ));
+            }
+        }
         let [lo, hi] = self.data.crop_scale;
         // Written so that NaN fails every comparison into the error.
         if !(lo > 0.0 && lo <= hi && hi <= 1.0) {

@@ -4,6 +4,7 @@
 //! state-dict keys (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`, ...);
 //! the MAE decoder and MLM head, when enabled, live under `mae.` and `mlm.`.
 
+pub mod lock;
 pub mod mae;
 pub mod masking;
 pub mod mlm;

@@ -13,6 +13,7 @@ mod objectives;
 use crate::collective::buckets::{GradBuckets, DEFAULT_BUCKET_BYTES};
 use crate::collective::{Collective, CollectiveError};
 use crate::data::Batch;
+use crate::model::lock::Lock;
 use crate::model::{Clip, Heads, ModelConfig, ModelError};
 use crate::optim;
 use crate::overlap::OverlappedReducer;
@@ -96,6 +97,14 @@ impl Trainer {
             mae: cfg.objectives.mae > 0.0,
         };
         let model = Clip::new(&mc, heads, cfg.run.seed as i64, kind)?;
+        let m = &cfg.model;
+        let locked = model.apply_lock(Lock {
+            image: m.lock_image.then_some(m.lock_image_unlocked_groups),
+            text: m.lock_text.then_some(m.lock_text_unlocked_groups),
+        });
+        if !locked.is_empty() {
+            tracing::info!("{} parameter tensors locked (model.lock_*)", locked.len());
+        }
         let named: Vec<(String, Tensor)> = model
             .params
             .iter()
@@ -306,8 +315,10 @@ impl Trainer {
         tb: std::time::Instant,
         coll: &mut dyn Collective,
     ) -> Result<f64> {
-        let model_loss =
-            (!surrogate.is_empty()).then(|| Tensor::stack(surrogate, 0).sum(self.model.kind()));
+        // Nothing to back-propagate when every parameter the surrogates reach is locked.
+        let model_loss = (!surrogate.is_empty())
+            .then(|| Tensor::stack(surrogate, 0).sum(self.model.kind()))
+            .filter(|l| l.requires_grad());
         // Overlapped: buckets are all-reduced while this backward runs, in the same order and
         // layout as the plain path's, so a rank taking the plain path (no rows) still matches.
         let overlap = self.overlap.unwrap_or(dev.is_cuda());
@@ -331,6 +342,12 @@ impl Trainer {
         }
     }
 
+    /// Elements of each gradient bucket the plain all-reduce sends (None before its first
+    /// all-reduce): the trainable parameters only.
+    pub fn bucket_sizes(&self) -> Option<Vec<usize>> {
+        self.buckets.as_ref().map(GradBuckets::bucket_sizes)
+    }
+
     fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<()> {
         if self.buckets.is_none() {
             self.buckets = Some(GradBuckets::new(&self.param_handles(), self.bucket_bytes)?);
@@ -351,9 +368,13 @@ impl Trainer {
             self.total_steps,
         );
         let params = self.param_handles();
-        // The all-reduce gives every parameter a grad (zeros where no objective reached it);
-        // so does a single process, so that AdamW's decay treats them alike.
-        for p in params.iter().filter(|p| !p.grad().defined()) {
+        // The all-reduce gives every trainable parameter a grad (zeros where no objective reached
+        // it); so does a single process, so that AdamW's decay treats them alike. Locked ones
+        // have none, so AdamW leaves them as they are.
+        for p in params
+            .iter()
+            .filter(|p| p.requires_grad() && !p.grad().defined())
+        {
             let _zeros = crate::collective::buckets::materialize_grad(p)?;
         }
         let grad_norm = optim::clip_grad_norm(&params, self.optim.grad_clip);
