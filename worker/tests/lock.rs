@@ -4,28 +4,16 @@
 
 mod common;
 
-use common::{on_ring, tiny_config, RNG};
+use common::{global_batch, on_ring, tiny_config, RNG};
 use ferroclip_proto::config::{RunConfig, Switch};
 use ferroclip_worker::collective::ring::RingOptions;
 use ferroclip_worker::collective::Single;
 use ferroclip_worker::train::Trainer;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 fn trainer(cfg: &RunConfig) -> Trainer {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     Trainer::with_kind(cfg, 10, Kind::Float).expect("trainer")
-}
-
-/// Step `s`'s 16 samples: random images, token rows "sot w.. eot 0..".
-fn batch(s: i64) -> (Tensor, Tensor) {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(200 + s);
-    let images = Tensor::randn([16, 3, 16, 16], (Kind::Float, Device::Cpu));
-    let words = Tensor::randint_low(1, 298, [16, 8], (Kind::Int64, Device::Cpu));
-    let pos = Tensor::arange(8, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-    let t = words.where_self(&pos.ne(0), &Tensor::full_like(&words, 298));
-    let t = t.where_self(&pos.ne(6), &Tensor::full_like(&t, 299));
-    (images, t.where_self(&pos.lt(7), &Tensor::zeros_like(&t)))
 }
 
 fn snapshot(t: &Trainer) -> Vec<(String, Tensor)> {
@@ -51,7 +39,7 @@ fn unchanged_after_training(cfg: &RunConfig) -> Vec<(String, bool)> {
     let mut t = trainer(cfg);
     let before = snapshot(&t);
     for s in 0..3 {
-        let (img, tok) = batch(s);
+        let (img, tok) = global_batch(s, Kind::Float);
         t.compute_grads_tensors(&img, &tok, 16, &mut Single)
             .expect("grads");
         t.apply_update().expect("update");
@@ -92,7 +80,7 @@ fn unlocked_groups_of_a_locked_text_tower_train() {
 fn allreduce_elements(cfg: &RunConfig) -> usize {
     let sizes = on_ring(2, RingOptions::default(), |rank, ring| {
         let mut t = trainer(cfg);
-        let (img, tok) = batch(0);
+        let (img, tok) = global_batch(0, Kind::Float);
         let (img, tok) = (
             img.narrow(0, 8 * rank as i64, 8),
             tok.narrow(0, 8 * rank as i64, 8),

@@ -63,6 +63,7 @@ fn vit_b_32_names_and_shapes_equal_openclip() {
     let m = Clip::new(
         &cfg,
         Heads {
+            siglip: false,
             mlm: true,
             mae: true,
         },

@@ -115,6 +115,9 @@ pub struct ModelSection {
 pub struct Objectives {
     /// Weight of the symmetric InfoNCE loss over the global batch (0 = off).
     pub contrastive: f64,
+    /// Weight of SigLIP's sigmoid pairwise loss over the global batch (0 = off): a learnable
+    /// bias `logit_bias` (init -10) joins the model and the logit scale starts at ln 10.
+    pub siglip: f64,
     /// Weight of text masked-language-modeling (0 = off).
     pub mlm: f64,
     /// Weight of image masked-autoencoding (0 = off).
@@ -334,6 +337,7 @@ impl Default for Objectives {
     fn default() -> Self {
         Self {
             contrastive: 1.0,
+            siglip: 0.0,
             mlm: 0.0,
             mae: 0.0,
             patch_dropout: 0.0,

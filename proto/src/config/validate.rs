@@ -73,9 +73,10 @@ impl RunConfig {
         }
         let o = &self.objectives;
         non_negative("objectives.contrastive", o.contrastive)?;
+        non_negative("objectives.siglip", o.siglip)?;
         non_negative("objectives.mlm", o.mlm)?;
         non_negative("objectives.mae", o.mae)?;
-        if o.contrastive + o.mlm + o.mae <= 0.0 {
+        if o.contrastive + o.siglip + o.mlm + o.mae <= 0.0 {
             return Err(bad(
                 "objectives",
                 "at least one objective needs a weight > 0".into(),

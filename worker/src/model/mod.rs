@@ -56,6 +56,8 @@ pub struct ModelConfig {
 /// Auxiliary heads beyond OpenCLIP's CLIP.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Heads {
+    /// SigLIP: a `logit_bias` parameter, and the logit scale initialised to ln 10.
+    pub siglip: bool,
     pub mlm: bool,
     pub mae: bool,
 }
@@ -185,6 +187,8 @@ pub struct Clip {
     pub visual: vit::VisionTower,
     pub text: text::TextTower,
     pub logit_scale: Tensor,
+    /// SigLIP's learnable bias (OpenCLIP's `logit_bias`), when `heads.siglip`.
+    pub logit_bias: Option<Tensor>,
     pub mae: Option<mae::MaeDecoder>,
     pub mlm: Option<mlm::MlmHead>,
 }
@@ -228,7 +232,13 @@ impl Clip {
             c.text_heads,
             c.embed_dim,
         );
-        let logit_scale = p.constant("logit_scale".into(), &[], (1.0f64 / 0.07).ln(), kind);
+        // SigLIP's init (the paper, OpenCLIP's `init_logit_scale`/`init_logit_bias`): t = 10,
+        // b = -10; CLIP's: t = 1 / 0.07.
+        let init_scale = if heads.siglip { 10f64 } else { 1.0 / 0.07 };
+        let logit_scale = p.constant("logit_scale".into(), &[], init_scale.ln(), kind);
+        let logit_bias = heads
+            .siglip
+            .then(|| p.constant("logit_bias".into(), &[], -10.0, kind));
         let mae = heads.mae.then(|| {
             mae::MaeDecoder::new(
                 &mut p,
@@ -251,6 +261,7 @@ impl Clip {
             visual,
             text,
             logit_scale,
+            logit_bias,
             mae,
             mlm,
         })

@@ -32,6 +32,7 @@ mod tests {
     fn decayed(rule: WeightDecayRule) -> BTreeSet<String> {
         let c = ModelConfig::preset("tiny").expect("tiny preset");
         let heads = Heads {
+            siglip: true,
             mlm: true,
             mae: true,
         };

@@ -9,6 +9,7 @@
 //! returns its loss and its surrogate terms for that backward (`backward` here).
 
 mod objectives;
+pub mod siglip;
 
 use crate::collective::buckets::{GradBuckets, DEFAULT_BUCKET_BYTES};
 use crate::collective::{Collective, CollectiveError};
@@ -43,6 +44,8 @@ pub struct StepLosses {
     /// Weighted sum of the enabled objectives.
     pub total: f64,
     pub contrastive: f64,
+    #[serde(default)]
+    pub siglip: f64,
     pub mlm: f64,
     pub mae: f64,
 }
@@ -93,6 +96,7 @@ impl Trainer {
     pub fn with_kind(cfg: &RunConfig, total_steps: u64, kind: Kind) -> Result<Self> {
         let mc = ModelConfig::from_section(&cfg.model)?;
         let heads = Heads {
+            siglip: cfg.objectives.siglip > 0.0,
             mlm: cfg.objectives.mlm > 0.0,
             mae: cfg.objectives.mae > 0.0,
         };
@@ -244,9 +248,18 @@ impl Trainer {
         // What goes back through the towers in the one model backward.
         let mut surrogate: Vec<Tensor> = Vec::new();
         let mut backward_s = 0.0;
-        if o.contrastive > 0.0 {
-            let t = self.contrastive(images, tokens, &rows, coll)?;
+        // Both contrastive objectives (when both are on) score the same features.
+        let features =
+            (o.contrastive > 0.0 || o.siglip > 0.0).then(|| self.features(images, tokens, &rows));
+        if let (true, Some((img_f, txt_f))) = (o.contrastive > 0.0, &features) {
+            let t = self.contrastive(img_f, txt_f, &rows, coll)?;
             out.contrastive = t.loss;
+            backward_s += t.backward_s;
+            surrogate.extend(t.surrogate);
+        }
+        if let (true, Some((img_f, txt_f))) = (o.siglip > 0.0, &features) {
+            let t = self.siglip(img_f, txt_f, &rows, coll)?;
+            out.siglip = t.loss;
             backward_s += t.backward_s;
             surrogate.extend(t.surrogate);
         }
@@ -260,7 +273,10 @@ impl Trainer {
             out.mae = t.loss;
             surrogate.extend(t.surrogate);
         }
-        out.total = o.contrastive * out.contrastive + o.mlm * out.mlm + o.mae * out.mae;
+        out.total = o.contrastive * out.contrastive
+            + o.siglip * out.siglip
+            + o.mlm * out.mlm
+            + o.mae * out.mae;
         if !out.total.is_finite() {
             return Err(TrainError::NonFinite {
                 loss: out.total,

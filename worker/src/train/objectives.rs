@@ -3,6 +3,8 @@
 //! its loss for `StepLosses` and the surrogate terms whose gradient, in the trainer's one model
 //! backward, is the objective's share of the model gradient.
 //!
+//! SigLIP's chunked exchange is in `siglip.rs`.
+//!
 //! Masks are drawn per row from `row_rngs(stream, ..)`: stream 1 FLIP patch dropout, 2 MLM,
 //! 3 MAE.
 
@@ -23,6 +25,10 @@ pub(super) struct Rows {
     pub n: i64,
     /// n / global batch: turns a local mean into this rank's share of the global mean.
     pub scale: f64,
+    /// The global batch (rows over every rank).
+    pub global: i64,
+    /// Every rank's row count, in rank order.
+    pub lens: Vec<i64>,
     pub device: Device,
 }
 
@@ -41,6 +47,8 @@ impl Rows {
             offset,
             n,
             scale: n as f64 / global_batch as f64,
+            global: global_batch as i64,
+            lens,
             device,
         })
     }
@@ -76,17 +84,14 @@ impl Trainer {
             .collect()
     }
 
-    /// InfoNCE over the global batch with gather-with-grad: features are all-gathered (detached)
-    /// into leaves, this rank's rows are scored against every column, the leaves' gradients are
-    /// summed over the ranks, and this rank's slice of them weighs its own features in the
-    /// surrogate. Collectives: two all-gathers, two all-reduces.
-    pub(super) fn contrastive(
+    /// This rank's normalised image (FLIP's patch dropout applied) and text features for the
+    /// contrastive objectives; [0, E] without rows.
+    pub(super) fn features(
         &self,
         images: &Tensor,
         tokens: &Tensor,
         rows: &Rows,
-        coll: &mut dyn Collective,
-    ) -> Result<Term> {
+    ) -> (Tensor, Tensor) {
         let o = &self.objectives;
         let m = &self.model;
         let (offset, n, dev) = (rows.offset, rows.n, rows.device);
@@ -95,7 +100,7 @@ impl Trainer {
             let mut rngs = self.row_rngs(1, offset, n);
             masking::patch_keep(&mut rngs, g, masking::kept(g, o.patch_dropout)).to_device(dev)
         });
-        let (img_f, txt_f) = if n > 0 {
+        if n > 0 {
             (
                 m.image_features(images, keep.as_ref()),
                 m.text_features(tokens),
@@ -103,7 +108,23 @@ impl Trainer {
         } else {
             let empty = Tensor::zeros([0, m.config.embed_dim], (m.kind(), dev));
             (empty.shallow_clone(), empty)
-        };
+        }
+    }
+
+    /// InfoNCE over the global batch with gather-with-grad: features are all-gathered (detached)
+    /// into leaves, this rank's rows are scored against every column, the leaves' gradients are
+    /// summed over the ranks, and this rank's slice of them weighs its own features in the
+    /// surrogate. Collectives: two all-gathers, two all-reduces.
+    pub(super) fn contrastive(
+        &self,
+        img_f: &Tensor,
+        txt_f: &Tensor,
+        rows: &Rows,
+        coll: &mut dyn Collective,
+    ) -> Result<Term> {
+        let o = &self.objectives;
+        let m = &self.model;
+        let (offset, n) = (rows.offset, rows.n);
         let all_img = coll
             .all_gather(&img_f.detach())?
             .detach()
@@ -128,8 +149,8 @@ impl Trainer {
         coll.all_reduce_sum(&mut g_txt)?;
         let mut surrogate = Vec::new();
         if n > 0 {
-            surrogate.push((&img_f * g_img.narrow(0, offset, n)).sum(img_f.kind()));
-            surrogate.push((&txt_f * g_txt.narrow(0, offset, n)).sum(txt_f.kind()));
+            surrogate.push((img_f * g_img.narrow(0, offset, n)).sum(img_f.kind()));
+            surrogate.push((txt_f * g_txt.narrow(0, offset, n)).sum(txt_f.kind()));
         }
         Ok(Term {
             loss,

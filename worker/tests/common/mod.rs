@@ -6,6 +6,7 @@ use std::net::TcpListener;
 
 use ferroclip_proto::config::RunConfig;
 use ferroclip_worker::collective::ring::{RingCollective, RingOptions};
+use tch::{Device, Kind, Tensor};
 
 /// A two-layer ViT on 16×16 images (4×4 patches) and a two-layer text tower over 8 tokens of a
 /// 300-word vocabulary, with a one-layer MAE decoder: every code path, in milliseconds.
@@ -19,6 +20,20 @@ pub fn tiny_config() -> RunConfig {
     (m.text_width, m.text_layers, m.text_heads) = (Some(32), Some(2), Some(2));
     (m.decoder_width, m.decoder_layers, m.decoder_heads) = (Some(16), Some(1), Some(2));
     c
+}
+
+/// Step `s`'s 16 samples for `tiny_config`'s model: random images, token rows
+/// "sot w.. eot 0..".
+pub fn global_batch(s: i64, kind: Kind) -> (Tensor, Tensor) {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(100 + s);
+    let images = Tensor::randn([16, 3, 16, 16], (Kind::Float, Device::Cpu)).to_kind(kind);
+    let words = Tensor::randint_low(1, 298, [16, 8], (Kind::Int64, Device::Cpu));
+    let pos = Tensor::arange(8, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    let t = words.where_self(&pos.ne(0), &Tensor::full_like(&words, 298));
+    let t = t.where_self(&pos.ne(6), &Tensor::full_like(&t, 299));
+    let t = t.where_self(&pos.lt(7), &Tensor::zeros_like(&t));
+    (images, t)
 }
 
 /// torch's generator is global: rank threads seeding and drawing at once would interleave.
