@@ -111,6 +111,7 @@ fn tiny_openclip_config() -> ModelConfig {
         decoder_width: 16,
         decoder_layers: 1,
         decoder_heads: 1,
+        quick_gelu: false,
     }
 }
 

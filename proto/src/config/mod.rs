@@ -78,7 +78,8 @@ pub struct DataSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// "tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", or "custom" (then every field below is used).
+    /// "tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", or "custom" (then every field below is used);
+    /// the ViTs with "-quickgelu" (e.g. "ViT-B-32-quickgelu") use QuickGELU, as OpenAI's weights.
     pub preset: String,
     /// Overrides of the preset's shape; absent = the preset's value.
     pub embed_dim: Option<i64>,
@@ -96,6 +97,12 @@ pub struct ModelSection {
     pub decoder_width: Option<i64>,
     pub decoder_layers: Option<i64>,
     pub decoder_heads: Option<i64>,
+    /// Weights to start from ("" = random init): a ferroclip checkpoint (or a directory of
+    /// them), an OpenCLIP / Hugging Face hub directory (`open_clip_config.json` +
+    /// `open_clip_model.safetensors`; its config picks the architecture, `preset` and the
+    /// overrides are then unused), or a bare OpenCLIP `.safetensors` file (of `preset`'s shape).
+    /// Only the model's weights are taken: the step, the optimizer and the data start afresh.
+    pub init: String,
     /// LiT: freeze the image tower (OpenCLIP's `--lock-image`); its parameters are neither
     /// updated nor all-reduced.
     pub lock_image: bool,
@@ -325,6 +332,7 @@ impl Default for ModelSection {
             decoder_width: None,
             decoder_layers: None,
             decoder_heads: None,
+            init: String::new(),
             lock_image: false,
             lock_image_unlocked_groups: 0,
             lock_text: false,

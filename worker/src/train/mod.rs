@@ -34,6 +34,8 @@ pub enum TrainError {
     NonFinite { loss: f64, step: u64 },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("model.init: {0}")]
+    Init(#[from] crate::checkpoint::CheckpointError),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
@@ -94,13 +96,29 @@ impl Trainer {
 
     /// As `new`, with parameters in `kind` (Double for gradient checks).
     pub fn with_kind(cfg: &RunConfig, total_steps: u64, kind: Kind) -> Result<Self> {
-        let mc = ModelConfig::from_section(&cfg.model)?;
+        let init = if cfg.model.init.is_empty() {
+            None
+        } else {
+            let opts = ferroclip_shards::StoreOptions {
+                retry_budget: std::time::Duration::from_secs_f64(cfg.store.retry_budget_s),
+                ..Default::default()
+            };
+            Some(crate::checkpoint::read_pretrained(&cfg.model.init, &opts)?)
+        };
+        // A checkpoint or hub directory brings its own architecture.
+        let mc = match init.as_ref().and_then(|p| p.config.clone()) {
+            Some(c) => c,
+            None => ModelConfig::from_section(&cfg.model)?,
+        };
         let heads = Heads {
             siglip: cfg.objectives.siglip > 0.0,
             mlm: cfg.objectives.mlm > 0.0,
             mae: cfg.objectives.mae > 0.0,
         };
         let model = Clip::new(&mc, heads, cfg.run.seed as i64, kind)?;
+        if let Some(p) = &init {
+            crate::checkpoint::load_into(&model, p)?;
+        }
         let m = &cfg.model;
         let locked = model.apply_lock(Lock {
             image: m.lock_image.then_some(m.lock_image_unlocked_groups),

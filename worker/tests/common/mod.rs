@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use ferroclip_proto::config::RunConfig;
 use ferroclip_worker::collective::ring::{RingCollective, RingOptions};
@@ -77,4 +79,50 @@ pub fn on_ring<T: Send>(
             .map(|h| h.join().expect("rank thread"))
             .collect()
     })
+}
+
+/// `ferroclip-worker embed ARGS`.
+pub fn embed(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferroclip-worker"))
+        .arg("embed")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run embed")
+}
+
+/// Asserts the command succeeded, showing its output if not.
+pub fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "status {:?}\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A NumPy v1 float32 C-order 2-D file → (rows, dim, values).
+pub fn read_npy(path: &Path) -> (usize, usize, Vec<f32>) {
+    let b = std::fs::read(path).expect("read npy");
+    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    assert_eq!((10 + hlen) % 64, 0, "header padded to 64 bytes");
+    let header = std::str::from_utf8(&b[10..10 + hlen]).expect("ascii header");
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"));
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("shape");
+    let dims: Vec<usize> = shape
+        .split(',')
+        .filter_map(|d| d.trim().parse().ok())
+        .collect();
+    let values: Vec<f32> = b[10 + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(values.len(), dims[0] * dims[1]);
+    (dims[0], dims[1], values)
 }
