@@ -180,6 +180,27 @@ fn two_ranks_of_8_equal_one_process_of_16_siglip_with_every_objective() {
 }
 
 #[test]
+fn two_ranks_of_4_micro_batches_of_2_equal_one_process_of_16_in_one_pass() {
+    // GradCache: features first without activations, losses over the global batch, then each
+    // micro-batch again with its cached feature gradients; every objective on, both contrastive
+    // losses, FLIP's patch dropout included.
+    let mut cfg = config();
+    let o = &mut cfg.objectives;
+    (o.contrastive, o.siglip, o.mlm, o.mae, o.patch_dropout) = (1.0, 0.5, 0.5, 0.5, 0.25);
+    let reference = single(&cfg, 3);
+    cfg.optim.micro_batch = 2;
+    let ranks = two_ranks(&cfg, 3);
+    assert_close(&ranks[0], &ranks[1], "rank 0 vs rank 1");
+    assert_close(&ranks[0], &reference, "2×(4×2) vs 1×16");
+    // Unequal shares: 5 rows (micro-batches 2+2+1) and 11.
+    let ranks = two_ranks_split(&cfg, 3, 5);
+    assert_close(&ranks[0], &reference, "(2+2+1) + 11 vs 1×16");
+    assert_moved(&cfg, &reference, "visual.");
+    assert_moved(&cfg, &reference, "mlm.");
+    assert_moved(&cfg, &reference, "mae.");
+}
+
+#[test]
 fn overlapped_all_reduce_updates_exactly_as_the_plain_path() {
     // cluster.overlap_allreduce = "on" (the default on GPUs) all-reduces buckets during the model
     // backward; the plain path after it. Same buckets, same order: the same sums.

@@ -155,6 +155,11 @@ pub struct OptimSection {
     pub warmup_steps: u64,
     /// Clip gradients by global norm (0 = off).
     pub grad_clip: f64,
+    /// Exact gradient accumulation (GradCache): rows per forward pass with activations kept, on
+    /// each rank (0 = the whole local batch at once). Features of every micro-batch are first
+    /// computed without activations, the losses taken over the global batch, then each
+    /// micro-batch re-runs with grad; the update equals the one-pass step's.
+    pub micro_batch: u32,
     /// auto (bf16 autocast with fp32 master weights on a GPU, fp32 on CPU), fp32 or amp_bf16
     /// (GPU only).
     pub precision: Precision,
@@ -367,6 +372,7 @@ impl Default for OptimSection {
             eps: 1e-6,
             warmup_steps: 10,
             grad_clip: 1.0,
+            micro_batch: 0,
             precision: Precision::Auto,
         }
     }

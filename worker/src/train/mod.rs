@@ -8,6 +8,7 @@
 //! backward together with MLM and MAE. Each objective is one function in `objectives` that
 //! returns its loss and its surrogate terms for that backward (`backward` here).
 
+mod accumulate;
 mod objectives;
 pub mod siglip;
 
@@ -261,6 +262,10 @@ impl Trainer {
         let n = self.check_batch(images, tokens, global_batch)?;
         let t0 = std::time::Instant::now();
         let rows = Rows::locate(n, global_batch, images.device(), coll)?;
+        if self.optim.micro_batch > 0 {
+            let micro = i64::from(self.optim.micro_batch);
+            return self.forward_backward_micro(images, tokens, &rows, micro, coll);
+        }
         let o = self.objectives.clone();
         let mut out = StepLosses::default();
         // What goes back through the towers in the one model backward.
