@@ -4,6 +4,7 @@
 /// Weighted sum of the enabled objectives, and each objective's loss (`loss/<objective>`).
 pub const LOSS_TOTAL: &str = "loss/total";
 pub const LOSS_CONTRASTIVE: &str = "loss/contrastive";
+pub const LOSS_SIGLIP: &str = "loss/siglip";
 pub const LOSS_MLM: &str = "loss/mlm";
 pub const LOSS_MAE: &str = "loss/mae";
 /// Every loss key starts with this (losses are weighted by the rank's samples).

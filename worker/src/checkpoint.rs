@@ -6,9 +6,11 @@
 //! `ferroclip_shards::checkpoints`, which the coordinator prunes by). `join`, `train`, `eval`
 //! and `embed` all go through `store`.
 
+pub mod pretrained;
 pub mod store;
 
 pub use ferroclip_shards::checkpoints::COMMIT;
+pub use pretrained::{load_into, read_pretrained, Pretrained};
 pub use store::{committed, latest, load, read, resolve, save, Checkpoint};
 
 use crate::model::ModelConfig;

@@ -2,6 +2,9 @@
 //! by local/global batch, so sums over ranks are global means); MLM a sum the trainer divides by
 //! the global count of chosen tokens.
 
+mod siglip;
+
+pub use siglip::siglip_sum;
 use tch::{Kind, Reduction, Tensor};
 
 /// OpenCLIP's local contrastive loss: this rank's `n` rows, starting at `offset` of the gathered

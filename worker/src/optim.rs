@@ -2,8 +2,11 @@
 //! with linear warmup, and clipping by global norm. The state is plain tensors so checkpoints
 //! and the distributed join can move it.
 
+pub mod decay;
 pub mod fused;
 
+pub use decay::decays;
+use ferroclip_proto::config::WeightDecayRule;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -12,15 +15,8 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-}
-
-/// OpenCLIP excludes gains, biases and the logit scale from weight decay; the issue adds
-/// embeddings (token, positional, class) and the MAE/MLM learned vectors.
-pub fn decays(name: &str, shape: &[i64]) -> bool {
-    !(shape.len() < 2
-        || name.contains("embedding")
-        || name.contains("pos_embed")
-        || name == "logit_scale")
+    /// Which parameters `weight_decay` applies to (`decay::decays`).
+    pub decay_rule: WeightDecayRule,
 }
 
 #[derive(Debug)]
@@ -50,7 +46,7 @@ impl AdamW {
                 param: p.shallow_clone(),
                 exp_avg: p.detach().zeros_like(),
                 exp_avg_sq: p.detach().zeros_like(),
-                decay: decays(name, &p.size()),
+                decay: decays(cfg.decay_rule, name, &p.size()),
             })
             .collect();
         Self {
@@ -212,6 +208,7 @@ mod tests {
             beta2: 0.98,
             eps: 1e-6,
             weight_decay: 0.2,
+            decay_rule: WeightDecayRule::Openclip,
         };
         let mut opt = AdamW::new(&ps, cfg);
         opt.fused = fused;

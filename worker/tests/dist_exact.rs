@@ -14,12 +14,12 @@
 
 mod common;
 
-use common::{on_ring, tiny_config, RNG};
+use common::{global_batch, on_ring, tiny_config, RNG};
 use ferroclip_proto::config::{RunConfig, Switch};
 use ferroclip_worker::collective::ring::RingOptions;
 use ferroclip_worker::collective::Single;
 use ferroclip_worker::train::Trainer;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Parameters of the f64 runs may differ by this much (see the module comment).
 const EXACT: f64 = 1e-9;
@@ -37,19 +37,6 @@ fn config() -> RunConfig {
 fn trainer(cfg: &RunConfig, kind: Kind) -> Trainer {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     Trainer::with_kind(cfg, 10, kind).expect("trainer")
-}
-
-/// Step `s`'s 16 samples: random images, token rows "sot w.. eot 0..".
-fn global_batch(s: i64, kind: Kind) -> (Tensor, Tensor) {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(100 + s);
-    let images = Tensor::randn([16, 3, 16, 16], (Kind::Float, Device::Cpu)).to_kind(kind);
-    let words = Tensor::randint_low(1, 298, [16, 8], (Kind::Int64, Device::Cpu));
-    let pos = Tensor::arange(8, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-    let t = words.where_self(&pos.ne(0), &Tensor::full_like(&words, 298));
-    let t = t.where_self(&pos.ne(6), &Tensor::full_like(&t, 299));
-    let t = t.where_self(&pos.lt(7), &Tensor::zeros_like(&t));
-    (images, t)
 }
 
 type Named = Vec<(String, Tensor)>;
@@ -161,6 +148,54 @@ fn two_ranks_of_8_equal_one_process_of_16_with_every_objective() {
     assert_close(&ranks[0], &ranks[1], "rank 0 vs rank 1");
     assert_close(&ranks[0], &reference, "2×8 vs 1×16");
     // The MLM head and the MAE decoder were trained too.
+    assert_moved(&cfg, &reference, "mlm.");
+    assert_moved(&cfg, &reference, "mae.");
+}
+
+#[test]
+fn two_ranks_of_8_equal_one_process_of_16_siglip() {
+    // SigLIP's chunk-by-chunk exchange instead of the gathered InfoNCE.
+    let mut cfg = config();
+    (cfg.objectives.contrastive, cfg.objectives.siglip) = (0.0, 1.0);
+    let reference = single(&cfg, 3);
+    let ranks = two_ranks(&cfg, 3);
+    assert_close(&ranks[0], &ranks[1], "rank 0 vs rank 1");
+    assert_close(&ranks[0], &reference, "2×8 vs 1×16");
+    assert_moved(&cfg, &reference, "logit_bias");
+    assert_moved(&cfg, &reference, "visual.");
+}
+
+#[test]
+fn two_ranks_of_8_equal_one_process_of_16_siglip_with_every_objective() {
+    let mut cfg = config();
+    let o = &mut cfg.objectives;
+    (o.contrastive, o.siglip, o.mlm, o.mae, o.patch_dropout) = (0.0, 1.0, 0.5, 0.5, 0.25);
+    let reference = single(&cfg, 3);
+    let ranks = two_ranks(&cfg, 3);
+    assert_close(&ranks[0], &ranks[1], "rank 0 vs rank 1");
+    assert_close(&ranks[0], &reference, "2×8 vs 1×16");
+    assert_moved(&cfg, &reference, "logit_bias");
+    assert_moved(&cfg, &reference, "mlm.");
+    assert_moved(&cfg, &reference, "mae.");
+}
+
+#[test]
+fn two_ranks_of_4_micro_batches_of_2_equal_one_process_of_16_in_one_pass() {
+    // GradCache: features first without activations, losses over the global batch, then each
+    // micro-batch again with its cached feature gradients; every objective on, both contrastive
+    // losses, FLIP's patch dropout included.
+    let mut cfg = config();
+    let o = &mut cfg.objectives;
+    (o.contrastive, o.siglip, o.mlm, o.mae, o.patch_dropout) = (1.0, 0.5, 0.5, 0.5, 0.25);
+    let reference = single(&cfg, 3);
+    cfg.optim.micro_batch = 2;
+    let ranks = two_ranks(&cfg, 3);
+    assert_close(&ranks[0], &ranks[1], "rank 0 vs rank 1");
+    assert_close(&ranks[0], &reference, "2×(4×2) vs 1×16");
+    // Unequal shares: 5 rows (micro-batches 2+2+1) and 11.
+    let ranks = two_ranks_split(&cfg, 3, 5);
+    assert_close(&ranks[0], &reference, "(2+2+1) + 11 vs 1×16");
+    assert_moved(&cfg, &reference, "visual.");
     assert_moved(&cfg, &reference, "mlm.");
     assert_moved(&cfg, &reference, "mae.");
 }

@@ -2,12 +2,14 @@
 //! a trained checkpoint, as .parquet and .npy. Shapes, unit norms, and agreement with the
 //! Trainer's own model features on the same inputs.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use arrow::array::{Array, FixedSizeListArray, Float32Array, StringArray};
 use clap::Parser;
+use common::{embed, ok, read_npy};
 use ferroclip_proto::config::RunConfig;
 use ferroclip_shards::StoreOptions;
 use ferroclip_worker::checkpoint::{self, TrainerState};
@@ -85,50 +87,6 @@ fn all_refs(l: &Loader) -> Vec<SampleRef> {
         .enumerate()
         .flat_map(|(b, &rows)| (0..rows).map(move |row| SampleRef::at(b as u32, row)))
         .collect()
-}
-
-fn embed(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferroclip-worker"))
-        .arg("embed")
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run embed")
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "status {:?}\n{}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A NumPy v1 float32 C-order 2-D file → (rows, dim, values).
-fn read_npy(path: &Path) -> (usize, usize, Vec<f32>) {
-    let b = std::fs::read(path).expect("read npy");
-    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
-    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
-    assert_eq!((10 + hlen) % 64, 0, "header padded to 64 bytes");
-    let header = std::str::from_utf8(&b[10..10 + hlen]).expect("ascii header");
-    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"));
-    let shape = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .expect("shape");
-    let dims: Vec<usize> = shape
-        .split(',')
-        .filter_map(|d| d.trim().parse().ok())
-        .collect();
-    let values: Vec<f32> = b[10 + hlen..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    assert_eq!(values.len(), dims[0] * dims[1]);
-    (dims[0], dims[1], values)
 }
 
 /// (ids, dim, values) of an embed Parquet file.

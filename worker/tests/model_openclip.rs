@@ -63,6 +63,7 @@ fn vit_b_32_names_and_shapes_equal_openclip() {
     let m = Clip::new(
         &cfg,
         Heads {
+            siglip: false,
             mlm: true,
             mae: true,
         },
@@ -110,6 +111,7 @@ fn tiny_openclip_config() -> ModelConfig {
         decoder_width: 16,
         decoder_layers: 1,
         decoder_heads: 1,
+        quick_gelu: false,
     }
 }
 

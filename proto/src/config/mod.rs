@@ -78,7 +78,8 @@ pub struct DataSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// "tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", or "custom" (then every field below is used).
+    /// "tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", or "custom" (then every field below is used);
+    /// the ViTs with "-quickgelu" (e.g. "ViT-B-32-quickgelu") use QuickGELU, as OpenAI's weights.
     pub preset: String,
     /// Overrides of the preset's shape; absent = the preset's value.
     pub embed_dim: Option<i64>,
@@ -96,6 +97,24 @@ pub struct ModelSection {
     pub decoder_width: Option<i64>,
     pub decoder_layers: Option<i64>,
     pub decoder_heads: Option<i64>,
+    /// Weights to start from ("" = random init): a ferroclip checkpoint (or a directory of
+    /// them), an OpenCLIP / Hugging Face hub directory (`open_clip_config.json` +
+    /// `open_clip_model.safetensors`; its config picks the architecture, `preset` and the
+    /// overrides are then unused), or a bare OpenCLIP `.safetensors` file (of `preset`'s shape).
+    /// Only the model's weights are taken: the step, the optimizer and the data start afresh.
+    pub init: String,
+    /// LiT: freeze the image tower (OpenCLIP's `--lock-image`); its parameters are neither
+    /// updated nor all-reduced.
+    pub lock_image: bool,
+    /// With `lock_image`, the image tower's last N groups stay trainable (OpenCLIP's
+    /// `--lock-image-unlocked-groups`; groups: embeddings, each block, the last block with
+    /// ln_post, the projection).
+    pub lock_image_unlocked_groups: u32,
+    /// Freeze the text tower (OpenCLIP's `--lock-text`).
+    pub lock_text: bool,
+    /// With `lock_text`, the text tower's last N groups stay trainable (OpenCLIP's
+    /// `--lock-text-unlocked-layers`; groups as the image tower's, ln_final for ln_post).
+    pub lock_text_unlocked_groups: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +122,9 @@ pub struct ModelSection {
 pub struct Objectives {
     /// Weight of the symmetric InfoNCE loss over the global batch (0 = off).
     pub contrastive: f64,
+    /// Weight of SigLIP's sigmoid pairwise loss over the global batch (0 = off): a learnable
+    /// bias `logit_bias` (init -10) joins the model and the logit scale starts at ln 10.
+    pub siglip: f64,
     /// Weight of text masked-language-modeling (0 = off).
     pub mlm: f64,
     /// Weight of image masked-autoencoding (0 = off).
@@ -122,12 +144,22 @@ pub struct OptimSection {
     pub global_batch: u32,
     pub lr: f64,
     pub weight_decay: f64,
+    /// Which parameters `weight_decay` applies to: "openclip" (OpenCLIP's rule: not to
+    /// parameters with fewer than 2 dims, norms, biases, `logit_scale`/`logit_bias`) or
+    /// "no_embeddings" (that rule, and not to the token, positional and class embeddings or the
+    /// MAE/MLM learned vectors either).
+    pub weight_decay_rule: WeightDecayRule,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub warmup_steps: u64,
     /// Clip gradients by global norm (0 = off).
     pub grad_clip: f64,
+    /// Exact gradient accumulation (GradCache): rows per forward pass with activations kept, on
+    /// each rank (0 = the whole local batch at once). Features of every micro-batch are first
+    /// computed without activations, the losses taken over the global batch, then each
+    /// micro-batch re-runs with grad; the update equals the one-pass step's.
+    pub micro_batch: u32,
     /// auto (bf16 autocast with fp32 master weights on a GPU, fp32 on CPU), fp32 or amp_bf16
     /// (GPU only).
     pub precision: Precision,
@@ -199,6 +231,19 @@ pub enum Precision {
     Auto,
     Fp32,
     AmpBf16,
+}
+
+/// Which parameters AdamW's weight decay applies to (`optim.weight_decay_rule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightDecayRule {
+    /// OpenCLIP's `exclude`: no decay for `ndim < 2` or a name containing "bn", "ln", "bias"
+    /// or "logit_scale".
+    #[default]
+    Openclip,
+    /// OpenCLIP's rule, and no decay for embeddings (names containing "embedding" or
+    /// "pos_embed") either.
+    NoEmbeddings,
 }
 
 /// Number format of all-reduce payloads on the wire.
@@ -292,6 +337,11 @@ impl Default for ModelSection {
             decoder_width: None,
             decoder_layers: None,
             decoder_heads: None,
+            init: String::new(),
+            lock_image: false,
+            lock_image_unlocked_groups: 0,
+            lock_text: false,
+            lock_text_unlocked_groups: 0,
         }
     }
 }
@@ -300,6 +350,7 @@ impl Default for Objectives {
     fn default() -> Self {
         Self {
             contrastive: 1.0,
+            siglip: 0.0,
             mlm: 0.0,
             mae: 0.0,
             patch_dropout: 0.0,
@@ -315,11 +366,13 @@ impl Default for OptimSection {
             global_batch: 64,
             lr: 5e-4,
             weight_decay: 0.2,
+            weight_decay_rule: WeightDecayRule::Openclip,
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-6,
             warmup_steps: 10,
             grad_clip: 1.0,
+            micro_batch: 0,
             precision: Precision::Auto,
         }
     }

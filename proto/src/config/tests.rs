@@ -73,9 +73,17 @@ fn numbers_that_reach_durations_and_indices_are_checked_naming_the_key() {
         ("[optim]\neps = 0.0\n", "optim.eps"),
         ("[optim]\nbeta2 = 1.0\n", "optim.beta2"),
         ("[optim]\nweight_decay = -0.1\n", "optim.weight_decay"),
+        (
+            "[optim]\nweight_decay_rule = \"all\"\n",
+            "optim.weight_decay_rule",
+        ),
         ("[optim]\ngrad_clip = nan\n", "optim.grad_clip"),
         ("[objectives]\nmlm = nan\n", "objectives.mlm"),
         ("[run]\nepochs = 0\n", "run.epochs"),
+        (
+            "[model]\nlock_text_unlocked_groups = 2\n",
+            "model.lock_text_unlocked_groups",
+        ),
     ] {
         let err = RunConfig::parse(text, "k.toml").unwrap_err().to_string();
         assert!(

@@ -73,9 +73,10 @@ impl RunConfig {
         }
         let o = &self.objectives;
         non_negative("objectives.contrastive", o.contrastive)?;
+        non_negative("objectives.siglip", o.siglip)?;
         non_negative("objectives.mlm", o.mlm)?;
         non_negative("objectives.mae", o.mae)?;
-        if o.contrastive + o.mlm + o.mae <= 0.0 {
+        if o.contrastive + o.siglip + o.mlm + o.mae <= 0.0 {
             return Err(bad(
                 "objectives",
                 "at least one objective needs a weight > 0".into(),
@@ -89,6 +90,26 @@ impl RunConfig {
                     self.cluster.min_workers, self.cluster.max_workers
                 ),
             ));
+        }
+        let m = &self.model;
+        for (field, lock, unlocked) in [
+            (
+                "model.lock_image_unlocked_groups",
+                m.lock_image,
+                m.lock_image_unlocked_groups,
+            ),
+            (
+                "model.lock_text_unlocked_groups",
+                m.lock_text,
+                m.lock_text_unlocked_groups,
+            ),
+        ] {
+            if unlocked > 0 && !lock {
+                return Err(bad(
+                    field,
+                    format!("is {unlocked}, but its tower is not locked (set the lock too)"),
+                ));
+            }
         }
         let [lo, hi] = self.data.crop_scale;
         // Written so that NaN fails every comparison into the error.

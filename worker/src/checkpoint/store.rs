@@ -335,6 +335,13 @@ async fn get(loc: &Location, budget: std::time::Duration) -> Result<Option<Bytes
     }
 }
 
+/// The bytes of the object at `url` (None if it does not exist), with the store's retries.
+pub fn read_object(url: &str, opts: &StoreOptions) -> Result<Option<Bytes>> {
+    let loc = open(url, opts)?;
+    let budget = opts.retry_budget;
+    block_on(|| async move { get(&loc, budget).await })
+}
+
 /// Reads the committed checkpoint at `url` (optimizer moments only if `with_optim`).
 pub fn read(url: &str, opts: &StoreOptions, with_optim: bool) -> Result<Checkpoint> {
     let loc = open(url, opts)?;

@@ -16,14 +16,20 @@ use tch::{Kind, Tensor};
 
 use crate::checkpoint;
 use crate::data::{ImageTransform, Loader, LoaderOptions, SampleRef, Tokenizer};
-use crate::model::{Clip, Heads};
+use crate::model::{Clip, Heads, ModelConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct EmbedArgs {
-    /// A checkpoint (`…/step-NNNNNNNN`) or a directory of them (the newest committed is used).
+    /// A checkpoint (`…/step-NNNNNNNN`) or a directory of them (the newest committed is used),
+    /// an OpenCLIP / Hugging Face hub directory (`open_clip_config.json` +
+    /// `open_clip_model.safetensors`), or a bare OpenCLIP `.safetensors` file (with --preset).
     #[arg(long)]
     pub checkpoint: String,
-    /// Dataset URL (holds manifest.json) whose images to embed.
+    /// The architecture of a bare `.safetensors` --checkpoint (e.g. ViT-B-32-quickgelu).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Dataset URL (holds manifest.json) whose images to embed, or a local folder of image
+    /// files (.jpg, .jpeg, .png; keys are the file names, in name order).
     #[arg(long, required_unless_present = "texts", conflicts_with = "texts")]
     pub images: Option<String>,
     /// Split of --images.
@@ -49,30 +55,48 @@ pub struct EmbedArgs {
 pub struct Encoder {
     pub model: Clip,
     pub tokenizer: Arc<Tokenizer>,
-    /// The checkpoint's URL and step.
+    /// The weights' URL and (for a ferroclip checkpoint) step.
     pub url: String,
     pub step: u64,
+    /// The eval transform with the weights' own normalisation (a hub config's, else CLIP's).
+    pub transform: ImageTransform,
+    /// A ferroclip checkpoint's `eval.classes` (zero-shot classes file), when it names one.
+    pub eval_classes: Option<String>,
 }
 
 impl Encoder {
-    /// Loads `url` (a checkpoint, or the newest under it); no optimizer state is read.
-    pub fn load(url: &str, store: &StoreOptions) -> Result<Self> {
-        let url = checkpoint::resolve(url, store)?;
-        let c = checkpoint::read(&url, store, false)?;
-        let cfg = RunConfig::parse(&c.state.config, &format!("{url}/trainer.json"))?;
-        let model = Clip::new(&c.state.model, Heads::default(), 0, Kind::Float)?;
-        model.load_state_dict(&c.tensors, &url, false)?;
-        let ctx = c.state.model.context_length as usize;
-        let tokenizer = Arc::new(if cfg.data.tokenizer == "clip" {
-            Tokenizer::clip(ctx)?
-        } else {
-            Tokenizer::from_hf_json(cfg.data.tokenizer.as_ref(), ctx)?
-        });
+    /// Loads `url` in any of `checkpoint::read_pretrained`'s forms; `preset` is the
+    /// architecture of a bare safetensors file. No optimizer state is read.
+    pub fn load(url: &str, store: &StoreOptions, preset: Option<&str>) -> Result<Self> {
+        let p = checkpoint::read_pretrained(url, store)?;
+        let config = match (&p.config, preset) {
+            (Some(c), _) => c.clone(),
+            (None, Some(name)) => ModelConfig::preset(name)?,
+            (None, None) => bail!("{}: a bare safetensors file needs --preset", p.url),
+        };
+        let model = Clip::new(&config, Heads::default(), 0, Kind::Float)?;
+        checkpoint::load_into(&model, &p)?;
+        // A ferroclip checkpoint names its tokenizer; OpenCLIP's CLIP models use CLIP's BPE.
+        let run = match &p.run_config {
+            Some(text) => Some(RunConfig::parse(text, &format!("{}/trainer.json", p.url))?),
+            None => None,
+        };
+        let tokenizer = run
+            .as_ref()
+            .map_or_else(|| "clip".to_string(), |r| r.data.tokenizer.clone());
+        let eval_classes = run.map(|r| r.eval.classes).filter(|c| !c.is_empty());
+        let ctx = config.context_length as usize;
+        let mut transform = ImageTransform::eval(config.image_size);
+        if let Some((mean, std)) = p.mean_std {
+            (transform.mean, transform.std) = (mean, std);
+        }
         Ok(Self {
             model,
-            tokenizer,
-            url,
-            step: c.state.step,
+            tokenizer: Arc::new(Tokenizer::from_config(&tokenizer, ctx)?),
+            url: p.url,
+            step: p.step,
+            transform,
+            eval_classes,
         })
     }
 
@@ -90,6 +114,45 @@ impl Encoder {
         cat_rows(parts, self.model.config.embed_dim)
     }
 
+    /// Keys (file names) and `[N, E]` unit-norm embeddings of the image files in the local
+    /// folder `dir`, in name order.
+    pub fn image_folder(&self, dir: &str, batch: usize) -> Result<(Vec<String>, Tensor)> {
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("listing {dir}"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .and_then(|x| x.to_str())
+                    .is_some_and(|x| ["jpg", "jpeg", "png"].contains(&x.to_lowercase().as_str()))
+            })
+            .collect();
+        files.sort();
+        let s = self.model.config.image_size;
+        let _guard = tch::no_grad_guard();
+        let mut parts = Vec::new();
+        for chunk in files.chunks(batch.max(1)) {
+            let mut pixels = Vec::with_capacity(chunk.len() * self.transform.output_len());
+            for f in chunk {
+                let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                let px = self
+                    .transform
+                    .apply(&bytes, 0)
+                    .with_context(|| format!("decoding {}", f.display()))?;
+                pixels.extend(px);
+            }
+            let images = Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, s, s]);
+            parts.push(self.model.image_features(&images, None));
+        }
+        let keys = files
+            .iter()
+            .map(|f| {
+                f.file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into())
+            })
+            .collect();
+        Ok((keys, cat_rows(parts, self.model.config.embed_dim)))
+    }
+
     /// Keys and `[N, E]` unit-norm embeddings of every image of `split` at `data`, in block order.
     pub fn images(
         &self,
@@ -102,7 +165,7 @@ impl Encoder {
             data,
             store,
             split,
-            ImageTransform::eval(self.model.config.image_size),
+            self.transform.clone(),
             self.tokenizer.clone(),
             &LoaderOptions::default(),
         )
@@ -181,10 +244,15 @@ pub fn run_cli(args: EmbedArgs) -> Result<()> {
     // Fail on a bad extension before any model is loaded.
     output::Format::from_path(&args.out)?;
     let store = args.store.options();
-    let enc = Encoder::load(&args.checkpoint, &store)?;
+    let enc = Encoder::load(&args.checkpoint, &store, args.preset.as_deref())?;
     let (column, ids, emb) = match (&args.images, &args.texts) {
         (Some(data), _) => {
-            let (keys, emb) = enc.images(data, &args.split, &store, args.batch)?;
+            let dir = std::path::Path::new(data);
+            let (keys, emb) = if dir.is_dir() && !dir.join("manifest.json").exists() {
+                enc.image_folder(data, args.batch)?
+            } else {
+                enc.images(data, &args.split, &store, args.batch)?
+            };
             ("key", keys, emb)
         }
         (None, Some(path)) => {

@@ -251,9 +251,14 @@ fn zero_shot(
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// A checkpoint (a `step-N` directory) or a directory holding them (the newest is
-    /// used): a path or an object-store URL.
+    /// used): a path or an object-store URL; or an OpenCLIP / Hugging Face hub directory
+    /// (`open_clip_config.json` + `open_clip_model.safetensors`), or a bare OpenCLIP
+    /// `.safetensors` file (with --preset).
     #[arg(long)]
     pub checkpoint: String,
+    /// The architecture of a bare `.safetensors` --checkpoint (e.g. ViT-B-32-quickgelu).
+    #[arg(long)]
+    pub preset: Option<String>,
     /// Dataset URL (holds manifest.json; classes.json gives the zero-shot classes).
     #[arg(long)]
     pub data: String,
@@ -273,61 +278,35 @@ pub struct EvalArgs {
     pub store: StoreArgs,
 }
 
-/// `ferroclip-worker eval` from its flags.
+/// `ferroclip-worker eval`: loads the weights (a checkpoint's own trainer.json names the model
+/// and the tokenizer; a hub directory's config the model) and prints the report.
 pub fn run(args: EvalArgs) -> Result<EvalReport> {
-    run_cli(
-        &args.checkpoint,
-        &args.data,
-        &args.split,
-        args.max_samples,
-        args.json,
-        args.classes.as_deref(),
-        &args.store.options(),
-    )
-}
-
-/// `ferroclip-worker eval`: loads a checkpoint (its own trainer.json names the model and the
-/// tokenizer) and prints the report.
-pub fn run_cli(
-    checkpoint: &str,
-    data: &str,
-    split: &str,
-    max_samples: usize,
-    json: bool,
-    classes: Option<&str>,
-    store: &StoreOptions,
-) -> Result<EvalReport> {
-    // A checkpoint, or the newest under a directory, on any store.
-    let url = crate::checkpoint::resolve(checkpoint, store)?;
-    let c = crate::checkpoint::read(&url, store, true)?;
-    let state = c.state.clone();
-    let cfg =
-        ferroclip_proto::config::RunConfig::parse(&state.config, &format!("{url}/trainer.json"))?;
-    let mut trainer = crate::train::Trainer::new(&cfg, 1)?;
-    crate::checkpoint::restore(&mut trainer, &c.state, &c.tensors, c.optim, &c.url)?;
-    let ctx = trainer.model.config.context_length as usize;
-    let tokenizer = Arc::new(Tokenizer::from_config(&cfg.data.tokenizer, ctx)?);
+    let store = args.store.options();
+    let (checkpoint, split) = (args.checkpoint.as_str(), args.split.as_str());
+    // A checkpoint (or the newest under a directory), a hub directory or a bare file.
+    let enc = super::embed::Encoder::load(checkpoint, &store, args.preset.as_deref())?;
+    let state = enc.step;
     // --classes, else the run's eval.classes, else the dataset's classes.json.
-    let classes = classes.or((!cfg.eval.classes.is_empty()).then_some(cfg.eval.classes.as_str()));
+    let classes = args.classes.as_deref().or(enc.eval_classes.as_deref());
     let r = evaluate(
-        &trainer.model,
-        tokenizer,
-        data,
-        store,
+        &enc.model,
+        enc.tokenizer.clone(),
+        &args.data,
+        &store,
         split,
-        max_samples,
+        args.max_samples,
         classes,
     )?;
-    if json {
+    if args.json {
         let mut v = serde_json::to_value(&r)?;
         v["split"] = split.into();
-        v["step"] = state.step.into();
+        v["step"] = state.into();
         println!("{v}");
         return Ok(r);
     }
     println!(
         "evaluated {} samples ({} images) of split {split:?} at step {}",
-        r.samples, r.images, state.step
+        r.samples, r.images, state
     );
     if r.classes > 0 {
         println!(

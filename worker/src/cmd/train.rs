@@ -201,6 +201,7 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
         let mut parts = String::new();
         for (name, w, v) in [
             ("contrastive", o.contrastive, losses.contrastive),
+            ("siglip", o.siglip, losses.siglip),
             ("mlm", o.mlm, losses.mlm),
             ("mae", o.mae, losses.mae),
         ] {

@@ -4,6 +4,7 @@
 //! state-dict keys (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`, ...);
 //! the MAE decoder and MLM head, when enabled, live under `mae.` and `mlm.`.
 
+pub mod lock;
 pub mod mae;
 pub mod masking;
 pub mod mlm;
@@ -20,7 +21,7 @@ use transformer::Attend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model.preset: unknown preset \"{0}\" (tiny, ViT-B-32, ViT-B-16, ViT-L-14, custom)")]
+    #[error("model.preset: unknown preset \"{0}\" (tiny, ViT-B-32, ViT-B-16, ViT-L-14, custom; the ViTs with -quickgelu)")]
     UnknownPreset(String),
     #[error("model.{field}: {message}")]
     Invalid {
@@ -50,19 +51,32 @@ pub struct ModelConfig {
     pub decoder_width: i64,
     pub decoder_layers: i64,
     pub decoder_heads: i64,
+    /// QuickGELU in both towers (OpenCLIP's `quick_gelu`, the OpenAI weights' activation).
+    #[serde(default)]
+    pub quick_gelu: bool,
 }
 
 /// Auxiliary heads beyond OpenCLIP's CLIP.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Heads {
+    /// SigLIP: a `logit_bias` parameter, and the logit scale initialised to ln 10.
+    pub siglip: bool,
     pub mlm: bool,
     pub mae: bool,
 }
 
 impl ModelConfig {
     /// OpenCLIP's preset shapes; vision heads are width / 64 as in OpenCLIP. `tiny` is the
-    /// 7.96 M-parameter shape of the step benchmarks (`bench/`).
+    /// 7.96 M-parameter shape of the step benchmarks (`bench/`). A `-quickgelu` suffix (as
+    /// OpenCLIP's `ViT-B-32-quickgelu`) switches the activation to QuickGELU.
     pub fn preset(name: &str) -> Result<Self, ModelError> {
+        if let Some(base) = name.strip_suffix("-quickgelu") {
+            if base != "tiny" {
+                let mut c = Self::preset(base)?;
+                c.quick_gelu = true;
+                return Ok(c);
+            }
+        }
         #[rustfmt::skip]
         let (e, img, patch, vw, vl, tw, tl, th, ctx) = match name {
             "tiny" => (128, 32, 4, 128, 4, 128, 4, 4, 32),
@@ -88,6 +102,7 @@ impl ModelConfig {
             decoder_width: dw,
             decoder_layers: 2,
             decoder_heads: (dw / 32).max(1),
+            quick_gelu: false,
         })
     }
 
@@ -184,6 +199,8 @@ pub struct Clip {
     pub visual: vit::VisionTower,
     pub text: text::TextTower,
     pub logit_scale: Tensor,
+    /// SigLIP's learnable bias (OpenCLIP's `logit_bias`), when `heads.siglip`.
+    pub logit_bias: Option<Tensor>,
     pub mae: Option<mae::MaeDecoder>,
     pub mlm: Option<mlm::MlmHead>,
 }
@@ -207,7 +224,7 @@ impl Clip {
         tch::manual_seed(seed);
         let mut p = Params::default();
         let root = Scope::root(kind);
-        let visual = vit::VisionTower::new(
+        let mut visual = vit::VisionTower::new(
             &mut p,
             &root.sub("visual"),
             c.image_size,
@@ -217,7 +234,7 @@ impl Clip {
             c.vision_heads,
             c.embed_dim,
         );
-        let text = text::TextTower::new(
+        let mut text = text::TextTower::new(
             &mut p,
             &root,
             c.context_length,
@@ -227,7 +244,15 @@ impl Clip {
             c.text_heads,
             c.embed_dim,
         );
-        let logit_scale = p.constant("logit_scale".into(), &[], (1.0f64 / 0.07).ln(), kind);
+        // SigLIP's init (the paper, OpenCLIP's `init_logit_scale`/`init_logit_bias`): t = 10,
+        // b = -10; CLIP's: t = 1 / 0.07.
+        let init_scale = if heads.siglip { 10f64 } else { 1.0 / 0.07 };
+        visual.transformer.set_quick_gelu(c.quick_gelu);
+        text.transformer.set_quick_gelu(c.quick_gelu);
+        let logit_scale = p.constant("logit_scale".into(), &[], init_scale.ln(), kind);
+        let logit_bias = heads
+            .siglip
+            .then(|| p.constant("logit_bias".into(), &[], -10.0, kind));
         let mae = heads.mae.then(|| {
             mae::MaeDecoder::new(
                 &mut p,
@@ -250,6 +275,7 @@ impl Clip {
             visual,
             text,
             logit_scale,
+            logit_bias,
             mae,
             mlm,
         })

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 pub struct TextTower {
     token_embedding: Tensor,
     positional_embedding: Tensor,
-    transformer: Transformer,
+    pub(super) transformer: Transformer,
     ln_final: LayerNorm,
     text_projection: Tensor,
 }

@@ -24,6 +24,8 @@ pub struct Block {
     c_fc: Linear,
     c_proj: Linear,
     heads: i64,
+    /// OpenAI's x·σ(1.702x) instead of GELU (OpenCLIP's `quick_gelu`).
+    quick_gelu: bool,
 }
 
 impl Block {
@@ -49,6 +51,7 @@ impl Block {
             c_fc: Linear::new(p, &mlp.sub("c_fc"), width, 4 * width, fc_std),
             c_proj: Linear::new(p, &mlp.sub("c_proj"), 4 * width, width, proj_std),
             heads,
+            quick_gelu: false,
         }
     }
 
@@ -75,9 +78,13 @@ impl Block {
             .transpose(1, 2)
             .reshape([b, n, w]);
         let x = x + self.out_proj.forward(&a);
-        let h = self
-            .c_proj
-            .forward(&self.c_fc.forward(&self.ln_2.forward(&x)).gelu("none"));
+        let fc = self.c_fc.forward(&self.ln_2.forward(&x));
+        let act = if self.quick_gelu {
+            &fc * (&fc * 1.702).sigmoid()
+        } else {
+            fc.gelu("none")
+        };
+        let h = self.c_proj.forward(&act);
         x + h
     }
 }
@@ -95,6 +102,13 @@ impl Transformer {
             .map(|i| Block::new(p, &rb.sub(i), width, heads, layers))
             .collect();
         Self { blocks }
+    }
+
+    /// QuickGELU in every block (OpenAI's weights were trained with it).
+    pub fn set_quick_gelu(&mut self, on: bool) {
+        for b in &mut self.blocks {
+            b.quick_gelu = on;
+        }
     }
 
     pub fn forward(&self, x: &Tensor, attend: Attend) -> Tensor {

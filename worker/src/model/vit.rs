@@ -11,7 +11,7 @@ pub struct VisionTower {
     class_embedding: Tensor,
     positional_embedding: Tensor,
     ln_pre: LayerNorm,
-    transformer: Transformer,
+    pub(super) transformer: Transformer,
     ln_post: LayerNorm,
     proj: Tensor,
     pub patch: i64,

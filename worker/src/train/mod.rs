@@ -8,11 +8,14 @@
 //! backward together with MLM and MAE. Each objective is one function in `objectives` that
 //! returns its loss and its surrogate terms for that backward (`backward` here).
 
+mod accumulate;
 mod objectives;
+pub mod siglip;
 
 use crate::collective::buckets::{GradBuckets, DEFAULT_BUCKET_BYTES};
 use crate::collective::{Collective, CollectiveError};
 use crate::data::Batch;
+use crate::model::lock::Lock;
 use crate::model::{Clip, Heads, ModelConfig, ModelError};
 use crate::optim;
 use crate::overlap::OverlappedReducer;
@@ -32,6 +35,8 @@ pub enum TrainError {
     NonFinite { loss: f64, step: u64 },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("model.init: {0}")]
+    Init(#[from] crate::checkpoint::CheckpointError),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
@@ -42,6 +47,8 @@ pub struct StepLosses {
     /// Weighted sum of the enabled objectives.
     pub total: f64,
     pub contrastive: f64,
+    #[serde(default)]
+    pub siglip: f64,
     pub mlm: f64,
     pub mae: f64,
 }
@@ -90,12 +97,37 @@ impl Trainer {
 
     /// As `new`, with parameters in `kind` (Double for gradient checks).
     pub fn with_kind(cfg: &RunConfig, total_steps: u64, kind: Kind) -> Result<Self> {
-        let mc = ModelConfig::from_section(&cfg.model)?;
+        let init = if cfg.model.init.is_empty() {
+            None
+        } else {
+            let opts = ferroclip_shards::StoreOptions {
+                retry_budget: std::time::Duration::from_secs_f64(cfg.store.retry_budget_s),
+                ..Default::default()
+            };
+            Some(crate::checkpoint::read_pretrained(&cfg.model.init, &opts)?)
+        };
+        // A checkpoint or hub directory brings its own architecture.
+        let mc = match init.as_ref().and_then(|p| p.config.clone()) {
+            Some(c) => c,
+            None => ModelConfig::from_section(&cfg.model)?,
+        };
         let heads = Heads {
+            siglip: cfg.objectives.siglip > 0.0,
             mlm: cfg.objectives.mlm > 0.0,
             mae: cfg.objectives.mae > 0.0,
         };
         let model = Clip::new(&mc, heads, cfg.run.seed as i64, kind)?;
+        if let Some(p) = &init {
+            crate::checkpoint::load_into(&model, p)?;
+        }
+        let m = &cfg.model;
+        let locked = model.apply_lock(Lock {
+            image: m.lock_image.then_some(m.lock_image_unlocked_groups),
+            text: m.lock_text.then_some(m.lock_text_unlocked_groups),
+        });
+        if !locked.is_empty() {
+            tracing::info!("{} parameter tensors locked (model.lock_*)", locked.len());
+        }
         let named: Vec<(String, Tensor)> = model
             .params
             .iter()
@@ -109,6 +141,7 @@ impl Trainer {
                 beta2: o.beta2,
                 eps: o.eps,
                 weight_decay: o.weight_decay,
+                decay_rule: o.weight_decay_rule,
             },
         );
         let bucket_bytes = if cfg.cluster.bucket_mb > 0.0 {
@@ -229,14 +262,27 @@ impl Trainer {
         let n = self.check_batch(images, tokens, global_batch)?;
         let t0 = std::time::Instant::now();
         let rows = Rows::locate(n, global_batch, images.device(), coll)?;
+        if self.optim.micro_batch > 0 {
+            let micro = i64::from(self.optim.micro_batch);
+            return self.forward_backward_micro(images, tokens, &rows, micro, coll);
+        }
         let o = self.objectives.clone();
         let mut out = StepLosses::default();
         // What goes back through the towers in the one model backward.
         let mut surrogate: Vec<Tensor> = Vec::new();
         let mut backward_s = 0.0;
-        if o.contrastive > 0.0 {
-            let t = self.contrastive(images, tokens, &rows, coll)?;
+        // Both contrastive objectives (when both are on) score the same features.
+        let features =
+            (o.contrastive > 0.0 || o.siglip > 0.0).then(|| self.features(images, tokens, &rows));
+        if let (true, Some((img_f, txt_f))) = (o.contrastive > 0.0, &features) {
+            let t = self.contrastive(img_f, txt_f, &rows, coll)?;
             out.contrastive = t.loss;
+            backward_s += t.backward_s;
+            surrogate.extend(t.surrogate);
+        }
+        if let (true, Some((img_f, txt_f))) = (o.siglip > 0.0, &features) {
+            let t = self.siglip(img_f, txt_f, &rows, coll)?;
+            out.siglip = t.loss;
             backward_s += t.backward_s;
             surrogate.extend(t.surrogate);
         }
@@ -250,7 +296,10 @@ impl Trainer {
             out.mae = t.loss;
             surrogate.extend(t.surrogate);
         }
-        out.total = o.contrastive * out.contrastive + o.mlm * out.mlm + o.mae * out.mae;
+        out.total = o.contrastive * out.contrastive
+            + o.siglip * out.siglip
+            + o.mlm * out.mlm
+            + o.mae * out.mae;
         if !out.total.is_finite() {
             return Err(TrainError::NonFinite {
                 loss: out.total,
@@ -305,8 +354,10 @@ impl Trainer {
         tb: std::time::Instant,
         coll: &mut dyn Collective,
     ) -> Result<f64> {
-        let model_loss =
-            (!surrogate.is_empty()).then(|| Tensor::stack(surrogate, 0).sum(self.model.kind()));
+        // Nothing to back-propagate when every parameter the surrogates reach is locked.
+        let model_loss = (!surrogate.is_empty())
+            .then(|| Tensor::stack(surrogate, 0).sum(self.model.kind()))
+            .filter(|l| l.requires_grad());
         // Overlapped: buckets are all-reduced while this backward runs, in the same order and
         // layout as the plain path's, so a rank taking the plain path (no rows) still matches.
         let overlap = self.overlap.unwrap_or(dev.is_cuda());
@@ -330,6 +381,12 @@ impl Trainer {
         }
     }
 
+    /// Elements of each gradient bucket the plain all-reduce sends (None before its first
+    /// all-reduce): the trainable parameters only.
+    pub fn bucket_sizes(&self) -> Option<Vec<usize>> {
+        self.buckets.as_ref().map(GradBuckets::bucket_sizes)
+    }
+
     fn all_reduce_grads(&mut self, coll: &mut dyn Collective) -> Result<()> {
         if self.buckets.is_none() {
             self.buckets = Some(GradBuckets::new(&self.param_handles(), self.bucket_bytes)?);
@@ -350,9 +407,13 @@ impl Trainer {
             self.total_steps,
         );
         let params = self.param_handles();
-        // The all-reduce gives every parameter a grad (zeros where no objective reached it);
-        // so does a single process, so that AdamW's decay treats them alike.
-        for p in params.iter().filter(|p| !p.grad().defined()) {
+        // The all-reduce gives every trainable parameter a grad (zeros where no objective reached
+        // it); so does a single process, so that AdamW's decay treats them alike. Locked ones
+        // have none, so AdamW leaves them as they are.
+        for p in params
+            .iter()
+            .filter(|p| p.requires_grad() && !p.grad().defined())
+        {
             let _zeros = crate::collective::buckets::materialize_grad(p)?;
         }
         let grad_norm = optim::clip_grad_norm(&params, self.optim.grad_clip);

@@ -3,6 +3,8 @@
 //! its loss for `StepLosses` and the surrogate terms whose gradient, in the trainer's one model
 //! backward, is the objective's share of the model gradient.
 //!
+//! SigLIP's chunked exchange is in `siglip.rs`.
+//!
 //! Masks are drawn per row from `row_rngs(stream, ..)`: stream 1 FLIP patch dropout, 2 MLM,
 //! 3 MAE.
 
@@ -16,6 +18,7 @@ use crate::loss;
 use crate::model::masking;
 
 /// Where this rank's rows sit in the global batch (masks and the contrastive labels).
+#[derive(Debug)]
 pub(super) struct Rows {
     /// Index of this rank's first row in the global batch.
     pub offset: i64,
@@ -23,6 +26,10 @@ pub(super) struct Rows {
     pub n: i64,
     /// n / global batch: turns a local mean into this rank's share of the global mean.
     pub scale: f64,
+    /// The global batch (rows over every rank).
+    pub global: i64,
+    /// Every rank's row count, in rank order.
+    pub lens: Vec<i64>,
     pub device: Device,
 }
 
@@ -41,8 +48,22 @@ impl Rows {
             offset,
             n,
             scale: n as f64 / global_batch as f64,
+            global: global_batch as i64,
+            lens,
             device,
         })
+    }
+
+    /// Rows `start..start + len` of this rank's (a micro-batch), placed in the global batch.
+    pub fn chunk(&self, start: i64, len: i64) -> Self {
+        Rows {
+            offset: self.offset + start,
+            n: len,
+            scale: len as f64 / self.global as f64,
+            global: self.global,
+            lens: self.lens.clone(),
+            device: self.device,
+        }
     }
 }
 
@@ -76,17 +97,14 @@ impl Trainer {
             .collect()
     }
 
-    /// InfoNCE over the global batch with gather-with-grad: features are all-gathered (detached)
-    /// into leaves, this rank's rows are scored against every column, the leaves' gradients are
-    /// summed over the ranks, and this rank's slice of them weighs its own features in the
-    /// surrogate. Collectives: two all-gathers, two all-reduces.
-    pub(super) fn contrastive(
+    /// This rank's normalised image (FLIP's patch dropout applied) and text features for the
+    /// contrastive objectives; [0, E] without rows.
+    pub(super) fn features(
         &self,
         images: &Tensor,
         tokens: &Tensor,
         rows: &Rows,
-        coll: &mut dyn Collective,
-    ) -> Result<Term> {
+    ) -> (Tensor, Tensor) {
         let o = &self.objectives;
         let m = &self.model;
         let (offset, n, dev) = (rows.offset, rows.n, rows.device);
@@ -95,7 +113,7 @@ impl Trainer {
             let mut rngs = self.row_rngs(1, offset, n);
             masking::patch_keep(&mut rngs, g, masking::kept(g, o.patch_dropout)).to_device(dev)
         });
-        let (img_f, txt_f) = if n > 0 {
+        if n > 0 {
             (
                 m.image_features(images, keep.as_ref()),
                 m.text_features(tokens),
@@ -103,7 +121,23 @@ impl Trainer {
         } else {
             let empty = Tensor::zeros([0, m.config.embed_dim], (m.kind(), dev));
             (empty.shallow_clone(), empty)
-        };
+        }
+    }
+
+    /// InfoNCE over the global batch with gather-with-grad: features are all-gathered (detached)
+    /// into leaves, this rank's rows are scored against every column, the leaves' gradients are
+    /// summed over the ranks, and this rank's slice of them weighs its own features in the
+    /// surrogate. Collectives: two all-gathers, two all-reduces.
+    pub(super) fn contrastive(
+        &self,
+        img_f: &Tensor,
+        txt_f: &Tensor,
+        rows: &Rows,
+        coll: &mut dyn Collective,
+    ) -> Result<Term> {
+        let o = &self.objectives;
+        let m = &self.model;
+        let (offset, n) = (rows.offset, rows.n);
         let all_img = coll
             .all_gather(&img_f.detach())?
             .detach()
@@ -128,8 +162,8 @@ impl Trainer {
         coll.all_reduce_sum(&mut g_txt)?;
         let mut surrogate = Vec::new();
         if n > 0 {
-            surrogate.push((&img_f * g_img.narrow(0, offset, n)).sum(img_f.kind()));
-            surrogate.push((&txt_f * g_txt.narrow(0, offset, n)).sum(txt_f.kind()));
+            surrogate.push((img_f * g_img.narrow(0, offset, n)).sum(img_f.kind()));
+            surrogate.push((txt_f * g_txt.narrow(0, offset, n)).sum(txt_f.kind()));
         }
         Ok(Term {
             loss,
@@ -147,48 +181,73 @@ impl Trainer {
         rows: &Rows,
         coll: &mut dyn Collective,
     ) -> Result<Term> {
-        let o = &self.objectives;
-        let m = &self.model;
-        let (n, dev) = (rows.n, rows.device);
-        let local = if n > 0 {
-            let len = tokens.size()[1];
-            let flat = Vec::<i64>::try_from(
-                tokens
-                    .to_device(Device::Cpu)
-                    .to_kind(Kind::Int64)
-                    .flatten(0, -1),
-            )?;
-            let mut rngs = self.row_rngs(2, rows.offset, n);
-            let mk = masking::mlm_mask(&mut rngs, &flat, len, o.mlm_ratio, m.config.vocab_size);
-            let attend = mk.attend.to_device(dev);
-            let replace = mk.replace.to_device(dev);
-            let logits = m.mlm_logits(
-                &mk.input.to_device(dev),
-                &attend,
-                &replace,
-                &mk.chosen.to_device(dev),
-            )?;
-            Some((
-                loss::mlm_sum(&logits, &mk.labels.to_device(dev)),
-                mk.labels.numel(),
-            ))
-        } else {
-            None
-        };
-        let chosen = local.as_ref().map_or(0, |(_, k)| *k) as f64;
-        let mut count = Tensor::from_slice(&[chosen as f32]).to_device(dev);
-        coll.all_reduce_sum(&mut count)?;
-        let global = count.double_value(&[0]).max(1.0);
+        let local = self.mlm_local(tokens, rows)?;
+        let chosen = local.as_ref().map_or(0, |(_, k)| *k);
+        let global = mlm_global(chosen, rows.device, coll)?;
+        Ok(self.mlm_term(local, chosen, global))
+    }
+
+    /// The MLM masks of this rank's rows (which tokens are chosen, and what replaces them).
+    pub(super) fn mlm_mask(&self, tokens: &Tensor, rows: &Rows) -> Result<masking::MlmMask> {
+        let len = tokens.size()[1];
+        let flat = Vec::<i64>::try_from(
+            tokens
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Int64)
+                .flatten(0, -1),
+        )?;
+        let mut rngs = self.row_rngs(2, rows.offset, rows.n);
+        let (ratio, vocab) = (self.objectives.mlm_ratio, self.model.config.vocab_size);
+        Ok(masking::mlm_mask(&mut rngs, &flat, len, ratio, vocab))
+    }
+
+    /// This rank's summed MLM loss and its chosen count (None without rows).
+    fn mlm_local(&self, tokens: &Tensor, rows: &Rows) -> Result<Option<(Tensor, i64)>> {
+        if rows.n == 0 {
+            return Ok(None);
+        }
+        let dev = rows.device;
+        let mk = self.mlm_mask(tokens, rows)?;
+        let logits = self.model.mlm_logits(
+            &mk.input.to_device(dev),
+            &mk.attend.to_device(dev),
+            &mk.replace.to_device(dev),
+            &mk.chosen.to_device(dev),
+        )?;
+        let l = loss::mlm_sum(&logits, &mk.labels.to_device(dev));
+        Ok(Some((l, mk.labels.numel() as i64)))
+    }
+
+    /// The term of a summed MLM loss: reported per `report_count` tokens (this rank's chosen
+    /// count), back-propagated per `global` (every rank's).
+    pub(super) fn mlm_term(
+        &self,
+        local: Option<(Tensor, i64)>,
+        report_count: i64,
+        global: f64,
+    ) -> Term {
         let mut term = Term {
             loss: 0.0,
             surrogate: Vec::new(),
             backward_s: 0.0,
         };
         if let Some((l, _)) = local {
-            term.loss = l.double_value(&[]) / chosen.max(1.0);
-            term.surrogate.push(l * (o.mlm / global));
+            term.loss = l.double_value(&[]) / report_count.max(1) as f64;
+            term.surrogate.push(l * (self.objectives.mlm / global));
         }
-        Ok(term)
+        term
+    }
+
+    /// MLM of a micro-batch (`rows` its part of the batch), with the step's counts.
+    pub(super) fn mlm_chunk(
+        &self,
+        tokens: &Tensor,
+        rows: &Rows,
+        report_count: i64,
+        global: f64,
+    ) -> Result<Term> {
+        let local = self.mlm_local(tokens, rows)?;
+        Ok(self.mlm_term(local, report_count, global))
     }
 
     /// MAE's pixel loss on the hidden patches, for a rank with rows (no collective). Every row
@@ -212,4 +271,11 @@ impl Trainer {
             backward_s: 0.0,
         })
     }
+}
+
+/// Every rank's chosen MLM tokens, summed (one all-reduce), at least 1.
+pub(super) fn mlm_global(chosen: i64, dev: Device, coll: &mut dyn Collective) -> Result<f64> {
+    let mut count = Tensor::from_slice(&[chosen as f32]).to_device(dev);
+    coll.all_reduce_sum(&mut count)?;
+    Ok(count.double_value(&[0]).max(1.0))
 }

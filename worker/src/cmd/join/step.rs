@@ -94,6 +94,7 @@ impl Session {
         let o = &self.cfg.objectives;
         for (name, w, v) in [
             (m::LOSS_CONTRASTIVE, o.contrastive, losses.contrastive),
+            (m::LOSS_SIGLIP, o.siglip, losses.siglip),
             (m::LOSS_MLM, o.mlm, losses.mlm),
             (m::LOSS_MAE, o.mae, losses.mae),
         ] {

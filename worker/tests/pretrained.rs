@@ -1,0 +1,148 @@
+//! Starting from pretrained OpenCLIP weights. The fixture (`data/gen_openclip_hub.py`) is a
+//! tiny QuickGELU model saved by open_clip in the Hugging Face hub layout, open_clip's own
+//! embeddings of 4 images and 4 captions, and open_clip's contrastive loss on that batch.
+//! ferroclip must reproduce them: `embed --checkpoint DIR --images FOLDER` / `--texts FILE`
+//! (cosine ≥ 0.9999 per row), and `model.init = DIR`'s first training loss (within 1e-5
+//! relative). Both would fail with GELU in place of the config's QuickGELU: open_clip's own
+//! model with `quick_gelu = False` on these weights gives text cosines down to 0.99976 and a
+//! loss 6e-3 (relative) away.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use common::{embed, ok, read_npy, RNG};
+use ferroclip_proto::config::RunConfig;
+use ferroclip_worker::collective::Single;
+use ferroclip_worker::train::Trainer;
+use tch::{Kind, Tensor};
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+fn path(name: &str) -> String {
+    data(name).to_str().expect("utf8 path").to_string()
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(data("openclip_hub_ref.safetensors"))
+        .expect("reference")
+        .into_iter()
+        .collect()
+}
+
+/// Each row's cosine with the same row of `want` (both sides normalised here).
+fn min_cosine(values: &[f32], dim: usize, want: &Tensor) -> f64 {
+    let got = Tensor::from_slice(values)
+        .view([-1, dim as i64])
+        .to_kind(Kind::Double);
+    let want = want.to_kind(Kind::Double);
+    assert_eq!(got.size(), want.size());
+    let unit = |t: &Tensor| t / t.norm_scalaropt_dim(2, [-1], true);
+    (unit(&got) * unit(&want))
+        .sum_dim_intlist([-1i64].as_slice(), false, Kind::Double)
+        .min()
+        .double_value(&[])
+}
+
+#[test]
+fn embed_of_the_hub_directory_equals_open_clip() {
+    let r = reference();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub = path("openclip_hub");
+    let img_out = tmp.path().join("img.npy");
+    let o = embed(&[
+        "--checkpoint",
+        &hub,
+        "--images",
+        &path("openclip_hub_images"),
+        "--out",
+        img_out.to_str().expect("utf8"),
+    ]);
+    ok(&o);
+    let (rows, dim, values) = read_npy(&img_out);
+    assert_eq!((rows, dim), (4, 16));
+    let img_cos = min_cosine(&values, dim, &r["image_emb"]);
+    let txt_out = tmp.path().join("txt.npy");
+    ok(&embed(&[
+        "--checkpoint",
+        &hub,
+        "--texts",
+        &path("openclip_hub_texts.txt"),
+        "--out",
+        txt_out.to_str().expect("utf8"),
+    ]));
+    let (rows, dim, values) = read_npy(&txt_out);
+    assert_eq!((rows, dim), (4, 16));
+    let txt_cos = min_cosine(&values, dim, &r["text_emb"]);
+    eprintln!("smallest cosine with open_clip: images {img_cos:.8}, texts {txt_cos:.8}");
+    assert!(img_cos >= 0.9999, "image embeddings: cosine {img_cos}");
+    assert!(txt_cos >= 0.9999, "text embeddings: cosine {txt_cos}");
+}
+
+fn init_config(init: &str) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.model.init = init.to_string();
+    c.optim.warmup_steps = 1;
+    c
+}
+
+fn trainer(cfg: &RunConfig) -> Result<Trainer, ferroclip_worker::train::TrainError> {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    Trainer::new(cfg, 10)
+}
+
+#[test]
+fn model_init_of_the_hub_directory_starts_from_open_clips_loss_and_trains() {
+    let r = reference();
+    let mut t = trainer(&init_config(&path("openclip_hub"))).expect("trainer");
+    assert!(t.model.config.quick_gelu, "the hub config's quick_gelu");
+    let (pixels, tokens) = (&r["pixels"], &r["tokens"]);
+    let first = t
+        .compute_grads_tensors(pixels, tokens, 4, &mut Single)
+        .expect("grads");
+    let want = r["loss"].double_value(&[0]);
+    eprintln!("first loss {:.8}, open_clip's {want:.8}", first.contrastive);
+    assert!(
+        (first.contrastive - want).abs() < 1e-5 * want,
+        "first loss {} vs open_clip {want}",
+        first.contrastive
+    );
+    t.apply_update().expect("update");
+    let second = t
+        .compute_grads_tensors(pixels, tokens, 4, &mut Single)
+        .expect("grads");
+    assert!(second.contrastive < first.contrastive - 1e-4, "{second:?}");
+}
+
+#[test]
+fn a_bare_safetensors_file_takes_the_presets_shape_and_mismatches_name_the_tensor() {
+    // openclip_tiny.safetensors (gen_openclip_ref.py): GELU, 16-pixel images, vocab 1000.
+    let mut cfg = init_config(&path("openclip_tiny.safetensors"));
+    let m = &mut cfg.model;
+    m.preset = "custom".into();
+    (m.embed_dim, m.image_size, m.patch_size) = (Some(16), Some(16), Some(4));
+    (m.vision_width, m.vision_layers, m.vision_heads) = (Some(32), Some(2), Some(2));
+    (m.context_length, m.vocab_size) = (Some(8), Some(1000));
+    (m.text_width, m.text_layers, m.text_heads) = (Some(32), Some(2), Some(2));
+    let t = trainer(&cfg).expect("trainer");
+    let file: HashMap<String, Tensor> = Tensor::read_safetensors(data("openclip_tiny.safetensors"))
+        .expect("weights")
+        .into_iter()
+        .collect();
+    let name = "visual.transformer.resblocks.1.mlp.c_fc.weight";
+    assert!(t.model.params.get(name).expect("param").equal(&file[name]));
+    cfg.model.text_width = Some(64);
+    let err = trainer(&cfg).err().expect("a shape mismatch").to_string();
+    assert!(err.contains("model.init") && err.contains("shape"), "{err}");
+    assert!(err.contains("token_embedding.weight"), "{err}");
+    // The hub directory's weights under another architecture: the tensor is named.
+    let mut cfg = init_config(&path("openclip_hub/open_clip_model.safetensors"));
+    cfg.model.preset = "tiny".into();
+    let err = trainer(&cfg).err().expect("wrong architecture").to_string();
+    assert!(err.contains("visual."), "{err}");
+}
