@@ -345,13 +345,15 @@ impl Journal {
     /// Writes `snap` as the next snapshot (conditional create). `Fenced` when another
     /// coordinator has written that number: this one must stop. Transient store errors are
     /// returned (the writer task retries); the previous-but-one snapshot is deleted after.
-    pub async fn save(&mut self, snap: &Snapshot) -> Result<(), JournalError> {
+    /// Returns the bytes written.
+    pub async fn save(&mut self, snap: &Snapshot) -> Result<u64, JournalError> {
         let seq = self.last_seq + 1;
         let mut snap = snap.clone();
         snap.owner = self.owner.clone();
         snap.written_unix_s = unix_now();
         // Serialising plain data cannot fail.
         let bytes = serde_json::to_vec(&snap).unwrap_or_default();
+        let len = bytes.len() as u64;
         let loc = self.dir.join(&snapshot_name(seq));
         let opts = PutOptions {
             mode: PutMode::Create,
@@ -386,7 +388,7 @@ impl Journal {
                 }
             }
         }
-        Ok(())
+        Ok(len)
     }
 
     /// Deletes every snapshot older than the newest two (a claim's clean-up).

@@ -134,7 +134,10 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
         .with_context(|| format!("journal location {journal_url}"))?;
     let mut journal = Journal::new(dir, budget);
     let mut run = Run::new(cfg.clone(), block_rows);
-    match journal.claim(opts.fresh).await? {
+    let claimed = journal.claim(opts.fresh).await?;
+    let loading = std::time::Instant::now();
+    let resumed = claimed.is_some();
+    match claimed {
         Some(snap) => {
             if let Some(why) = run.identity.mismatch(&snap.identity) {
                 return Err(JournalError::OtherRun {
@@ -154,6 +157,13 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
             ),
         ),
         None => run.event("start", format!("run {} starts", cfg.run.name)),
+    }
+    if resumed {
+        tracing::info!(
+            step = run.ledger.committed_step(),
+            load_s = loading.elapsed().as_secs_f64(),
+            "journal loaded"
+        );
     }
     journal.prune().await;
     let first = run.snapshot();

@@ -133,6 +133,11 @@ impl Shared {
             .map_or(0.0, |t| t.elapsed().as_secs_f64())
     }
 
+    /// What the journal's writes have cost so far.
+    pub fn journal_io(&self) -> crate::writer::WriteStats {
+        self.writer.progress().io
+    }
+
     /// Resolves when this coordinator has lost its journal for good.
     pub async fn fatal(&self) -> String {
         self.writer.fatal().await

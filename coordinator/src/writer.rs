@@ -26,6 +26,26 @@ pub struct Progress {
     /// Why the writer stopped for good: another coordinator took the journal, or the store
     /// stayed unavailable beyond the retry budget. The coordinator must stop acknowledging.
     pub fatal: Option<String>,
+    /// Successful writes, their bytes and seconds (the scaling benchmark reads these).
+    pub io: WriteStats,
+}
+
+/// What the journal's writes have cost so far.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct WriteStats {
+    pub writes: u64,
+    pub bytes: u64,
+    pub write_s: f64,
+    pub max_write_s: f64,
+}
+
+impl WriteStats {
+    fn add(&mut self, bytes: u64, secs: f64) {
+        self.writes += 1;
+        self.bytes += bytes;
+        self.write_s += secs;
+        self.max_write_s = self.max_write_s.max(secs);
+    }
 }
 
 pub struct Writer {
@@ -67,6 +87,7 @@ impl Writer {
                 } else {
                     crate::fault::Action::Proceed
                 };
+                let started = Instant::now();
                 let r = match action {
                     crate::fault::Action::Fail => Err(JournalError::Store {
                         url: journal.url(),
@@ -83,7 +104,8 @@ impl Writer {
                 };
                 let mut p = tx.borrow().clone();
                 match r {
-                    Ok(()) => {
+                    Ok(bytes) => {
+                        p.io.add(bytes, started.elapsed().as_secs_f64());
                         written = version;
                         last_write = Instant::now();
                         backoff = Duration::from_millis(100);
