@@ -1,147 +1,40 @@
-//! The coordinator's journal: numbered snapshots of everything needed to resume
-//! (`<journal>/snapshot-<seq>.json`), each written with a conditional create. Two coordinators
-//! can therefore never both write the same snapshot number: the one whose create fails has
-//! lost the journal and stops acknowledging (fencing). The owner writes at least every
-//! `REFRESH` even when nothing changed, so a starting coordinator that sees new snapshots
-//! appear knows the journal is held and refuses to start, while one that sees none for
-//! `LEASE` takes over (a restart after a crash). The two newest snapshots are kept: a torn or
-//! empty newest one falls back to the previous. On the local file system each snapshot is
-//! fsynced before it counts.
+//! The coordinator's journal: numbered entries `<journal>/snapshot-<seq>.json`, each written
+//! with a conditional create. Two coordinators can therefore never both write the same number:
+//! the one whose create fails has lost the journal and stops acknowledging (fencing).
+//!
+//! An entry holds records (the changes since the previous entry: an assignment, a commit, a
+//! checkpoint, a generation), a compaction (the whole state), or neither (a lease refresh), and
+//! always a summary of the state after it. Bytes per step are a few hundred whatever the world
+//! size: a step's assignment is journaled as (step, world, batch) and re-computed on replay.
+//! The writer compacts when the records since the last compaction outgrow it (or number
+//! `writer::COMPACT_RECORDS`), so a resume replays a bounded number of records.
+//!
+//! The owner writes at least every `REFRESH` even when nothing changed, so a starting
+//! coordinator that sees new entries appear knows the journal is held and refuses to start,
+//! while one that sees none for `LEASE` takes over (a restart after a crash). Loading starts
+//! from the newest readable compaction and replays the entries after it; torn or empty
+//! entries at the end (never acknowledged) are skipped, so a torn newest compaction falls
+//! back to the previous one, which is kept with its records until a newer one is durable.
+//! On the local file system each entry is fsynced before it counts.
+
+mod state;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferroclip_plan::{DataState, StepAssignment};
 use ferroclip_shards::retry::{is_transient, store_retry};
 use ferroclip_shards::store::Location;
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-pub const FORMAT_VERSION: u32 = 2;
+pub use state::*;
 
-/// The owner writes a snapshot at least this often (its liveness signal).
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The owner writes an entry at least this often (its liveness signal).
 pub const REFRESH: Duration = Duration::from_millis(1000);
-/// A journal with no new snapshot for this long has no live owner.
+/// A journal with no new entry for this long has no live owner.
 pub const LEASE: Duration = Duration::from_millis(3500);
-
-/// A checkpoint the coordinator has recorded (rank 0 finished writing it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointRecord {
-    pub step: u64,
-    pub url: String,
-    /// The data position right after `step`: a whole-job resume restarts the plan here.
-    pub data: DataState,
-}
-
-/// What a journal belongs to: a coordinator refuses to resume another run's journal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub run_name: String,
-    pub seed: u64,
-    pub data_root: String,
-    pub train_split: String,
-    /// Blocks and rows of the training split, and a hash of every block's row count: the
-    /// epoch plans are a function of these.
-    pub blocks: u32,
-    pub rows: u64,
-    pub layout_hash: u64,
-}
-
-impl Identity {
-    pub fn new(
-        run_name: &str,
-        seed: u64,
-        data_root: &str,
-        train_split: &str,
-        block_rows: &[u32],
-    ) -> Self {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for r in block_rows {
-            for b in r.to_le_bytes() {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        Self {
-            run_name: run_name.to_string(),
-            seed,
-            data_root: data_root.trim_end_matches('/').to_string(),
-            train_split: train_split.to_string(),
-            blocks: block_rows.len() as u32,
-            rows: block_rows.iter().map(|&r| r as u64).sum(),
-            layout_hash: h,
-        }
-    }
-
-    /// Why `other` (a journal's) is not this run's, if it is not.
-    pub fn mismatch(&self, other: &Identity) -> Option<String> {
-        if self.run_name != other.run_name {
-            return Some(format!(
-                "it belongs to run {:?}, this config is run {:?} (run.name)",
-                other.run_name, self.run_name
-            ));
-        }
-        if self.seed != other.seed {
-            return Some(format!(
-                "it was started with run.seed = {}, this config has {}",
-                other.seed, self.seed
-            ));
-        }
-        if (&self.data_root, &self.train_split) != (&other.data_root, &other.train_split)
-            || (self.blocks, self.rows, self.layout_hash)
-                != (other.blocks, other.rows, other.layout_hash)
-        {
-            return Some(format!(
-                "it trains on {} split {:?} ({} blocks, {} rows), this config on {} split {:?} ({} blocks, {} rows)",
-                other.data_root, other.train_split, other.blocks, other.rows,
-                self.data_root, self.train_split, self.blocks, self.rows
-            ));
-        }
-        None
-    }
-}
-
-/// Who wrote a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Owner {
-    pub host: String,
-    pub pid: u32,
-    /// Random per process: two coordinators never share one.
-    pub nonce: u64,
-}
-
-impl Owner {
-    pub fn this_process() -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        Self {
-            host,
-            pid: std::process::id(),
-            nonce: nanos ^ (u64::from(std::process::id()) << 32),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub format_version: u32,
-    pub identity: Identity,
-    pub owner: Owner,
-    pub written_unix_s: f64,
-    /// Written by a coordinator that stopped cleanly: the next one need not wait for a lease.
-    pub released: bool,
-    pub generation: u64,
-    pub committed_step: u64,
-    pub data: DataState,
-    pub pending: Vec<StepAssignment>,
-    pub checkpoints: Vec<CheckpointRecord>,
-    pub finished: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -174,7 +67,7 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn snapshot_name(seq: u64) -> String {
+fn entry_name(seq: u64) -> String {
     format!("snapshot-{seq:020}.json")
 }
 
@@ -185,13 +78,30 @@ fn seq_of(name: &str) -> Option<u64> {
         .ok()
 }
 
+/// A journal read back: the newest compaction and the records after it, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    pub records: Vec<Record>,
+    /// The compaction's number and the newest entry's.
+    pub base_seq: u64,
+    pub last_seq: u64,
+    /// The newest entry (its owner, time and release mark).
+    pub newest: Entry,
+    /// Seconds spent reading and parsing the entries.
+    pub read_s: f64,
+}
+
 pub struct Journal {
     dir: Location,
     owner: Owner,
     /// How long writes retry an unavailable store.
     budget: Duration,
-    /// The sequence number of our newest snapshot (0: none yet).
+    /// The sequence number of our newest entry (0: none yet).
     last_seq: u64,
+    /// Numbers of the compactions kept (the newest two), and below which entries are gone.
+    bases: Vec<u64>,
+    pruned_below: u64,
 }
 
 impl Journal {
@@ -202,6 +112,8 @@ impl Journal {
             owner: Owner::this_process(),
             budget,
             last_seq: 0,
+            bases: Vec::new(),
+            pruned_below: 0,
         }
     }
 
@@ -220,7 +132,7 @@ impl Journal {
         }
     }
 
-    /// Snapshot numbers present, ascending.
+    /// Entry numbers present, ascending.
     async fn list(&self) -> Result<Vec<u64>, JournalError> {
         let what = format!("listing the journal {}", self.url());
         let metas: Vec<_> = store_retry(&what, self.budget, || {
@@ -239,8 +151,8 @@ impl Journal {
         Ok(seqs)
     }
 
-    async fn read(&self, seq: u64) -> Result<Result<Snapshot, String>, JournalError> {
-        let loc = self.dir.join(&snapshot_name(seq));
+    async fn read(&self, seq: u64) -> Result<Result<Entry, String>, JournalError> {
+        let loc = self.dir.join(&entry_name(seq));
         let what = format!("reading {}", loc.url());
         let bytes = match store_retry(&what, self.budget, || async {
             loc.store.get(&loc.path).await?.bytes().await
@@ -249,7 +161,7 @@ impl Journal {
         {
             Ok(b) => b,
             Err(object_store::Error::NotFound { .. }) => {
-                return Ok(Err(format!("{} vanished", snapshot_name(seq))))
+                return Ok(Err(format!("{} vanished", entry_name(seq))))
             }
             Err(e) => return Err(self.store_err(e)),
         };
@@ -266,36 +178,66 @@ impl Journal {
             }
         }
         Ok(serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{} ({} bytes): {e}", snapshot_name(seq), bytes.len())))
+            .map_err(|e| format!("{} ({} bytes): {e}", entry_name(seq), bytes.len())))
     }
 
-    /// The newest readable snapshot and its number; a torn or empty newest one falls back to
-    /// the one before (and says so in the log).
-    pub async fn load(&self) -> Result<Option<(u64, Snapshot)>, JournalError> {
+    /// The newest readable compaction and the records after it.
+    pub async fn load(&self) -> Result<Option<Loaded>, JournalError> {
         let seqs = self.list().await?;
         self.load_from(&seqs).await
     }
 
-    async fn load_from(&self, seqs: &[u64]) -> Result<Option<(u64, Snapshot)>, JournalError> {
+    /// Reads back from the newest entry to the newest compaction. Unreadable entries at the
+    /// end (a write torn by a crash: never acknowledged) are skipped and logged; one between
+    /// readable entries is a damaged journal.
+    async fn load_from(&self, seqs: &[u64]) -> Result<Option<Loaded>, JournalError> {
         let mut problems = Vec::new();
+        let mut later: Vec<Entry> = Vec::new();
+        let mut last_seq = None;
         for &seq in seqs.iter().rev() {
-            match self.read(seq).await? {
-                Ok(snap) => {
-                    if !problems.is_empty() {
-                        tracing::warn!(
-                            "journal {}: skipped unreadable snapshots ({}); resuming from snapshot {seq}",
-                            self.url(),
-                            problems.join("; ")
-                        );
-                    }
-                    return Ok(Some((seq, snap)));
+            let mut entry = match self.read(seq).await? {
+                Ok(e) => e,
+                Err(p) if later.is_empty() => {
+                    problems.push(p);
+                    continue;
                 }
-                Err(p) => problems.push(p),
+                Err(p) => {
+                    return Err(JournalError::Corrupt {
+                        url: self.url(),
+                        detail: format!("{p}, between readable entries"),
+                    })
+                }
+            };
+            let last_seq = *last_seq.get_or_insert(seq);
+            let Some(snapshot) = entry.snapshot.take() else {
+                later.push(entry);
+                continue;
+            };
+            if !problems.is_empty() {
+                tracing::warn!(
+                    "journal {}: skipped unreadable entries ({}); resuming from entry {last_seq}",
+                    self.url(),
+                    problems.join("; ")
+                );
             }
+            let mut records = std::mem::take(&mut entry.records);
+            let newest = later.first().cloned().unwrap_or(entry);
+            for e in later.into_iter().rev() {
+                records.extend(e.records);
+            }
+            return Ok(Some(Loaded {
+                snapshot,
+                records,
+                base_seq: seq,
+                last_seq,
+                newest,
+                read_s: 0.0,
+            }));
         }
-        if problems.is_empty() {
+        if problems.is_empty() && later.is_empty() {
             Ok(None)
         } else {
+            problems.push("no compaction".into());
             Err(JournalError::Corrupt {
                 url: self.url(),
                 detail: problems.join("; "),
@@ -303,58 +245,61 @@ impl Journal {
         }
     }
 
-    /// Makes this coordinator the journal's owner and returns the snapshot to resume from (None:
-    /// a new journal). A journal whose owner still writes is refused (`Held`); one whose owner
-    /// is silent for `LEASE` (crashed) or released it is taken over. `first` is written as the
-    /// new owner's first snapshot when the journal is new (or `fresh`); otherwise the caller
-    /// writes its restored state next.
-    pub async fn claim(&mut self, fresh: bool) -> Result<Option<Snapshot>, JournalError> {
+    /// Makes this coordinator the journal's owner and returns what to resume from (None: a new
+    /// journal, or `fresh`). A journal whose owner still writes is refused (`Held`); one whose
+    /// owner is silent for `LEASE` (crashed) or released it is taken over. The caller's first
+    /// write is a compaction of the resumed state.
+    pub async fn claim(&mut self, fresh: bool) -> Result<Option<Loaded>, JournalError> {
+        let t = Instant::now();
         let seqs = self.list().await?;
-        let found = self.load_from(&seqs).await?;
-        let Some((_, snap)) = found else {
-            self.last_seq = 0;
+        let Some(mut loaded) = self.load_from(&seqs).await? else {
+            self.last_seq = seqs.last().copied().unwrap_or(0);
             return Ok(None);
         };
-        // The newest number present (a torn snapshot included): ours come after it.
+        loaded.read_s = t.elapsed().as_secs_f64();
+        // The newest number present (a torn entry included): ours come after it.
         let seq = seqs.last().copied().unwrap_or(0);
+        let newest = &loaded.newest;
         // A clean stop, or a last write long ago, needs no wait; otherwise watch for a live owner.
-        let age = unix_now() - snap.written_unix_s;
-        if !snap.released && age < 10.0 * LEASE.as_secs_f64() {
+        let age = unix_now() - newest.written_unix_s;
+        if !newest.released && age < 10.0 * LEASE.as_secs_f64() {
             let deadline = Instant::now() + LEASE;
             while Instant::now() < deadline {
                 tokio::time::sleep(REFRESH / 4).await;
-                let newest = self.list().await?.last().copied().unwrap_or(0);
-                if newest > seq {
-                    let (host, pid) = match self.read(newest).await? {
-                        Ok(s) => (s.owner.host, s.owner.pid),
-                        Err(_) => (snap.owner.host.clone(), snap.owner.pid),
+                let now_newest = self.list().await?.last().copied().unwrap_or(0);
+                if now_newest > seq {
+                    let (host, pid) = match self.read(now_newest).await? {
+                        Ok(e) => (e.owner.host, e.owner.pid),
+                        Err(_) => (newest.owner.host.clone(), newest.owner.pid),
                     };
                     return Err(JournalError::Held {
                         url: self.url(),
                         host,
                         pid,
-                        seq: newest,
+                        seq: now_newest,
                     });
                 }
             }
         }
         self.last_seq = seq;
-        Ok(if fresh { None } else { Some(snap) })
+        self.bases = vec![loaded.base_seq];
+        Ok(if fresh { None } else { Some(loaded) })
     }
 
-    /// Writes `snap` as the next snapshot (conditional create). `Fenced` when another
-    /// coordinator has written that number: this one must stop. Transient store errors are
-    /// returned (the writer task retries); the previous-but-one snapshot is deleted after.
-    /// Returns the bytes written.
-    pub async fn save(&mut self, snap: &Snapshot) -> Result<u64, JournalError> {
+    /// Writes `entry` as the next one (conditional create) and returns its bytes. `Fenced`
+    /// when another coordinator has written that number: this one must stop. Transient store
+    /// errors are returned (the writer task retries). After a compaction, entries older than
+    /// the previous compaction are deleted (in the background).
+    pub async fn save(&mut self, entry: &Entry) -> Result<u64, JournalError> {
         let seq = self.last_seq + 1;
-        let mut snap = snap.clone();
-        snap.owner = self.owner.clone();
-        snap.written_unix_s = unix_now();
+        let mut entry = entry.clone();
+        entry.format_version = FORMAT_VERSION;
+        entry.owner = self.owner.clone();
+        entry.written_unix_s = unix_now();
         // Serialising plain data cannot fail.
-        let bytes = serde_json::to_vec(&snap).unwrap_or_default();
+        let bytes = serde_json::to_vec(&entry).unwrap_or_default();
         let len = bytes.len() as u64;
-        let loc = self.dir.join(&snapshot_name(seq));
+        let loc = self.dir.join(&entry_name(seq));
         let opts = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -380,24 +325,44 @@ impl Journal {
             })
         })?;
         self.last_seq = seq;
-        if seq > 2 {
-            let old = self.dir.join(&snapshot_name(seq - 2));
-            if let Err(e) = old.store.delete(&old.path).await {
-                if !matches!(e, object_store::Error::NotFound { .. }) {
-                    tracing::debug!("journal: could not delete {}: {e}", old.url());
-                }
+        if entry.snapshot.is_some() {
+            self.bases.push(seq);
+            if self.bases.len() > 2 {
+                self.bases.remove(0);
+                self.delete_below(self.bases[0]);
             }
         }
         Ok(len)
     }
 
-    /// Deletes every snapshot older than the newest two (a claim's clean-up).
-    pub async fn prune(&self) {
+    /// Deletes entries numbered below `seq` that this owner has not deleted yet, in a task
+    /// of its own (a leftover costs space, never correctness).
+    fn delete_below(&mut self, seq: u64) {
+        let from = std::mem::replace(&mut self.pruned_below, seq);
+        let dir = self.dir.clone();
+        tokio::spawn(async move {
+            for old in from..seq {
+                let loc = dir.join(&entry_name(old));
+                if let Err(e) = loc.store.delete(&loc.path).await {
+                    if !matches!(e, object_store::Error::NotFound { .. }) {
+                        tracing::debug!("journal: could not delete {}: {e}", loc.url());
+                    }
+                }
+            }
+        });
+    }
+
+    /// Deletes every entry older than the compaction resumed from (a claim's clean-up).
+    pub async fn prune(&mut self) {
+        let Some(&base) = self.bases.first() else {
+            return;
+        };
         let Ok(seqs) = self.list().await else { return };
-        for &seq in seqs.iter().rev().skip(2) {
-            let old = self.dir.join(&snapshot_name(seq));
+        for &seq in seqs.iter().filter(|s| **s < base) {
+            let old = self.dir.join(&entry_name(seq));
             let _ = old.store.delete(&old.path).await;
         }
+        self.pruned_below = base;
     }
 }
 
@@ -409,91 +374,4 @@ impl JournalError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ferroclip_shards::StoreOptions;
-
-    fn snapshot(step: u64) -> Snapshot {
-        Snapshot {
-            format_version: FORMAT_VERSION,
-            identity: Identity::new("r", 1, "/d", "train", &[3, 4]),
-            owner: Owner::this_process(),
-            written_unix_s: 0.0,
-            released: false,
-            generation: 1,
-            committed_step: step,
-            data: DataState::default(),
-            pending: Vec::new(),
-            checkpoints: Vec::new(),
-            finished: false,
-        }
-    }
-
-    fn journal(dir: &std::path::Path) -> Journal {
-        let loc =
-            Location::open(&dir.display().to_string(), &StoreOptions::default()).expect("location");
-        Journal::new(loc, Duration::from_secs(5))
-    }
-
-    #[tokio::test]
-    async fn a_silent_owner_is_taken_over_and_then_fenced() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let mut first = journal(dir.path());
-        assert!(
-            first.claim(false).await.expect("claim").is_none(),
-            "new journal"
-        );
-        for step in 1..=3 {
-            first.save(&snapshot(step)).await.expect("save");
-        }
-        // The first owner falls silent (a crash, a pause): after the lease the second takes over.
-        let mut second = journal(dir.path());
-        let t = Instant::now();
-        let resumed = second.claim(false).await.expect("claim").expect("state");
-        assert!(t.elapsed() >= LEASE, "took over before the lease ran out");
-        assert_eq!(resumed.committed_step, 3);
-        second.save(&snapshot(4)).await.expect("save");
-        // The first one wakes up and writes: it has lost the journal.
-        let err = first.save(&snapshot(5)).await.unwrap_err();
-        assert!(matches!(err, JournalError::Fenced { .. }), "{err}");
-        assert_eq!(
-            journal(dir.path())
-                .load()
-                .await
-                .expect("load")
-                .map(|(_, s)| s.committed_step),
-            Some(4)
-        );
-        // Only the newest two snapshots are kept.
-        second.save(&snapshot(6)).await.expect("save");
-        second.prune().await;
-        assert_eq!(second.list().await.expect("list").len(), 2);
-    }
-
-    #[tokio::test]
-    async fn a_live_owner_keeps_its_journal_and_a_released_one_is_taken_at_once() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let mut owner = journal(dir.path());
-        owner.claim(false).await.expect("claim");
-        owner.save(&snapshot(1)).await.expect("save");
-        let live = tokio::spawn(async move {
-            for step in 2..=6 {
-                owner.save(&snapshot(step)).await.expect("save");
-                tokio::time::sleep(REFRESH / 2).await;
-            }
-            owner
-        });
-        let err = journal(dir.path()).claim(false).await.unwrap_err();
-        assert!(matches!(err, JournalError::Held { .. }), "{err}");
-        let mut owner = live.await.expect("owner");
-        let mut last = snapshot(7);
-        last.released = true;
-        owner.save(&last).await.expect("save");
-        let t = Instant::now();
-        journal(dir.path())
-            .claim(false)
-            .await
-            .expect("claim a released journal");
-        assert!(t.elapsed() < LEASE, "waited for a released journal");
-    }
-}
+mod tests;
