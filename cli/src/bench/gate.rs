@@ -18,6 +18,8 @@ struct State {
     released: HashMap<u64, u64>,
     /// generation → the rank that died in it, and whether its failure was reported.
     dead: HashMap<u64, (u32, bool)>,
+    /// Generations a rank left to join again (its ring is broken for the others).
+    broken: HashSet<u64>,
     killed_at: Option<Instant>,
     recovery_s: Option<f64>,
     /// generation → (first Join sent, last Join answered).
@@ -38,8 +40,12 @@ pub struct Gate {
 /// How a barrier ended.
 pub enum Barrier {
     Passed,
-    /// This rank died in the generation (and whether its failure was reported yet).
-    Failed { dead: u32 },
+    /// Rank `dead` died in the generation.
+    Failed {
+        dead: u32,
+    },
+    /// A rank left the generation to join again (the coordinator ended it).
+    Broken,
 }
 
 impl Gate {
@@ -109,12 +115,22 @@ impl Gate {
                 if let Some((dead, _)) = s.dead.get(&generation) {
                     return Barrier::Failed { dead: *dead };
                 }
+                if s.broken.contains(&generation) {
+                    return Barrier::Broken;
+                }
                 if s.released.get(&generation).is_some_and(|r| *r >= step) {
                     return Barrier::Passed;
                 }
             }
             woken.await;
         }
+    }
+
+    /// A rank leaves `generation` to join again: the others' collectives fail, as a ring
+    /// with a peer gone does.
+    pub fn broken(&self, generation: u64) {
+        self.lock().broken.insert(generation);
+        self.notify.notify_waiters();
     }
 
     /// A neighbour of the dead rank has reported it (the others rejoin after that, as the

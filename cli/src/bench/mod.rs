@@ -5,6 +5,7 @@
 //! checkpoint commits), and reports RPC latencies, steps per second, the coordinator's CPU and
 //! memory, the journal's writes and the time to form a generation.
 
+mod crash;
 mod gate;
 mod probe;
 mod report;
@@ -17,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
-use report::{Latencies, Report};
 use gate::Gate;
+use report::{Latencies, Report};
 use sim::SimConfig;
 
 #[derive(Args, Debug)]
@@ -44,6 +45,9 @@ pub struct CoordinatorBench {
     /// Heartbeats per second per worker.
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat_hz: f64,
+    /// `cluster.heartbeat_timeout_s` of the run.
+    #[arg(long, default_value_t = 10.0)]
+    pub heartbeat_timeout_s: f64,
     /// Steps per second the simulated workers aim at (0: as fast as the coordinator answers).
     #[arg(long, default_value_t = 1.0)]
     pub step_hz: f64,
@@ -66,6 +70,14 @@ pub struct CoordinatorBench {
     /// its death to the next committed step.
     #[arg(long)]
     pub kill_at: Option<u64>,
+    /// SIGKILL the coordinator once this step is committed (workers keep running) and restart
+    /// it on the same journal and ports; the report compares what it resumed with what it
+    /// had acknowledged.
+    #[arg(long)]
+    pub crash_at: Option<u64>,
+    /// With --crash-at: leave a torn entry after the journal's newest (a write cut short).
+    #[arg(long)]
+    pub crash_tear: bool,
     /// After the run, SIGKILL the coordinator, restart it on the same journal and time how long
     /// it takes to serve the resumed state again.
     #[arg(long)]
@@ -126,7 +138,10 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
     let mut coord = world.start_coordinator(b, 0)?;
     let endpoint = coord.endpoint.clone();
     coord.wait_ready(Duration::from_secs(60)).await?;
-    let pid = coord.pid();
+    let mut pid = coord.pid();
+    let mut starts = 1;
+    let mut crashed = None;
+    let mut crash_poll = tokio::time::interval(Duration::from_millis(5));
     let cpu0 = probe::cpu_seconds(pid).unwrap_or(0.0);
     let io0 = probe::journal_io(coord.http).await.unwrap_or_default();
 
@@ -155,6 +170,21 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
             _ = sampler.tick() => {
                 if let Some(rss) = probe::rss_mb(pid) { rss_samples.push((gate.committed(), rss)); }
             }
+            _ = crash_poll.tick() => {
+                if crashed.is_some() || !b.crash_at.is_some_and(|s| gate.committed() >= s) {
+                    continue;
+                }
+                let r = crash::crash(&world, b, &mut coord, starts, gate.committed()).await?;
+                starts += 1;
+                pid = coord.pid();
+                if r.resumed_step < r.acked_step {
+                    problem.get_or_insert(format!(
+                        "the restarted coordinator resumed at step {}, below the acknowledged step {}",
+                        r.resumed_step, r.acked_step
+                    ));
+                }
+                crashed = Some(r);
+            }
             _ = &mut deadline => {
                 problem.get_or_insert(format!("stopped after --max-seconds {}", b.max_seconds));
                 sims.abort_all();
@@ -167,14 +197,15 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
     let rss = probe::rss_mb(pid).unwrap_or(0.0);
     let io = probe::journal_io(coord.http).await.unwrap_or_default();
     let mut report = Report::new(b, &lat, &gate, wall, cpu, rss, rss_samples, io.minus(&io0));
+    report.crash = crashed;
     if b.resume_check {
         coord.kill();
         let t = Instant::now();
-        let mut again = world.start_coordinator(b, 1)?;
+        let mut again = world.start_coordinator(b, starts)?;
         again.wait_ready(Duration::from_secs(60)).await?;
         report.resume_s = Some(t.elapsed().as_secs_f64());
         report.resume_step = probe::committed_step(again.http).await;
-        report.resume_load_s = probe::journal_load_s(&world.log_path(1));
+        report.resume_load_s = probe::journal_load_s(&world.log_path(starts));
         again.kill();
     }
     if b.verify {

@@ -33,7 +33,9 @@ pub fn rss_mb(pid: u32) -> Option<f64> {
 /// A plain HTTP/1.1 GET with the run token: the body when the answer is 200.
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
     let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
         );
@@ -62,6 +64,9 @@ pub struct JournalIo {
     pub bytes: u64,
     pub write_s: f64,
     pub max_write_s: f64,
+    /// Compactions among the writes, and their bytes (absent before the incremental journal).
+    pub compactions: u64,
+    pub compaction_bytes: u64,
 }
 
 impl JournalIo {
@@ -71,6 +76,10 @@ impl JournalIo {
             bytes: self.bytes.saturating_sub(before.bytes),
             write_s: (self.write_s - before.write_s).max(0.0),
             max_write_s: self.max_write_s,
+            compactions: self.compactions.saturating_sub(before.compactions),
+            compaction_bytes: self
+                .compaction_bytes
+                .saturating_sub(before.compaction_bytes),
         }
     }
 }
@@ -83,6 +92,8 @@ pub async fn journal_io(port: u16) -> Option<JournalIo> {
         bytes: io["bytes"].as_u64()?,
         write_s: io["write_s"].as_f64()?,
         max_write_s: io["max_write_s"].as_f64()?,
+        compactions: io["compactions"].as_u64().unwrap_or(0),
+        compaction_bytes: io["compaction_bytes"].as_u64().unwrap_or(0),
     })
 }
 
@@ -92,7 +103,7 @@ pub async fn committed_step(port: u16) -> Option<u64> {
 
 /// Seconds the coordinator took to read its journal (its `journal loaded` log line).
 pub fn journal_load_s(log: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(log).ok()?;
+    let text = strip_ansi(&std::fs::read_to_string(log).ok()?);
     let line = text.lines().find(|l| l.contains("journal loaded"))?;
     let at = line.find("load_s=")? + "load_s=".len();
     line[at..]
@@ -100,4 +111,22 @@ pub fn journal_load_s(log: &Path) -> Option<f64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// The text without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -121,6 +121,7 @@ pub struct Report {
     pub resume_s: Option<f64>,
     pub resume_load_s: Option<f64>,
     pub resume_step: Option<u64>,
+    pub crash: Option<super::crash::CrashReport>,
     pub problem: Option<String>,
 }
 
@@ -166,6 +167,7 @@ impl Report {
             resume_s: None,
             resume_load_s: None,
             resume_step: None,
+            crash: None,
             problem: None,
         }
     }
@@ -204,6 +206,9 @@ impl Report {
             "rss_series": self.rss_series,
             "journal_bytes_per_step": self.journal_bytes_per_step(),
             "journal_writes": self.journal.writes,
+            "journal_record_bytes_per_step": self.journal.bytes.saturating_sub(self.journal.compaction_bytes) as f64 / self.steps.max(1) as f64,
+            "journal_compactions": self.journal.compactions,
+            "journal_compaction_bytes": self.journal.compaction_bytes,
             "journal_ms_per_write": self.journal_ms_per_write(),
             "journal_max_write_ms": self.journal.max_write_s * 1000.0,
             "form_generation_s": self.form_generation_s,
@@ -211,6 +216,10 @@ impl Report {
             "resume_s": self.resume_s,
             "resume_load_s": self.resume_load_s,
             "resume_step": self.resume_step,
+            "crash": self.crash.map(|c| json!({
+                "acked_step": c.acked_step, "resumed_step": c.resumed_step,
+                "resume_s": c.resume_s, "load_s": c.load_s,
+            })),
             "problem": self.problem,
         })
     }
@@ -246,6 +255,15 @@ impl Report {
             opt(self.resume_load_s),
             self.resume_step.map_or("-".into(), |s| s.to_string()),
         );
+        if let Some(c) = &self.crash {
+            out += &format!(
+                "crash: killed after step {} was acknowledged, resumed at step {} in {:.2}s (journal load {})\n",
+                c.acked_step,
+                c.resumed_step,
+                c.resume_s,
+                opt(c.load_s)
+            );
+        }
         if let Some(p) = &self.problem {
             out += &format!("problem: {p}\n");
         }

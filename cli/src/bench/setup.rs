@@ -20,6 +20,9 @@ pub struct World {
     pub dir: PathBuf,
     pub run_dir: String,
     config: PathBuf,
+    /// Every start of the coordinator serves on these (workers reconnect after a restart).
+    grpc: u16,
+    http: u16,
 }
 
 impl World {
@@ -36,7 +39,13 @@ impl World {
             dir: dir.to_path_buf(),
             run_dir,
             config,
+            grpc: free_port()?,
+            http: free_port()?,
         })
+    }
+
+    pub fn journal_dir(&self) -> PathBuf {
+        PathBuf::from(&self.run_dir).join("journal")
     }
 
     pub fn log_path(&self, start: usize) -> PathBuf {
@@ -46,7 +55,7 @@ impl World {
     /// Starts `ferroclip coordinator` (this very binary) on free loopback ports; the first start
     /// (`start` 0) begins the run afresh, later ones resume its journal.
     pub fn start_coordinator(&self, b: &CoordinatorBench, start: usize) -> Result<Coordinator> {
-        let (grpc, http) = (free_port()?, free_port()?);
+        let (grpc, http) = (self.grpc, self.http);
         let exe = std::env::current_exe().context("locating the ferroclip binary")?;
         let pin = b.coordinator_core != "none" && has_taskset();
         let mut cmd = if pin {
@@ -62,7 +71,7 @@ impl World {
             .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
             .args(["--http-addr", &format!("127.0.0.1:{http}")])
             .env("FERROCLIP_TOKEN", TOKEN)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("info".into()))
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null());
         if start == 0 {
             cmd.arg("--fresh");
@@ -70,7 +79,13 @@ impl World {
         let log = std::fs::File::create(self.log_path(start)).context("coordinator log")?;
         cmd.stdout(log.try_clone()?).stderr(log);
         let child = cmd.spawn().context("starting the coordinator")?;
-        tracing::info!(pid = child.id(), grpc, http, pinned = pin, "coordinator started");
+        tracing::info!(
+            pid = child.id(),
+            grpc,
+            http,
+            pinned = pin,
+            "coordinator started"
+        );
         Ok(Coordinator {
             child,
             endpoint: format!("http://127.0.0.1:{grpc}"),
@@ -172,17 +187,24 @@ warmup_steps = 0
 every_steps = {ckpt}
 keep = 2
 [cluster]
-min_workers = {n}
+min_workers = {min}
 max_workers = {n}
 settle_s = 1.0
 heartbeat_interval_s = {hb}
-heartbeat_timeout_s = 10.0
+heartbeat_timeout_s = {hb_timeout}
 "#,
         steps = b.steps,
         data = data.display(),
         batch = n * b.per_rank_batch,
         ckpt = b.checkpoint_every,
         hb = 1.0 / b.heartbeat_hz.max(0.01),
+        hb_timeout = b.heartbeat_timeout_s,
+        // With a death the survivors must be enough to form.
+        min = if b.kill_at.is_some() {
+            n.saturating_sub(1).max(1)
+        } else {
+            n
+        },
     )
 }
 

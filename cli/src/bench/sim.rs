@@ -54,8 +54,7 @@ fn req<T>(msg: T) -> Request<T> {
     r
 }
 
-/// Times one call of `rpc`, retrying UNAVAILABLE (not durable yet) and, for NextStep,
-/// OUT_OF_RANGE (a step too far ahead) as the worker does.
+/// Times one call of `rpc`, retrying what `retryable` says as the worker does.
 async fn call<T, F, Fut>(lat: &Latencies, rpc: Rpc, client: &Client, f: F) -> Result<T, Status>
 where
     F: Fn(Client) -> Fut,
@@ -77,8 +76,13 @@ where
     }
 }
 
+/// UNAVAILABLE (not durable yet), OUT_OF_RANGE (a step too far ahead), and a connection
+/// lost (the coordinator restarts): the worker retries all of them.
 fn retryable(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::OutOfRange)
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::OutOfRange | Code::Unknown | Code::Cancelled
+    )
 }
 
 /// What ended a generation for this worker.
@@ -88,7 +92,12 @@ enum Next {
     Finished,
 }
 
-pub async fn worker(i: u32, cfg: Arc<SimConfig>, lat: Arc<Latencies>, gate: Arc<Gate>) -> Result<()> {
+pub async fn worker(
+    i: u32,
+    cfg: Arc<SimConfig>,
+    lat: Arc<Latencies>,
+    gate: Arc<Gate>,
+) -> Result<()> {
     let channel = Endpoint::from_shared(cfg.endpoint.clone())?
         .connect_timeout(Duration::from_secs(30))
         .timeout(Duration::from_secs(600))
@@ -109,7 +118,8 @@ pub async fn worker(i: u32, cfg: Arc<SimConfig>, lat: Arc<Latencies>, gate: Arc<
         let p = call(&lat, Rpc::Join, &client, |mut c| {
             let r = req(join.clone());
             async move { c.join(r).await }
-        }).await?;
+        })
+        .await?;
         if p.world_size == 0 {
             return Ok(()); // the run is finished
         }
@@ -152,7 +162,8 @@ pub async fn worker(i: u32, cfg: Arc<SimConfig>, lat: Arc<Latencies>, gate: Arc<
                 let _ = call(&lat, Rpc::Other, &client, |mut c| {
                     let r = req(leave.clone());
                     async move { c.leave(r).await }
-                }).await;
+                })
+                .await;
                 return Ok(());
             }
         }
@@ -215,13 +226,15 @@ impl Member<'_> {
             let plan = match call(self.lat, Rpc::NextStep, &self.client, |mut c| {
                 let r = req(ask.clone());
                 async move { c.next_step(r).await }
-            }).await {
+            })
+            .await
+            {
                 Ok(plan) => plan,
-                Err(s) if s.code() == Code::FailedPrecondition => return Ok(Next::Rejoin),
+                Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
                 Err(s) => bail!("NextStep {step}: {s}"),
             };
             if plan.regroup {
-                return Ok(Next::Rejoin);
+                return Ok(self.leave_ring());
             }
             if plan.end_of_run {
                 self.final_checkpoint(step.saturating_sub(1)).await?;
@@ -234,8 +247,10 @@ impl Member<'_> {
             if self.gate.dies(generation, rank, world, step) {
                 return Ok(Next::Died);
             }
-            if let Barrier::Failed { dead } = self.gate.barrier(generation, step, world).await {
-                return self.collective_failed(dead).await;
+            match self.gate.barrier(generation, step, world).await {
+                Barrier::Passed => {}
+                Barrier::Failed { dead } => return self.collective_failed(dead).await,
+                Barrier::Broken => return Ok(Next::Rejoin),
             }
             if let Some(period) = self.cfg.step_period {
                 let jitter = self.cfg.jitter.mul_f64(rand::random::<f64>());
@@ -252,10 +267,12 @@ impl Member<'_> {
             match call(self.lat, Rpc::CommitStep, &self.client, |mut c| {
                 let r = req(commit.clone());
                 async move { c.commit_step(r).await }
-            }).await {
+            })
+            .await
+            {
                 Ok(r) if r.committed => self.gate.committed_step(step),
                 Ok(_) => {}
-                Err(s) if s.code() == Code::FailedPrecondition => return Ok(Next::Rejoin),
+                Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
                 Err(s) => bail!("CommitStep {step}: {s}"),
             }
             *self.last_applied = step;
@@ -264,6 +281,12 @@ impl Member<'_> {
             }
             step += 1;
         }
+    }
+
+    /// This worker's generation is over: it joins again, and its peers' collectives fail.
+    fn leave_ring(&self) -> Next {
+        self.gate.broken(self.p.generation);
+        Next::Rejoin
     }
 
     /// The ring failed because rank `dead` is gone: its neighbours report it, everyone
@@ -280,7 +303,8 @@ impl Member<'_> {
             let r = call(self.lat, Rpc::Other, &self.client, |mut c| {
                 let r = req(report.clone());
                 async move { c.report_failure(r).await }
-            }).await;
+            })
+            .await;
             if let Err(s) = r {
                 if s.code() != Code::FailedPrecondition {
                     bail!("ReportFailure: {s}");
@@ -303,9 +327,11 @@ impl Member<'_> {
             url: ferroclip_shards::checkpoints::step_url(&self.cfg.checkpoints, step),
         };
         match call(self.lat, Rpc::Other, &self.client, |mut c| {
-                let r = req(ckpt.clone());
-                async move { c.commit_checkpoint(r).await }
-            }).await {
+            let r = req(ckpt.clone());
+            async move { c.commit_checkpoint(r).await }
+        })
+        .await
+        {
             Ok(_) => Ok(()),
             Err(s) if s.code() == Code::FailedPrecondition => Ok(()),
             Err(s) => bail!("CommitCheckpoint {step}: {s}"),
