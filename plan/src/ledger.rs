@@ -261,11 +261,6 @@ impl Ledger {
         order
     }
 
-    /// Chunk orders cached (memory bound checks).
-    pub fn cached_orders(&self) -> usize {
-        self.orders.len()
-    }
-
     /// The blocks of a chunk, in plan order (what a rank holding its lease reads).
     pub fn chunk_blocks(&mut self, id: ChunkId) -> Vec<u32> {
         self.plan(id.epoch)
