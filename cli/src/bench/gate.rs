@@ -10,6 +10,9 @@ use std::time::Instant;
 use ferroclip_proto::v1::SampleRef;
 use tokio::sync::Notify;
 
+/// Per committed step: (generation, world, per rank the samples fed).
+type Fed = BTreeMap<u64, (u64, u32, BTreeMap<u32, Vec<SampleRef>>)>;
+
 #[derive(Default)]
 struct State {
     /// (generation, step) → ranks that reached the barrier.
@@ -28,7 +31,7 @@ struct State {
     first_commit: Option<Instant>,
     last_commit: Option<Instant>,
     /// step → (generation, world, per rank the samples fed) (`--verify` only).
-    fed: BTreeMap<u64, (u64, u32, BTreeMap<u32, Vec<SampleRef>>)>,
+    fed: Fed,
 }
 
 pub struct Gate {

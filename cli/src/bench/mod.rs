@@ -171,7 +171,7 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
                 if let Some(rss) = probe::rss_mb(pid) { rss_samples.push((gate.committed(), rss)); }
             }
             _ = crash_poll.tick() => {
-                if crashed.is_some() || !b.crash_at.is_some_and(|s| gate.committed() >= s) {
+                if crashed.is_some() || b.crash_at.is_none_or(|s| gate.committed() < s) {
                     continue;
                 }
                 let r = crash::crash(&world, b, &mut coord, starts, gate.committed()).await?;

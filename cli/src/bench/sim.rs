@@ -276,7 +276,10 @@ impl Member<'_> {
                 Err(s) => bail!("CommitStep {step}: {s}"),
             }
             *self.last_applied = step;
-            if rank == 0 && self.cfg.checkpoint_every > 0 && step % self.cfg.checkpoint_every == 0 {
+            if rank == 0
+                && self.cfg.checkpoint_every > 0
+                && step.is_multiple_of(self.cfg.checkpoint_every)
+            {
                 self.checkpoint(step).await?;
             }
             step += 1;
