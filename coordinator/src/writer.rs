@@ -35,19 +35,36 @@ pub struct Batch {
     pub released: bool,
 }
 
-/// What the journal's writes have cost so far.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+/// What the journal's writes have cost so far (`/api/status` `journal_io`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct WriteStats {
     pub writes: u64,
     pub bytes: u64,
     pub write_s: f64,
     pub max_write_s: f64,
-    /// Compactions among them, and their bytes.
+    /// Compactions among them, and their bytes (absent from coordinators before the
+    /// incremental journal).
+    #[serde(default)]
     pub compactions: u64,
+    #[serde(default)]
     pub compaction_bytes: u64,
 }
 
 impl WriteStats {
+    /// The writes since `before` (the largest single write stays the largest so far).
+    pub fn since(&self, before: &WriteStats) -> WriteStats {
+        WriteStats {
+            writes: self.writes.saturating_sub(before.writes),
+            bytes: self.bytes.saturating_sub(before.bytes),
+            write_s: (self.write_s - before.write_s).max(0.0),
+            max_write_s: self.max_write_s,
+            compactions: self.compactions.saturating_sub(before.compactions),
+            compaction_bytes: self
+                .compaction_bytes
+                .saturating_sub(before.compaction_bytes),
+        }
+    }
+
     fn add(&mut self, bytes: u64, secs: f64, compaction: bool) {
         self.writes += 1;
         self.bytes += bytes;

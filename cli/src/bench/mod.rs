@@ -196,7 +196,7 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
     let cpu = probe::cpu_seconds(pid).unwrap_or(0.0) - cpu0;
     let rss = probe::rss_mb(pid).unwrap_or(0.0);
     let io = probe::journal_io(coord.http).await.unwrap_or_default();
-    let mut report = Report::new(b, &lat, &gate, wall, cpu, rss, rss_samples, io.minus(&io0));
+    let mut report = Report::new(b, &lat, &gate, wall, cpu, rss, rss_samples, io.since(&io0));
     report.crash = crashed;
     if b.resume_check {
         coord.kill();

@@ -57,44 +57,12 @@ async fn status(port: u16) -> Option<serde_json::Value> {
     serde_json::from_str(&body).ok()
 }
 
-/// The journal writer's counters (`/api/status` `journal_io`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct JournalIo {
-    pub writes: u64,
-    pub bytes: u64,
-    pub write_s: f64,
-    pub max_write_s: f64,
-    /// Compactions among the writes, and their bytes (absent before the incremental journal).
-    pub compactions: u64,
-    pub compaction_bytes: u64,
-}
-
-impl JournalIo {
-    pub fn minus(&self, before: &JournalIo) -> JournalIo {
-        JournalIo {
-            writes: self.writes.saturating_sub(before.writes),
-            bytes: self.bytes.saturating_sub(before.bytes),
-            write_s: (self.write_s - before.write_s).max(0.0),
-            max_write_s: self.max_write_s,
-            compactions: self.compactions.saturating_sub(before.compactions),
-            compaction_bytes: self
-                .compaction_bytes
-                .saturating_sub(before.compaction_bytes),
-        }
-    }
-}
+/// The journal writer's counters, as the coordinator reports them.
+pub use ferroclip_coordinator::writer::WriteStats as JournalIo;
 
 pub async fn journal_io(port: u16) -> Option<JournalIo> {
     let s = status(port).await?;
-    let io = &s["journal_io"];
-    Some(JournalIo {
-        writes: io["writes"].as_u64()?,
-        bytes: io["bytes"].as_u64()?,
-        write_s: io["write_s"].as_f64()?,
-        max_write_s: io["max_write_s"].as_f64()?,
-        compactions: io["compactions"].as_u64().unwrap_or(0),
-        compaction_bytes: io["compaction_bytes"].as_u64().unwrap_or(0),
-    })
+    serde_json::from_value(s["journal_io"].clone()).ok()
 }
 
 pub async fn committed_step(port: u16) -> Option<u64> {

@@ -27,6 +27,19 @@ pub(super) struct FolderInput {
     entries: Vec<CaptionEntry>,
 }
 
+impl CaptionEntry {
+    /// A captions file's row: no image id, no split of its own.
+    fn plain(path: String, key: Option<String>, caption: RawCaption) -> Self {
+        CaptionEntry {
+            path,
+            key,
+            caption,
+            image_id: None,
+            split: None,
+        }
+    }
+}
+
 /// One row of a captions file.
 #[derive(Clone, Debug)]
 struct CaptionEntry {
@@ -283,13 +296,7 @@ fn parse_csv(url: &str, bytes: &[u8]) -> Result<Vec<CaptionEntry>, ShardsError> 
         let key = key_i
             .and_then(|k| rec.get(k))
             .map(|k| String::from_utf8_lossy(k).to_string());
-        out.push(CaptionEntry {
-            path,
-            key,
-            caption,
-            image_id: None,
-            split: None,
-        });
+        out.push(CaptionEntry::plain(path, key, caption));
     }
     Ok(out)
 }
@@ -319,13 +326,7 @@ fn parse_jsonl(url: &str, bytes: &[u8]) -> Result<Vec<CaptionEntry>, ShardsError
             Some(s) => s.to_string(),
             None => k.to_string(),
         });
-        out.push(CaptionEntry {
-            path,
-            key,
-            caption,
-            image_id: None,
-            split: None,
-        });
+        out.push(CaptionEntry::plain(path, key, caption));
     }
     Ok(out)
 }

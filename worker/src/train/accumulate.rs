@@ -10,7 +10,7 @@
 use tch::Tensor;
 
 use super::objectives::{mlm_global, Rows};
-use super::{Result, StepLosses, TrainError, Trainer};
+use super::{Result, StepLosses, Trainer};
 use crate::collective::Collective;
 
 impl Trainer {
@@ -112,16 +112,7 @@ impl Trainer {
             }
             backward_s += tb.elapsed().as_secs_f64();
         }
-        out.total = o.contrastive * out.contrastive
-            + o.siglip * out.siglip
-            + o.mlm * out.mlm
-            + o.mae * out.mae;
-        if !out.total.is_finite() {
-            return Err(TrainError::NonFinite {
-                loss: out.total,
-                step: self.step,
-            });
-        }
+        out.total = out.weighted(&o, self.step)?;
         let ta = std::time::Instant::now();
         if coll.world_size() > 1 {
             self.all_reduce_grads(coll)?;

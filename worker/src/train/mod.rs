@@ -53,6 +53,20 @@ pub struct StepLosses {
     pub mae: f64,
 }
 
+impl StepLosses {
+    /// The objectives' weighted sum: the loss the step minimises (a non-finite one is an error).
+    fn weighted(&self, o: &Objectives, step: u64) -> Result<f64> {
+        let total = o.contrastive * self.contrastive
+            + o.siglip * self.siglip
+            + o.mlm * self.mlm
+            + o.mae * self.mae;
+        if !total.is_finite() {
+            return Err(TrainError::NonFinite { loss: total, step });
+        }
+        Ok(total)
+    }
+}
+
 /// Wall time of the phases of the last `compute_grads` (seconds).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PhaseTimes {
@@ -296,16 +310,7 @@ impl Trainer {
             out.mae = t.loss;
             surrogate.extend(t.surrogate);
         }
-        out.total = o.contrastive * out.contrastive
-            + o.siglip * out.siglip
-            + o.mlm * out.mlm
-            + o.mae * out.mae;
-        if !out.total.is_finite() {
-            return Err(TrainError::NonFinite {
-                loss: out.total,
-                step: self.step,
-            });
-        }
+        out.total = out.weighted(&o, self.step)?;
         let tb = std::time::Instant::now();
         let forward_s = tb.duration_since(t0).as_secs_f64() - backward_s;
         backward_s += self.backward(&surrogate, rows.device, tb, coll)?;
