@@ -7,27 +7,6 @@ mod k8s_common;
 use k8s_common::*;
 use serde_json::{json, Value};
 
-const GPU: &[&str] = &[
-    "--workers",
-    "4",
-    "--gpus-per-worker",
-    "8",
-    "--config",
-    "k8s/overlays/gpu/run.toml",
-    "--data",
-    "s3://bucket/laion",
-];
-
-const CPU: &[&str] = &[
-    "--workers",
-    "2",
-    "--cpu",
-    "--config",
-    "k8s/overlays/cpu-smoke/run.toml",
-    "--data",
-    "s3://bucket/small",
-];
-
 fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = base.to_vec();
     v.extend_from_slice(extra);
@@ -40,8 +19,8 @@ fn pod_spec(job_spec: &Value) -> &Value {
 
 #[test]
 fn a_jobset_holds_the_same_pods_started_coordinator_first() {
-    let (_, jobs) = render(GPU);
-    let (_, docs) = render(&with(GPU, &["--kind", "jobset"]));
+    let (_, jobs) = render(GPU_ARGS);
+    let (_, docs) = render(&with(GPU_ARGS, &["--kind", "jobset"]));
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(
         kinds,
@@ -127,7 +106,7 @@ fn a_jobset_holds_the_same_pods_started_coordinator_first() {
 #[test]
 fn a_queued_jobset_starts_suspended_for_kueue_with_its_priority() {
     let (_, docs) = render(&with(
-        CPU,
+        CPU_ARGS,
         &[
             "--kind",
             "jobset",
@@ -152,7 +131,7 @@ fn a_queued_jobset_starts_suspended_for_kueue_with_its_priority() {
     }
     // The Job kind takes a priority class too, but no queue (Kueue would admit the workers
     // without their coordinator).
-    let (_, jobs) = render(&with(CPU, &["--priority-class", "batch-high"]));
+    let (_, jobs) = render(&with(CPU_ARGS, &["--priority-class", "batch-high"]));
     assert_eq!(
         find(&jobs, "Deployment", "ferroclip-coordinator")["spec"]["template"]["spec"]
             ["priorityClassName"],
@@ -163,15 +142,18 @@ fn a_queued_jobset_starts_suspended_for_kueue_with_its_priority() {
         "batch-high"
     );
     for (args, flag) in [
-        (with(CPU, &["--queue", "team-a"]), "--queue"),
+        (with(CPU_ARGS, &["--queue", "team-a"]), "--queue"),
         (
-            with(CPU, &["--kind", "jobset", "--queue", "Team A"]),
+            with(CPU_ARGS, &["--kind", "jobset", "--queue", "Team A"]),
             "--queue",
         ),
-        (with(CPU, &["--priority-class", "x_y"]), "--priority-class"),
+        (
+            with(CPU_ARGS, &["--priority-class", "x_y"]),
+            "--priority-class",
+        ),
         (
             with(
-                &CPU[..5],
+                &CPU_ARGS[..5],
                 &["--kind", "jobset", "--data", "https://host/ds"],
             ),
             "--data",
@@ -199,7 +181,7 @@ fn rendered_jobsets_validate_strictly_against_the_jobset_crd() {
     // file each (one validator start each; the messages name the document).
     let (mut jobsets, mut builtin) = (String::new(), String::new());
     let mut renders = Vec::new();
-    for base in [GPU, CPU] {
+    for base in [GPU_ARGS, CPU_ARGS] {
         for extra in [&[][..], &queued[..], &named[..]] {
             let args = with(&with(base, &["--kind", "jobset"]), extra);
             let (_, docs) = render(&args);
@@ -284,8 +266,8 @@ fn jobset_action(jobset: &Value, replicated_job: &str, reason: &str) -> String {
 
 #[test]
 fn failure_rules_answer_every_exit_code_as_the_job_kind_does() {
-    let (_, jobs) = render(GPU);
-    let (_, docs) = render(&with(GPU, &["--kind", "jobset"]));
+    let (_, jobs) = render(GPU_ARGS);
+    let (_, docs) = render(&with(GPU_ARGS, &["--kind", "jobset"]));
     let js = find(&docs, "JobSet", "ferroclip");
     let job = &find(&jobs, "Job", "ferroclip-workers")["spec"];
     // (exit code, disrupted) -> what happens to the pod.
@@ -358,11 +340,11 @@ fn network_policies_admit_workers_to_the_coordinator_and_each_other_only() {
     for (args, ring_ports) in [
         // CPU: 2 processes per pod, the ring's two ports.
         (
-            with(&["--gpus-per-worker", "2"], CPU),
+            with(&["--gpus-per-worker", "2"], CPU_ARGS),
             json!([{ "protocol": "TCP", "port": 29500, "endPort": 29501 }]),
         ),
         // GPU: NCCL opens its own ports, so any port, but still only from the run's workers.
-        (GPU.to_vec(), Value::Null),
+        (GPU_ARGS.to_vec(), Value::Null),
     ] {
         for kind in ["job", "jobset"] {
             let (_, docs) = render(&with(&args, &["--kind", kind]));

@@ -7,27 +7,6 @@ use ferroclip_proto::config::{Backend, RunConfig};
 use k8s_common::*;
 use serde_json::{json, Value};
 
-const GPU_ARGS: &[&str] = &[
-    "--workers",
-    "4",
-    "--gpus-per-worker",
-    "8",
-    "--config",
-    "k8s/overlays/gpu/run.toml",
-    "--data",
-    "s3://bucket/laion",
-];
-
-const CPU_ARGS: &[&str] = &[
-    "--workers",
-    "2",
-    "--cpu",
-    "--config",
-    "k8s/overlays/cpu-smoke/run.toml",
-    "--data",
-    "s3://bucket/small",
-];
-
 fn worker_container(docs: &[Value], run: &str) -> Value {
     find(docs, "Job", &format!("{run}-workers"))["spec"]["template"]["spec"]["containers"][0]
         .clone()

@@ -6,6 +6,28 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// A GPU run (the gpu overlay's config) and a CPU run (the cpu-smoke overlay's).
+pub const GPU_ARGS: &[&str] = &[
+    "--workers",
+    "4",
+    "--gpus-per-worker",
+    "8",
+    "--config",
+    "k8s/overlays/gpu/run.toml",
+    "--data",
+    "s3://bucket/laion",
+];
+
+pub const CPU_ARGS: &[&str] = &[
+    "--workers",
+    "2",
+    "--cpu",
+    "--config",
+    "k8s/overlays/cpu-smoke/run.toml",
+    "--data",
+    "s3://bucket/small",
+];
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
