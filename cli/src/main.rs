@@ -1,5 +1,6 @@
 //! `ferroclip`: the control plane and data tools. Never links libtorch.
 
+mod bench;
 mod coordinator;
 mod k8s;
 mod status;
@@ -37,6 +38,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Summary of a running coordinator.
     Status(status::StatusArgs),
+    /// Load generators: `bench coordinator` drives a real coordinator with simulated workers.
+    Bench(bench::BenchArgs),
     /// Kubernetes manifests for a run.
     K8s(k8s::K8sArgs),
     /// Check a run configuration file and print it with every default filled in.
@@ -76,6 +79,7 @@ async fn run() -> Result<u8> {
         Command::Train(args) => train::run(args).await?,
         Command::Status(args) => status::run(args).await?,
         Command::K8s(args) => k8s::run(args)?,
+        Command::Bench(args) => bench::run(args).await?,
         Command::Config { file } => {
             let cfg = ferroclip_proto::config::RunConfig::load(&file)?;
             print!("{}", cfg.to_toml());

@@ -116,6 +116,7 @@ async fn status(
         "checkpoint_age_s": run.checkpoint_age_s(),
         "journal": shared.journal_url(),
         "store_wait_s": shared.store_wait_s(),
+        "journal_io": shared.journal_io(),
         "workers": s.workers.iter().map(|w| {
             serde_json::json!({
                 "rank": w.rank, "worker_id": w.worker_id, "host": w.host, "device": w.device,

@@ -41,6 +41,21 @@ fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
     }
 }
 
+/// Connections waiting to be accepted: thousands of workers connect at once when a job starts,
+/// and a SYN dropped from a full queue is retried only after a second or more.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// How to start a coordinator.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -139,15 +154,28 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
     let mut journal = Journal::new(dir, budget);
     let mut run = Run::new(cfg.clone(), block_rows);
     match journal.claim(opts.fresh).await? {
-        Some(snap) => {
-            if let Some(why) = run.identity.mismatch(&snap.identity) {
+        Some(loaded) => {
+            if let Some(why) = run.identity.mismatch(&loaded.snapshot.identity) {
                 return Err(JournalError::OtherRun {
                     url: journal.url(),
                     why,
                 }
                 .into());
             }
-            run.restore(snap);
+            let t = std::time::Instant::now();
+            let records = loaded.records.len();
+            run.restore(loaded.snapshot)
+                .and_then(|()| run.replay(&loaded.records))
+                .map_err(|detail| JournalError::Corrupt {
+                    url: journal.url(),
+                    detail,
+                })?;
+            tracing::info!(
+                step = run.ledger.committed_step(),
+                records,
+                load_s = loaded.read_s + t.elapsed().as_secs_f64(),
+                "journal loaded"
+            );
         }
         None if opts.fresh => run.event(
             "start",
@@ -160,27 +188,44 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
         None => run.event("start", format!("run {} starts", cfg.run.name)),
     }
     journal.prune().await;
-    let first = run.snapshot();
-    let (writer, writer_task) = Writer::spawn(journal, first.clone(), budget);
+    // Our first entry is a compaction of the resumed state: replay never crosses owners.
+    run.take_records();
+    let first = writer::Batch {
+        records: Vec::new(),
+        snapshot: Some(run.snapshot()),
+        summary: run.summary(),
+        released: false,
+    };
+    let (writer, writer_task) = Writer::spawn(journal, first, budget);
     // The claim is complete once our first snapshot is durable: fail fast if another
     // coordinator won the race, or the store is down beyond the budget.
     writer
         .durable(1, budget + Duration::from_secs(10))
         .await
         .map_err(|e| anyhow::anyhow!("{journal_url}: {e}"))?;
-    let shared = Shared::new(run, writer, first, journal_url, opts.token.clone(), store);
+    let shared = Shared::new(run, writer, journal_url, opts.token.clone(), store);
     otel::register(&shared);
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = vec![writer_task];
 
-    let listener = TcpListener::bind(opts.grpc_addr)
-        .await
+    let listener = listen(opts.grpc_addr)
         .with_context(|| format!("binding gRPC address {}", opts.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     let svc = CoordinatorServer::new(CoordinatorService::new(shared.clone()));
     let mut stop = rx.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // No Nagle: an answer written in several segments otherwise waits for the client's
+        // delayed ACK (40 ms) before its last one leaves.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                conn.inspect(|s| {
+                    if let Err(e) = s.set_nodelay(true) {
+                        tracing::debug!("TCP_NODELAY: {e}");
+                    }
+                })
+            },
+        );
         let r = tonic::transport::Server::builder()
             .trace_fn(rpc_span)
             .add_service(svc)

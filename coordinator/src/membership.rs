@@ -1,7 +1,7 @@
 //! Membership: who is in the current generation, who waits to join, and when a new generation
 //! forms. Pure bookkeeping over an explicit clock so it is easy to test.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// What a worker says about itself when it joins.
@@ -50,6 +50,9 @@ pub struct Membership {
     generation: u64,
     phase: Phase,
     members: Vec<Member>,
+    /// worker_id → index in `members`: every RPC looks its caller up (O(1), not a scan of
+    /// thousands of members).
+    index: HashMap<String, usize>,
     waiting: Vec<WorkerInfo>,
     /// Previous members we still wait for, with a deadline.
     expected: BTreeMap<String, Instant>,
@@ -65,6 +68,7 @@ impl Membership {
             generation,
             phase: Phase::Forming,
             members: Vec::new(),
+            index: HashMap::new(),
             waiting: Vec::new(),
             expected: BTreeMap::new(),
             last_arrival: None,
@@ -103,16 +107,25 @@ impl Membership {
         {
             return None;
         }
-        self.members.iter().find(|m| m.info.worker_id == worker_id)
+        self.member(worker_id)
+    }
+
+    fn member(&self, worker_id: &str) -> Option<&Member> {
+        self.index.get(worker_id).map(|&i| &self.members[i])
+    }
+
+    fn set_members(&mut self, members: Vec<Member>) {
+        self.index = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.info.worker_id.clone(), i))
+            .collect();
+        self.members = members;
     }
 
     pub fn touch(&mut self, worker_id: &str, now: Instant) {
-        if let Some(m) = self
-            .members
-            .iter_mut()
-            .find(|m| m.info.worker_id == worker_id)
-        {
-            m.last_seen = now;
+        if let Some(&i) = self.index.get(worker_id) {
+            self.members[i].last_seen = now;
         }
     }
 
@@ -122,10 +135,7 @@ impl Membership {
         if self.phase == Phase::Forming && self.waiting.contains(&info) {
             return false;
         }
-        let was_member = self
-            .members
-            .iter()
-            .any(|m| m.info.worker_id == info.worker_id);
+        let was_member = self.index.contains_key(&info.worker_id);
         self.waiting.retain(|w| w.worker_id != info.worker_id);
         self.expected.remove(&info.worker_id);
         self.waiting.push(info.clone());
@@ -175,7 +185,9 @@ impl Membership {
         match self.phase {
             Phase::Training | Phase::Finishing => self.end_generation(Some(worker_id), now),
             Phase::Finished => {
-                self.members.retain(|m| m.info.worker_id != worker_id);
+                let mut members = std::mem::take(&mut self.members);
+                members.retain(|m| m.info.worker_id != worker_id);
+                self.set_members(members);
             }
             Phase::Forming => {
                 self.waiting.retain(|w| w.worker_id != worker_id);
@@ -206,22 +218,15 @@ impl Membership {
         let settled = self
             .last_arrival
             .is_none_or(|t| now.duration_since(t) >= self.limits.settle);
-        let survivors_back = !self.members.is_empty()
-            && self
-                .members
-                .iter()
-                .any(|m| self.waiting.iter().any(|w| w.worker_id == m.info.worker_id));
+        let survivors_back = self
+            .waiting
+            .iter()
+            .any(|w| self.index.contains_key(&w.worker_id));
         if n < self.limits.max_workers && !settled && !survivors_back {
             return None;
         }
         // Survivors keep their relative order; joiners follow in arrival order.
-        let old_rank = |id: &str| {
-            self.members
-                .iter()
-                .find(|m| m.info.worker_id == id)
-                .map(|m| m.rank)
-                .unwrap_or(u32::MAX)
-        };
+        let old_rank = |id: &str| self.member(id).map(|m| m.rank).unwrap_or(u32::MAX);
         let mut next: Vec<(u32, usize, WorkerInfo)> = self
             .waiting
             .iter()
@@ -232,7 +237,7 @@ impl Membership {
         let take = next.len().min(self.limits.max_workers as usize);
         let admitted: Vec<WorkerInfo> = next.drain(..take).map(|(_, _, w)| w).collect();
         self.waiting = next.into_iter().map(|(_, _, w)| w).collect();
-        self.members = admitted
+        let members = admitted
             .into_iter()
             .enumerate()
             .map(|(rank, info)| Member {
@@ -241,6 +246,7 @@ impl Membership {
                 last_seen: now,
             })
             .collect();
+        self.set_members(members);
         self.generation += 1;
         self.phase = Phase::Training;
         self.regroup_requested =

@@ -12,11 +12,10 @@ use ferroclip_proto::v1::{self, coordinator_server::Coordinator};
 use tokio::sync::{Mutex, Notify};
 use tonic::{Request, Response, Status};
 
-use crate::journal::Snapshot;
 use crate::membership::WorkerInfo;
 use crate::run::{Answer, Committed, Run, StepReport};
 use crate::wire;
-use crate::writer::Writer;
+use crate::writer::{Batch, Writer};
 
 /// Longest an RPC waits for its state to be durable before answering UNAVAILABLE (the worker
 /// retries; every call is idempotent).
@@ -27,8 +26,8 @@ pub struct Shared {
     /// Woken whenever a generation forms.
     pub formed: Notify,
     writer: Writer,
-    /// The version last handed to the writer and its state (taken while `run` is locked).
-    staged: std::sync::Mutex<(u64, Snapshot)>,
+    /// The version last handed to the writer (taken while `run` is locked).
+    staged: std::sync::Mutex<u64>,
     journal_url: String,
     /// The run's config as workers get it at Join.
     config_toml: String,
@@ -39,11 +38,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// `first` is the state the writer was started with (version 1).
+    /// The writer was started with version 1.
     pub fn new(
         run: Run,
         writer: Writer,
-        first: Snapshot,
         journal_url: String,
         token: String,
         store: ferroclip_shards::StoreOptions,
@@ -53,7 +51,7 @@ impl Shared {
             run: Mutex::new(run),
             formed: Notify::new(),
             writer,
-            staged: std::sync::Mutex::new((1, first)),
+            staged: std::sync::Mutex::new(1),
             journal_url,
             token,
             rejected: AtomicU64::new(0),
@@ -104,17 +102,34 @@ impl Shared {
         }
     }
 
-    /// Hands the run's state to the journal writer if it changed; returns the version that
-    /// must be durable before the caller answers.
-    pub fn stage(&self, run: &Run) -> u64 {
-        let snap = run.snapshot();
+    /// Hands the run's changes since the last call to the journal writer (with the whole
+    /// state when the writer asks for a compaction); returns the version that must be durable
+    /// before the caller answers. Without changes this costs nothing: most calls (heartbeats,
+    /// all but the last CommitStep of a step) change nothing the journal keeps.
+    pub fn stage(&self, run: &mut Run) -> u64 {
+        self.stage_with(run, false)
+    }
+
+    /// `final_entry`: only a version for the final compaction, which covers the records.
+    fn stage_with(&self, run: &mut Run, final_entry: bool) -> u64 {
+        let records = run.take_records();
         let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-        if staged.1 != snap {
-            staged.0 += 1;
-            staged.1 = snap.clone();
-            self.writer.submit(staged.0, snap);
+        if final_entry {
+            *staged += 1;
+            return *staged;
         }
-        staged.0
+        if records.is_empty() {
+            return *staged;
+        }
+        let batch = Batch {
+            records,
+            snapshot: self.writer.take_compaction_wish().then(|| run.snapshot()),
+            summary: run.summary(),
+            released: false,
+        };
+        *staged += 1;
+        self.writer.submit(*staged, batch);
+        *staged
     }
 
     /// Waits until `version` is durable; UNAVAILABLE (retry) when it is not in time.
@@ -133,19 +148,29 @@ impl Shared {
             .map_or(0.0, |t| t.elapsed().as_secs_f64())
     }
 
+    /// What the journal's writes have cost so far.
+    pub fn journal_io(&self) -> crate::writer::WriteStats {
+        self.writer.progress().io
+    }
+
     /// Resolves when this coordinator has lost its journal for good.
     pub async fn fatal(&self) -> String {
         self.writer.fatal().await
     }
 
-    /// Writes the final snapshot (marked released) and stops the writer.
+    /// Writes the final compaction (marked released) and stops the writer.
     pub async fn shutdown_journal(&self) {
-        let run = self.run.lock().await;
-        let version = self.stage(&run) + 1;
-        let snap = run.snapshot();
+        let mut run = self.run.lock().await;
+        let version = self.stage_with(&mut run, true);
+        let batch = Batch {
+            records: Vec::new(),
+            snapshot: Some(run.snapshot()),
+            summary: run.summary(),
+            released: true,
+        };
         drop(run);
         self.writer
-            .finish(version, snap, Duration::from_secs(10))
+            .finish(version, batch, Duration::from_secs(10))
             .await;
     }
 
@@ -154,11 +179,11 @@ impl Shared {
     pub async fn tick(&self) {
         let mut run = self.run.lock().await;
         if run.tick(Instant::now()) {
-            self.stage(&run);
+            self.stage(&mut run);
             drop(run);
             self.formed.notify_waiters();
         } else {
-            self.stage(&run);
+            self.stage(&mut run);
         }
     }
 
@@ -215,7 +240,7 @@ impl CoordinatorService {
             _ => Vec::new(),
         };
         let root = run.checkpoint_root().to_string();
-        let version = self.shared.stage(&run);
+        let version = self.shared.stage(&mut run);
         drop(run);
         let answer = self.counted(out)?;
         self.shared.durable(version).await?;
@@ -279,7 +304,7 @@ impl Coordinator for CoordinatorService {
                 }));
             }
             if let Some(p) = run.placed_again(&info, r.last_generation) {
-                let version = self.shared.stage(&run);
+                let version = self.shared.stage(&mut run);
                 drop(run);
                 self.shared.durable(version).await?;
                 return Ok(Response::new(wire::join_response(
@@ -300,9 +325,14 @@ impl Coordinator for CoordinatorService {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let placed = {
-                let run = self.shared.run.lock().await;
-                run.placement(&guard.worker_id)
-                    .map(|p| (p, self.shared.stage(&run)))
+                let mut run = self.shared.run.lock().await;
+                let placed = run.placement(&guard.worker_id);
+                placed.map(|p| {
+                    // Its heartbeat clock starts as its answer goes out: answering thousands
+                    // of Joins takes seconds, which is no silence of the worker's.
+                    run.members.touch(&guard.worker_id, Instant::now());
+                    (p, self.shared.stage(&mut run))
+                })
             };
             if let Some((p, version)) = placed {
                 guard.done = true;
@@ -342,7 +372,7 @@ impl Coordinator for CoordinatorService {
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
         let out = run.next_step(&r.worker_id, r.generation, r.step, Instant::now());
-        let version = self.shared.stage(&run);
+        let version = self.shared.stage(&mut run);
         drop(run);
         let plan = self.counted(out)?;
         self.shared.durable(version).await?;
@@ -391,7 +421,7 @@ impl Coordinator for CoordinatorService {
             &r.reason,
             Instant::now(),
         );
-        let version = self.shared.stage(&run);
+        let version = self.shared.stage(&mut run);
         drop(run);
         self.counted(out)?;
         self.shared.tick().await;
@@ -421,7 +451,7 @@ impl Coordinator for CoordinatorService {
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
         let out = run.leave(&r.worker_id, r.generation, &r.reason, Instant::now());
-        let version = self.shared.stage(&run);
+        let version = self.shared.stage(&mut run);
         drop(run);
         self.counted(out)?;
         self.shared.tick().await;

@@ -22,11 +22,11 @@ pub fn join_response(p: Placement, run_config_toml: &str) -> v1::JoinResponse {
         world_size: p.world_size,
         peers: p
             .peers
-            .into_iter()
+            .iter()
             .map(|peer| v1::Peer {
                 rank: peer.rank,
-                worker_id: peer.worker_id,
-                collective_addr: peer.collective_addr,
+                worker_id: peer.worker_id.clone(),
+                collective_addr: peer.collective_addr.clone(),
             })
             .collect(),
         run_config_toml: run_config_toml.to_string(),

@@ -1,17 +1,81 @@
-//! The journal writer: a task that owns the `Journal` and writes the newest snapshot it is
-//! handed, so no RPC does store I/O under the run lock (heartbeats never wait on the store).
-//! Each change gets a version; an RPC answers only once its version is durable, and gets
-//! UNAVAILABLE (the worker retries, the calls are idempotent) when a write covering it failed
-//! or took too long. With nothing to write, the newest snapshot is written again every
-//! `journal::REFRESH`: the lease that tells a second coordinator this journal is held.
+//! The journal writer: a task that owns the `Journal` and appends what it is handed, so no RPC
+//! does store I/O under the run lock (heartbeats never wait on the store). Each hand-over (a
+//! `Batch` of records, perhaps with a compaction) gets a version; everything queued while a
+//! write is in flight goes into the next entry (group commit). An RPC answers only once its
+//! version is durable, and gets UNAVAILABLE (the worker retries, the calls are idempotent)
+//! when a write covering it failed or took too long; the batches of a failed write stay
+//! queued and are written, in order, by the next attempt. With nothing to write, an empty
+//! entry is written every `journal::REFRESH`: the lease that tells a second coordinator this
+//! journal is held.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::journal::{Journal, JournalError, Snapshot, REFRESH};
+use crate::journal::{
+    Entry, Journal, JournalError, Owner, Record, Snapshot, Summary, FORMAT_VERSION, REFRESH,
+};
+
+/// Records since the last compaction that make the next hand-over carry a compaction (a
+/// resume replays at most about this many), unless their bytes outgrow the compaction's first.
+pub const COMPACT_RECORDS: u64 = 2000;
+
+/// One hand-over to the writer.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// The whole state after `records` (a compaction, which makes them redundant).
+    pub snapshot: Option<Snapshot>,
+    pub summary: Summary,
+    /// The last entry of a clean stop.
+    pub released: bool,
+}
+
+/// What the journal's writes have cost so far (`/api/status` `journal_io`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct WriteStats {
+    pub writes: u64,
+    pub bytes: u64,
+    pub write_s: f64,
+    pub max_write_s: f64,
+    /// Compactions among them, and their bytes (absent from coordinators before the
+    /// incremental journal).
+    #[serde(default)]
+    pub compactions: u64,
+    #[serde(default)]
+    pub compaction_bytes: u64,
+}
+
+impl WriteStats {
+    /// The writes since `before` (the largest single write stays the largest so far).
+    pub fn since(&self, before: &WriteStats) -> WriteStats {
+        WriteStats {
+            writes: self.writes.saturating_sub(before.writes),
+            bytes: self.bytes.saturating_sub(before.bytes),
+            write_s: (self.write_s - before.write_s).max(0.0),
+            max_write_s: self.max_write_s,
+            compactions: self.compactions.saturating_sub(before.compactions),
+            compaction_bytes: self
+                .compaction_bytes
+                .saturating_sub(before.compaction_bytes),
+        }
+    }
+
+    fn add(&mut self, bytes: u64, secs: f64, compaction: bool) {
+        self.writes += 1;
+        self.bytes += bytes;
+        self.write_s += secs;
+        self.max_write_s = self.max_write_s.max(secs);
+        if compaction {
+            self.compactions += 1;
+            self.compaction_bytes += bytes;
+        }
+    }
+}
 
 /// What the writer has done so far.
 #[derive(Debug, Clone, Default)]
@@ -26,47 +90,99 @@ pub struct Progress {
     /// Why the writer stopped for good: another coordinator took the journal, or the store
     /// stayed unavailable beyond the retry budget. The coordinator must stop acknowledging.
     pub fatal: Option<String>,
+    /// Successful writes, their bytes and seconds (the scaling benchmark reads these).
+    pub io: WriteStats,
+}
+
+#[derive(Default)]
+struct Queue {
+    batches: VecDeque<(u64, Batch)>,
+    /// No more batches: stop once they are written.
+    closed: bool,
 }
 
 pub struct Writer {
-    latest: watch::Sender<(u64, Option<Arc<Snapshot>>)>,
+    queue: Arc<Mutex<Queue>>,
+    wake: Arc<Notify>,
+    compact: Arc<AtomicBool>,
     progress: watch::Receiver<Progress>,
 }
 
+fn lock(q: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Folds queued batches into one entry: the newest compaction among them and the records of
+/// the batches after it (a batch's compaction is the state after its own records, so it
+/// covers them and every batch before).
+fn entry_of(batches: &[(u64, Batch)], summary: &Summary) -> Entry {
+    let base = batches.iter().rposition(|(_, b)| b.snapshot.is_some());
+    let later = &batches[base.map_or(0, |i| i + 1)..];
+    Entry {
+        format_version: FORMAT_VERSION,
+        owner: Owner {
+            host: String::new(),
+            pid: 0,
+            nonce: 0,
+        },
+        written_unix_s: 0.0,
+        released: batches.last().is_some_and(|(_, b)| b.released),
+        summary: summary.clone(),
+        snapshot: base.and_then(|i| batches[i].1.snapshot.clone()),
+        records: later
+            .iter()
+            .flat_map(|(_, b)| b.records.iter().cloned())
+            .collect(),
+    }
+}
+
 impl Writer {
-    /// Starts the task; `first` (version 1) is written at once. `budget` bounds how long writes
-    /// retry an unavailable store before the coordinator gives up.
-    pub fn spawn(
-        mut journal: Journal,
-        first: Snapshot,
-        budget: Duration,
-    ) -> (Self, JoinHandle<()>) {
-        let (latest, mut rx) = watch::channel((1, Some(Arc::new(first))));
+    /// Starts the task; `first` (version 1, a compaction) is written at once. `budget` bounds
+    /// how long writes retry an unavailable store before the coordinator gives up.
+    pub fn spawn(mut journal: Journal, first: Batch, budget: Duration) -> (Self, JoinHandle<()>) {
+        let queue = Arc::new(Mutex::new(Queue {
+            batches: VecDeque::from([(1, first)]),
+            closed: false,
+        }));
+        let wake = Arc::new(Notify::new());
+        let compact = Arc::new(AtomicBool::new(false));
         let (tx, progress) = watch::channel(Progress::default());
+        let (q, w, c) = (queue.clone(), wake.clone(), compact.clone());
         let task = tokio::spawn(async move {
-            let mut written = 0u64;
+            let mut unwritten: Vec<(u64, Batch)> = Vec::new();
+            let mut summary = Summary::default();
             let mut last_write = Instant::now();
             let mut backoff = Duration::from_millis(100);
+            // Since the last compaction: its size, and the records and bytes written after it.
+            let (mut base_bytes, mut since_bytes, mut since_records) = (0u64, 0u64, 0u64);
             loop {
-                let (version, snap) = rx.borrow_and_update().clone();
-                let Some(snap) = snap else {
-                    return; // shut down
+                let closed = {
+                    let mut q = lock(&q);
+                    unwritten.extend(q.batches.drain(..));
+                    q.closed
                 };
-                let due = version > written || last_write.elapsed() >= REFRESH;
-                if !due {
+                if unwritten.is_empty() && closed {
+                    return;
+                }
+                if unwritten.is_empty() && last_write.elapsed() < REFRESH {
                     let wait = REFRESH.saturating_sub(last_write.elapsed());
                     tokio::select! {
-                        r = rx.changed() => if r.is_err() { return },
+                        _ = w.notified() => {}
                         _ = tokio::time::sleep(wait) => {}
                     }
                     continue;
                 }
+                if let Some((_, b)) = unwritten.last() {
+                    summary = b.summary.clone();
+                }
+                let entry = entry_of(&unwritten, &summary);
                 // Faults are injected into writes of new state only (refreshes are timing).
-                let action = if version > written {
-                    crate::fault::at("journal")
-                } else {
+                let action = if unwritten.is_empty() {
                     crate::fault::Action::Proceed
+                } else {
+                    crate::fault::at("journal")
                 };
+                let started = Instant::now();
                 let r = match action {
                     crate::fault::Action::Fail => Err(JournalError::Store {
                         url: journal.url(),
@@ -77,17 +193,32 @@ impl Writer {
                     }),
                     crate::fault::Action::Stall(d) => {
                         tokio::time::sleep(d).await;
-                        journal.save(&snap).await
+                        journal.save(&entry).await
                     }
-                    crate::fault::Action::Proceed => journal.save(&snap).await,
+                    crate::fault::Action::Proceed => journal.save(&entry).await,
                 };
                 let mut p = tx.borrow().clone();
                 match r {
-                    Ok(()) => {
-                        written = version;
+                    Ok(bytes) => {
+                        let compaction = entry.snapshot.is_some();
+                        p.io.add(bytes, started.elapsed().as_secs_f64(), compaction);
+                        if compaction {
+                            (base_bytes, since_bytes, since_records) = (bytes, 0, 0);
+                        } else {
+                            since_bytes += bytes;
+                            since_records += entry.records.len() as u64;
+                        }
+                        if since_records >= COMPACT_RECORDS
+                            || (since_records > 0 && since_bytes >= base_bytes)
+                        {
+                            c.store(true, Ordering::Relaxed);
+                        }
+                        if let Some((v, _)) = unwritten.last() {
+                            p.durable = *v;
+                        }
+                        unwritten.clear();
                         last_write = Instant::now();
                         backoff = Duration::from_millis(100);
-                        p.durable = version;
                         p.failing_since = None;
                         let _ = tx.send(p);
                     }
@@ -117,22 +248,35 @@ impl Writer {
                 }
             }
         });
-        (Self { latest, progress }, task)
+        let writer = Self {
+            queue,
+            wake,
+            compact,
+            progress,
+        };
+        (writer, task)
     }
 
-    /// Hands version `version` of the run's state to the writer (newer ones replace older
-    /// ones not yet written: only the newest state matters).
-    pub fn submit(&self, version: u64, snap: Snapshot) {
-        self.latest.send_replace((version, Some(Arc::new(snap))));
+    /// Queues version `version` (versions are handed over in increasing order).
+    pub fn submit(&self, version: u64, batch: Batch) {
+        lock(&self.queue).batches.push_back((version, batch));
+        self.wake.notify_one();
     }
 
-    /// Asks the task to write `snap` one last time (released, so the next coordinator need not
-    /// wait out a lease) and stop.
-    pub async fn finish(&self, version: u64, mut snap: Snapshot, limit: Duration) {
-        snap.released = true;
-        self.submit(version, snap);
+    /// Whether the next hand-over should carry a compaction (and forgets the wish: the
+    /// caller takes one).
+    pub fn take_compaction_wish(&self) -> bool {
+        self.compact.swap(false, Ordering::Relaxed)
+    }
+
+    /// Writes `batch` (a compaction, marked released so the next coordinator need not wait
+    /// out a lease) as the last entry and stops the task.
+    pub async fn finish(&self, version: u64, mut batch: Batch, limit: Duration) {
+        batch.released = true;
+        self.submit(version, batch);
         let _ = self.durable(version, limit).await;
-        self.latest.send_replace((version, None));
+        lock(&self.queue).closed = true;
+        self.wake.notify_one();
     }
 
     pub fn progress(&self) -> Progress {
@@ -186,5 +330,45 @@ impl Writer {
                 return "the journal writer stopped".into();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Identity, Snapshot};
+
+    fn batch(records: &[u64], snapshot: bool) -> Batch {
+        Batch {
+            records: records
+                .iter()
+                .map(|&step| Record::Committed { step })
+                .collect(),
+            snapshot: snapshot.then(|| Snapshot {
+                identity: Identity::new("r", 1, "/d", "train", &[1]),
+                generation: 1,
+                committed_step: 2,
+                data: Default::default(),
+                pending: Vec::new(),
+                checkpoints: Vec::new(),
+                finished: false,
+            }),
+            ..Batch::default()
+        }
+    }
+
+    #[test]
+    fn a_compaction_covers_its_own_records_and_those_queued_before_it() {
+        let queued = [
+            (1, batch(&[1], false)),
+            (2, batch(&[2], true)),
+            (3, batch(&[3], false)),
+        ];
+        let e = entry_of(&queued, &Summary::default());
+        assert_eq!(e.snapshot.map(|s| s.committed_step), Some(2));
+        assert_eq!(e.records, vec![Record::Committed { step: 3 }]);
+        let e = entry_of(&queued[..1], &Summary::default());
+        assert!(e.snapshot.is_none());
+        assert_eq!(e.records, vec![Record::Committed { step: 1 }]);
     }
 }

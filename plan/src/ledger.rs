@@ -9,7 +9,8 @@
 //! Assignments are computed for all ranks of a step at once, which makes them a pure function of
 //! (committed state, pending steps, world size) and easy to journal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,9 @@ pub struct Span {
 pub struct StepAssignment {
     pub step: u64,
     pub ranks: Vec<Vec<Span>>,
+    /// The global batch it was assigned for (with `ranks.len()`, what re-computes it).
+    #[serde(default)]
+    pub batch: u32,
     /// The data state once this step is applied.
     pub after: DataState,
 }
@@ -69,7 +73,32 @@ impl StepAssignment {
     pub fn total(&self) -> u32 {
         self.rank_batches().iter().sum()
     }
+
+    /// What re-computes this assignment from the state before it (the journal keeps only this).
+    pub fn key(&self) -> PendingStep {
+        PendingStep {
+            step: self.step,
+            world: self.ranks.len() as u32,
+            batch: self.batch,
+        }
+    }
 }
+
+/// An assigned step as the journal keeps it: assignments are a pure function of the state
+/// before them, the world size and the global batch, so these three numbers re-compute it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingStep {
+    pub step: u64,
+    pub world: u32,
+    pub batch: u32,
+}
+
+/// Epoch plans kept built (the current one, the next, one behind for lookahead and rollbacks);
+/// an evicted plan is rebuilt on demand: it is a pure function of (seed, epoch, manifest).
+const PLANS_KEPT: usize = 3;
+/// Shuffled chunk orders kept at least; the cache is trimmed to the open chunks beyond
+/// max(this, 2 × open chunks).
+const ORDERS_KEPT: usize = 1024;
 
 /// What ends a run: a number of steps (the data repeats epoch after epoch), or whole epochs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +127,9 @@ pub struct Ledger {
     block_rows: Vec<u32>,
     bound: Bound,
     plans: BTreeMap<u32, EpochPlan>,
+    /// Shuffled sample orders of chunks in use: each NextStep reads a slice of one instead of
+    /// re-shuffling the chunk.
+    orders: HashMap<ChunkId, Arc<[SampleRef]>>,
     committed_step: u64,
     committed: DataState,
     pending: BTreeMap<u64, StepAssignment>,
@@ -111,6 +143,7 @@ impl Ledger {
             block_rows,
             bound,
             plans: BTreeMap::new(),
+            orders: HashMap::new(),
             committed_step: 0,
             committed: DataState::default(),
             pending: BTreeMap::new(),
@@ -124,6 +157,40 @@ impl Ledger {
         self.pending = pending.into_iter().map(|a| (a.step, a)).collect();
     }
 
+    /// Restores a journaled position whose pending steps are kept as keys: they are assigned
+    /// again, in order, from `state`. Err names the first key that does not re-compute.
+    pub fn restore_keys(
+        &mut self,
+        committed_step: u64,
+        state: DataState,
+        pending: &[PendingStep],
+    ) -> Result<(), String> {
+        self.restore(committed_step, state, Vec::new());
+        for p in pending {
+            self.reassign(p)?;
+        }
+        Ok(())
+    }
+
+    /// Assigns `p.step` again (journal replay): it must be the next step and feed samples.
+    pub fn reassign(&mut self, p: &PendingStep) -> Result<(), String> {
+        let next = self.next_unassigned();
+        if p.step != next {
+            return Err(format!(
+                "step {} replayed where step {next} is next",
+                p.step
+            ));
+        }
+        match self.assign_next(p.world, p.batch) {
+            Some(_) => Ok(()),
+            None => Err(format!("step {} no longer assigns", p.step)),
+        }
+    }
+
+    /// The pending steps as the journal keeps them.
+    pub fn pending_keys(&self) -> Vec<PendingStep> {
+        self.pending.values().map(StepAssignment::key).collect()
+    }
     pub fn committed_step(&self) -> u64 {
         self.committed_step
     }
@@ -158,6 +225,9 @@ impl Ledger {
     }
 
     fn plan(&mut self, epoch: u32) -> &EpochPlan {
+        if !self.plans.contains_key(&epoch) && self.plans.len() >= PLANS_KEPT {
+            self.plans.pop_first();
+        }
         let (seed, window) = (self.seed, self.window);
         let rows = &self.block_rows;
         self.plans
@@ -167,14 +237,28 @@ impl Ledger {
 
     /// The samples of a span, in feed order.
     pub fn span_samples(&mut self, span: &Span) -> Vec<SampleRef> {
-        let mut samples = self
-            .plan(span.chunk.epoch)
-            .chunk_samples(span.chunk.chunk as usize);
-        let to = (span.to as usize).min(samples.len());
+        let order = self.chunk_order(span.chunk);
+        let to = (span.to as usize).min(order.len());
         let from = (span.from as usize).min(to);
-        samples.truncate(to);
-        samples.drain(..from);
-        samples
+        order[from..to].to_vec()
+    }
+
+    /// A chunk's shuffled sample order, from the cache (bounded: trimmed to the chunks open in
+    /// the newest state when it outgrows twice their number).
+    fn chunk_order(&mut self, id: ChunkId) -> Arc<[SampleRef]> {
+        if let Some(order) = self.orders.get(&id) {
+            return order.clone();
+        }
+        let order: Arc<[SampleRef]> = self.plan(id.epoch).chunk_samples(id.chunk as usize).into();
+        let newest = match self.pending.values().next_back() {
+            Some(last) => &last.after,
+            None => &self.committed,
+        };
+        if self.orders.len() >= ORDERS_KEPT.max(2 * newest.open.len()) {
+            self.orders.retain(|id, _| newest.open.contains_key(id));
+        }
+        self.orders.insert(id, order.clone());
+        order
     }
 
     /// The blocks of a chunk, in plan order (what a rank holding its lease reads).
@@ -206,10 +290,11 @@ impl Ledger {
             Some(last) => last.after.clone(),
             None => self.committed.clone(),
         };
+        let mut free = free_open(&state);
         let mut ranks = Vec::with_capacity(world as usize);
         for rank in 0..world {
             let want = global_batch / world + u32::from(rank < global_batch % world);
-            ranks.push(self.take(&mut state, rank, want));
+            ranks.push(self.take(&mut state, &mut free, rank, want));
         }
         let fed: u32 = ranks.iter().flatten().map(|s| s.to - s.from).sum();
         if fed == 0 {
@@ -219,6 +304,7 @@ impl Ledger {
         let assignment = StepAssignment {
             step,
             ranks,
+            batch: global_batch,
             after: state,
         };
         self.pending.insert(step, assignment);
@@ -235,15 +321,24 @@ impl Ledger {
             Some(last) => last.after.clone(),
             None => self.committed.clone(),
         };
-        !self.take(&mut state, 0, 1).is_empty()
+        let mut free = free_open(&state);
+        !self.take(&mut state, &mut free, 0, 1).is_empty()
     }
 
     /// Takes up to `want` samples for `rank`: from its leases first, then from the pool, and at
     /// the tail from other ranks' chunks.
-    fn take(&mut self, state: &mut DataState, rank: u32, mut want: u32) -> Vec<Span> {
+    /// `free` is the open chunks nobody leases (`free_open`), kept up to date here, so a step
+    /// of N ranks costs O(N log N), not O(N²).
+    fn take(
+        &mut self,
+        state: &mut DataState,
+        free: &mut BTreeSet<ChunkId>,
+        rank: u32,
+        mut want: u32,
+    ) -> Vec<Span> {
         let mut spans = Vec::new();
         while want > 0 {
-            let Some(id) = self.source_for(state, rank) else {
+            let Some(id) = self.source_for(state, free, rank) else {
                 break;
             };
             let rows = self.chunk_rows(id);
@@ -257,10 +352,8 @@ impl Ledger {
             want -= to - from;
             if to == rows {
                 state.open.remove(&id);
-                for held in state.leases.values_mut() {
-                    held.retain(|c| *c != id);
-                }
-                state.leases.retain(|_, held| !held.is_empty());
+                free.remove(&id);
+                release(state, rank, id);
             } else {
                 state.open.insert(id, to);
             }
@@ -272,13 +365,16 @@ impl Ledger {
     /// one (both then leased to it), else the open chunk with the most samples left, leased to
     /// another rank (read without taking the lease: the tail of the data, where a rank would
     /// otherwise feed less than its share).
-    fn source_for(&mut self, state: &mut DataState, rank: u32) -> Option<ChunkId> {
+    fn source_for(
+        &mut self,
+        state: &mut DataState,
+        free: &mut BTreeSet<ChunkId>,
+        rank: u32,
+    ) -> Option<ChunkId> {
         if let Some(id) = state.leases.get(&rank).and_then(|held| held.first()) {
             return Some(*id);
         }
-        let leased: Vec<ChunkId> = state.leases.values().flatten().copied().collect();
-        let free_open = state.open.keys().find(|id| !leased.contains(id)).copied();
-        let fresh = match free_open {
+        let fresh = match free.pop_first() {
             Some(id) => Some(id),
             None => self.open_fresh(state),
         };
@@ -362,23 +458,41 @@ impl Ledger {
     }
 }
 
-mod open_chunks {
-    use super::ChunkId;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-    use std::collections::BTreeMap;
+/// The open chunks no rank leases, in chunk order (what `source_for` hands out first).
+fn free_open(state: &DataState) -> BTreeSet<ChunkId> {
+    let leased: HashSet<ChunkId> = state.leases.values().flatten().copied().collect();
+    state
+        .open
+        .keys()
+        .filter(|id| !leased.contains(id))
+        .copied()
+        .collect()
+}
 
-    pub fn serialize<S: Serializer>(map: &BTreeMap<ChunkId, u32>, s: S) -> Result<S::Ok, S::Error> {
-        let list: Vec<(ChunkId, u32)> = map.iter().map(|(k, v)| (*k, *v)).collect();
-        list.serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<BTreeMap<ChunkId, u32>, D::Error> {
-        let list: Vec<(ChunkId, u32)> = Vec::deserialize(d)?;
-        Ok(list.into_iter().collect())
+/// Chunk `id` is used up: its lease ends. The reader usually holds it (at the tail another
+/// rank does: found by a scan, which only the data's last steps pay).
+fn release(state: &mut DataState, reader: u32, id: ChunkId) {
+    let holds = |held: &Vec<ChunkId>| held.contains(&id);
+    let holder = if state.leases.get(&reader).is_some_and(holds) {
+        Some(reader)
+    } else {
+        state
+            .leases
+            .iter()
+            .find(|(_, held)| holds(held))
+            .map(|(r, _)| *r)
+    };
+    if let Some(r) = holder {
+        if let Some(held) = state.leases.get_mut(&r) {
+            held.retain(|c| *c != id);
+            if held.is_empty() {
+                state.leases.remove(&r);
+            }
+        }
     }
 }
+
+mod open_chunks;
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ pub mod epoch;
 pub mod ledger;
 
 pub use epoch::{Chunk, EpochPlan, SampleRef};
-pub use ledger::{Bound, ChunkId, DataState, Ledger, Span, StepAssignment};
+pub use ledger::{Bound, ChunkId, DataState, Ledger, PendingStep, Span, StepAssignment};
 
 /// Optimizer steps of a run. Step-limited (`steps > 0`): `steps`. Epoch-limited: every step
 /// feeds a full global batch, steps run across epoch boundaries, so the run takes

@@ -8,7 +8,7 @@ use std::time::Instant;
 use ferroclip_shards::checkpoints;
 
 use super::{Answer, Refusal, Run};
-use crate::journal::CheckpointRecord;
+use crate::journal::{CheckpointRecord, Record};
 use crate::membership::Phase;
 
 impl Run {
@@ -17,6 +17,7 @@ impl Run {
         self.stop_requested = true;
         if self.members.phase() == Phase::Forming && self.ledger.committed_step() == 0 {
             self.members.set_phase(Phase::Finished);
+            self.journal(Record::Finished);
         }
         self.event(
             "stop",
@@ -61,6 +62,10 @@ impl Run {
             return; // the final step's checkpoint is recorded once
         }
         self.last_checkpoint_at = Some(Instant::now());
+        self.journal(Record::Checkpoint {
+            step,
+            url: url.clone(),
+        });
         self.checkpoints.push(CheckpointRecord {
             step,
             url: url.clone(),
@@ -82,6 +87,7 @@ impl Run {
         let recorded = self.checkpoints.last().is_some_and(|c| c.step == step);
         if step > 0 && recorded && (self.stop_requested || !self.ledger.has_more()) {
             self.members.set_phase(Phase::Finished);
+            self.journal(Record::Finished);
             self.event(
                 "finished",
                 format!("the run is finished at step {step}: its checkpoint is recorded"),
@@ -97,6 +103,7 @@ impl Run {
             return Vec::new();
         }
         let old = self.checkpoints.len() - keep;
+        self.journal(Record::Pruned { count: old as u32 });
         self.checkpoints.drain(..old).map(|c| c.url).collect()
     }
 

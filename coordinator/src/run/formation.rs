@@ -3,9 +3,11 @@
 //! checkpoint when nobody holds the newest state.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Answer, Peer, Placement, Refusal, Run};
+use crate::journal::{Record, Settle};
 use crate::membership::{Member, Phase, WorkerInfo};
 
 impl Run {
@@ -77,6 +79,7 @@ impl Run {
         self.counters.generations += 1;
         self.reports.clear();
         self.rank_metrics.clear();
+        self.rank_batches.clear();
         let resume_checkpoint = self.settle_the_data(&members);
         self.pending_checkpoints
             .retain(|(s, _)| *s <= self.ledger.committed_step());
@@ -93,14 +96,17 @@ impl Run {
         } else {
             (0, false)
         };
-        let peers: Vec<Peer> = members
-            .iter()
-            .map(|m| Peer {
-                rank: m.rank,
-                worker_id: m.info.worker_id.clone(),
-                collective_addr: m.info.collective_addr.clone(),
-            })
-            .collect();
+        // One list shared by every placement: N copies of N peers would be O(N²) memory.
+        let peers: Arc<Vec<Peer>> = Arc::new(
+            members
+                .iter()
+                .map(|m| Peer {
+                    rank: m.rank,
+                    worker_id: m.info.worker_id.clone(),
+                    collective_addr: m.info.collective_addr.clone(),
+                })
+                .collect(),
+        );
         self.placements.clear();
         for m in &members {
             self.placements.insert(
@@ -121,10 +127,12 @@ impl Run {
         // Workers that left the run: their figures go.
         let ids: BTreeSet<&str> = members.iter().map(|m| m.info.worker_id.as_str()).collect();
         self.worker_stats.retain(|id, _| ids.contains(id.as_str()));
+        // Thousands of ids would make one event tens of KB: the first few say enough.
+        let shown: Vec<&str> = ids.iter().take(16).copied().collect();
+        let more = if ids.len() > shown.len() { " …" } else { "" };
         let msg = format!(
-            "generation {generation}: {} workers {:?}, next step {next_step}{}",
+            "generation {generation}: {} workers {shown:?}{more}, next step {next_step}{}",
             members.len(),
-            ids,
             if needs_state {
                 format!(", state from rank {state_source}")
             } else {
@@ -146,10 +154,20 @@ impl Run {
             .max()
             .unwrap_or(0);
         let committed = self.ledger.committed_step();
+        let generation = self.members.generation();
         if lineage >= committed && (lineage > 0 || committed == 0) {
             self.ledger.regroup(lineage);
+            self.journal(Record::Formed {
+                generation,
+                settle: Settle::Regroup { applied: lineage },
+            });
             return None;
         }
+        let step = self.checkpoints.last().map_or(0, |c| c.step);
+        self.journal(Record::Formed {
+            generation,
+            settle: Settle::Rollback { step },
+        });
         match self.checkpoints.last().cloned() {
             Some(c) => {
                 self.ledger.rollback(c.step, c.data.clone());

@@ -13,16 +13,18 @@
 
 mod finish;
 mod formation;
+mod replay;
 mod steps;
 pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferroclip_plan::{Bound, Ledger};
 use ferroclip_proto::config::RunConfig;
 
-use crate::journal::{CheckpointRecord, Identity, Owner, Snapshot, FORMAT_VERSION};
+use crate::journal::{CheckpointRecord, Identity, Record, Snapshot, Summary};
 use crate::membership::{Limits, Member, Membership, Phase};
 use crate::stats::{self, push_bounded, unix_now, EVENTS};
 pub use crate::stats::{Counters, Event, StepRecord, WorkerStats};
@@ -44,6 +46,10 @@ pub struct Run {
     /// step → the metrics each rank reported for it.
     rank_metrics: BTreeMap<u64, Vec<RankMetrics>>,
     placements: HashMap<String, Placement>,
+    /// step → samples of each rank (every NextStep answer carries them: computed once).
+    rank_batches: BTreeMap<u64, Arc<Vec<u32>>>,
+    /// Changes to the journaled state not yet handed to the journal (`take_records`).
+    journal_out: Vec<Record>,
     pub worker_stats: stats::WorkerTable,
     pub history: VecDeque<StepRecord>,
     pub events: VecDeque<Event>,
@@ -96,6 +102,8 @@ impl Run {
             reports: BTreeMap::new(),
             rank_metrics: BTreeMap::new(),
             placements: HashMap::new(),
+            rank_batches: BTreeMap::new(),
+            journal_out: Vec::new(),
             worker_stats: HashMap::new(),
             history: VecDeque::new(),
             events: VecDeque::new(),
@@ -121,10 +129,11 @@ impl Run {
         self.ledger.bound()
     }
 
-    /// Continues from a journal snapshot (coordinator restart).
-    pub fn restore(&mut self, snap: Snapshot) {
+    /// Continues from a journal snapshot (coordinator restart); `replay` then applies the
+    /// records after it. Err when its pending steps do not re-compute (another manifest).
+    pub fn restore(&mut self, snap: Snapshot) -> Result<(), String> {
         self.ledger
-            .restore(snap.committed_step, snap.data, snap.pending);
+            .restore_keys(snap.committed_step, snap.data, &snap.pending)?;
         self.checkpoints = snap.checkpoints;
         self.last_checkpoint_at = (!self.checkpoints.is_empty()).then(Instant::now);
         self.members = Membership::new(limits(&self.config), snap.generation);
@@ -138,27 +147,39 @@ impl Run {
                 snap.committed_step, snap.generation
             ),
         );
+        Ok(())
     }
 
-    /// What the journal keeps (the owner and time are the journal's to fill in).
+    /// Everything the journal keeps (a compaction): O(world size), so taken only when the
+    /// journal compacts; steps journal `take_records`.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            format_version: FORMAT_VERSION,
             identity: self.identity.clone(),
-            owner: Owner {
-                host: String::new(),
-                pid: 0,
-                nonce: 0,
-            },
-            written_unix_s: 0.0,
-            released: false,
             generation: self.members.generation(),
             committed_step: self.ledger.committed_step(),
             data: self.ledger.committed_state().clone(),
-            pending: self.ledger.pending().cloned().collect(),
+            pending: self.ledger.pending_keys(),
             checkpoints: self.checkpoints.clone(),
             finished: self.finished(),
         }
+    }
+
+    /// The journaled state in a few numbers (every journal entry carries it).
+    pub fn summary(&self) -> Summary {
+        Summary {
+            generation: self.members.generation(),
+            committed_step: self.ledger.committed_step(),
+            pending: self.ledger.pending_keys(),
+        }
+    }
+
+    /// The changes to the journaled state since the last call, in order.
+    pub fn take_records(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.journal_out)
+    }
+
+    fn journal(&mut self, r: Record) {
+        self.journal_out.push(r);
     }
 
     pub fn event(&mut self, kind: &str, message: String) {
@@ -271,5 +292,7 @@ fn limits(config: &RunConfig) -> Limits {
     }
 }
 
+#[cfg(test)]
+mod replay_tests;
 #[cfg(test)]
 mod tests;

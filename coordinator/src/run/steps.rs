@@ -2,11 +2,13 @@
 //! answered again to a retry), CommitStep (a step commits when every rank of the generation
 //! has reported it; a retried report changes nothing).
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use ferroclip_plan::StepAssignment;
+use ferroclip_plan::ChunkId;
 
 use super::{Answer, Committed, Refusal, Run, StepPlan, StepReport};
+use crate::journal::Record;
 use crate::membership::Phase;
 use crate::stats::{self, push_bounded, HISTORY};
 
@@ -30,7 +32,13 @@ impl Run {
         }
         self.member(worker_id, generation)?;
         self.members.touch(worker_id, now);
-        let s = self.worker_stats.entry(worker_id.to_string()).or_default();
+        if !self.worker_stats.contains_key(worker_id) {
+            self.worker_stats
+                .insert(worker_id.to_string(), Default::default());
+        }
+        let Some(s) = self.worker_stats.get_mut(worker_id) else {
+            return Ok(false);
+        };
         s.store_wait_s = if store_wait_s.is_finite() {
             store_wait_s.max(0.0)
         } else {
@@ -78,14 +86,26 @@ impl Run {
             }
             let world = self.members.world_size();
             let batch = self.config.optim.global_batch;
-            if self.ledger.assign_next(world, batch).is_none() {
+            let Some(key) = self.ledger.assign_next(world, batch).map(|a| a.key()) else {
                 return Ok(self.end_of_run(step));
-            }
+            };
+            self.journal(Record::Assigned(key));
         }
-        let Some(a) = self.ledger.assignment(step).cloned() else {
+        // Only this rank's part of the assignment is copied: all ranks ask, so copying the
+        // whole of it would cost O(world²) per step.
+        let Some(a) = self.ledger.assignment(step) else {
             return Err(Refusal::Invalid(format!("step {step} has no assignment")));
         };
         let spans = a.ranks.get(rank as usize).cloned().unwrap_or_default();
+        let held = a.after.leases.get(&rank).cloned().unwrap_or_default();
+        let rank_batches = match self.rank_batches.get(&step) {
+            Some(b) => b.clone(),
+            None => {
+                let b = Arc::new(a.rank_batches());
+                self.rank_batches.insert(step, b.clone());
+                b
+            }
+        };
         let mut samples = Vec::new();
         for span in &spans {
             samples.extend(self.ledger.span_samples(span));
@@ -93,16 +113,15 @@ impl Run {
         Ok(StepPlan::Samples {
             step,
             samples,
-            rank_batches: a.rank_batches(),
-            prefetch_blocks: self.prefetch_blocks(rank, &a),
+            rank_batches: rank_batches.to_vec(),
+            prefetch_blocks: self.prefetch_blocks(&held),
         })
     }
 
-    /// Blocks of the chunks `rank` holds after step `a`: what it reads next.
-    fn prefetch_blocks(&mut self, rank: u32, a: &StepAssignment) -> Vec<u32> {
-        let held = a.after.leases.get(&rank).cloned().unwrap_or_default();
+    /// Blocks of the chunks a rank holds after the step: what it reads next.
+    fn prefetch_blocks(&mut self, held: &[ChunkId]) -> Vec<u32> {
         let mut blocks = Vec::new();
-        for chunk in held {
+        for &chunk in held {
             for b in self.ledger.chunk_blocks(chunk) {
                 if !blocks.contains(&b) {
                     blocks.push(b);
@@ -163,6 +182,7 @@ impl Run {
         if !all || !self.ledger.commit(step) {
             return Ok(Committed::Waiting);
         }
+        self.journal(Record::Committed { step });
         self.on_committed(step, now);
         Ok(Committed::Step)
     }
@@ -174,6 +194,7 @@ impl Run {
         let metrics = self.rank_metrics.remove(&step).unwrap_or_default();
         self.rank_metrics = self.rank_metrics.split_off(&(step + 1));
         self.reports = self.reports.split_off(&(step + 1));
+        self.rank_batches = self.rank_batches.split_off(&(step + 1));
         let record = stats::step_record(
             step,
             consumed.saturating_sub(before),

@@ -9,7 +9,7 @@ use ferroclip_proto::config::RunConfig;
 use super::{Committed, Placement, Refusal, Run, StepPlan, StepReport};
 use crate::membership::WorkerInfo;
 
-fn config(epochs: u32, batch: u32, max_workers: u32) -> RunConfig {
+pub(super) fn config(epochs: u32, batch: u32, max_workers: u32) -> RunConfig {
     let mut c = RunConfig::default();
     c.run.dir = "s3://b/run".into();
     c.run.epochs = epochs;
@@ -34,17 +34,17 @@ fn info(id: &str, applied: u64) -> WorkerInfo {
 }
 
 /// Simulated workers: their placements and what each applied.
-struct Sim {
-    run: Run,
-    now: Instant,
-    place: HashMap<String, Placement>,
+pub(super) struct Sim {
+    pub(super) run: Run,
+    pub(super) now: Instant,
+    pub(super) place: HashMap<String, Placement>,
     applied: HashMap<String, u64>,
     /// Every committed step's total samples, in order.
     sizes: Vec<u32>,
 }
 
 impl Sim {
-    fn new(cfg: RunConfig, rows: Vec<u32>) -> Self {
+    pub(super) fn new(cfg: RunConfig, rows: Vec<u32>) -> Self {
         Self {
             run: Run::new(cfg, rows),
             now: Instant::now(),
@@ -54,12 +54,12 @@ impl Sim {
         }
     }
 
-    fn later(&mut self, secs: f64) {
+    pub(super) fn later(&mut self, secs: f64) {
         self.now += Duration::from_secs_f64(secs);
     }
 
     /// `ids` (re-)join; time passes until the generation forms.
-    fn form(&mut self, ids: &[&str]) {
+    pub(super) fn form(&mut self, ids: &[&str]) {
         for id in ids {
             let applied = self.applied.get(*id).copied().unwrap_or(0);
             self.run.join(info(id, applied), self.now);
@@ -89,14 +89,14 @@ impl Sim {
         v.into_iter().map(|(_, id)| id).collect()
     }
 
-    fn next(&mut self, id: &str, step: u64) -> StepPlan {
+    pub(super) fn next(&mut self, id: &str, step: u64) -> StepPlan {
         let g = self.place[id].generation;
         self.run
             .next_step(id, g, step, self.now)
             .expect("next step")
     }
 
-    fn commit(&mut self, id: &str, step: u64) -> Committed {
+    pub(super) fn commit(&mut self, id: &str, step: u64) -> Committed {
         let g = self.place[id].generation;
         let report = StepReport {
             step,
@@ -111,7 +111,7 @@ impl Sim {
         c
     }
 
-    fn checkpoint(&mut self, id: &str, step: u64) {
+    pub(super) fn checkpoint(&mut self, id: &str, step: u64) {
         let g = self.place[id].generation;
         let url = format!("s3://b/run/checkpoints/step-{step:08}");
         self.run
@@ -120,7 +120,7 @@ impl Sim {
     }
 
     /// Every member asks for `step`; Some(size) if it was assigned, None at the end.
-    fn step_all(&mut self, step: u64) -> Option<u32> {
+    pub(super) fn step_all(&mut self, step: u64) -> Option<u32> {
         let ids = self.ids();
         let mut total = None;
         for id in &ids {
@@ -139,7 +139,7 @@ impl Sim {
     }
 
     /// Runs steps until the end; rank 0 then checkpoints the last one.
-    fn run_to_the_end(&mut self) {
+    pub(super) fn run_to_the_end(&mut self) {
         let mut step = self.run.ledger.committed_step() + 1;
         while self.step_all(step).is_some() {
             step += 1;
@@ -306,7 +306,7 @@ fn a_restarted_coordinator_resumes_the_journaled_run() {
     let snap = sim.run.snapshot();
     // A new coordinator process: the same config, the journal's state.
     let mut restarted = Sim::new(config(1, 10, 2), vec![10; 6]);
-    restarted.run.restore(snap);
+    restarted.run.restore(snap).expect("restore");
     restarted.applied = sim.applied.clone();
     restarted.form(&["a", "b"]);
     assert_eq!(restarted.place["a"].next_step, 4);

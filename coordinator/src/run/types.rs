@@ -2,6 +2,7 @@
 //! messages and status codes, the HTTP page to JSON.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ferroclip_plan::SampleRef;
 
@@ -34,8 +35,8 @@ pub struct Placement {
     pub generation: u64,
     pub rank: u32,
     pub world_size: u32,
-    /// Ordered by rank.
-    pub peers: Vec<Peer>,
+    /// Ordered by rank (shared by the generation's placements).
+    pub peers: Arc<Vec<Peer>>,
     /// The step this generation starts at.
     pub next_step: u64,
     /// The rank whose parameters everyone takes by broadcast, when `needs_state`.

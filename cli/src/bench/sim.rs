@@ -1,0 +1,381 @@
+//! One simulated worker: the real protocol of `ferroclip-worker join` without the training.
+//! Join (with its ring address), heartbeats at the configured rate, NextStep → the step's
+//! barrier (where the all-reduce would be) → CommitStep with the worker's metric payload,
+//! rank 0's checkpoint commits, a collective failure reported and re-joined, and the end of the
+//! run (final checkpoint, heartbeats until `stop`, Leave).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use ferroclip_proto::metrics as m;
+use ferroclip_proto::v1::{self, coordinator_client::CoordinatorClient};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::gate::{Barrier, Gate};
+use super::report::{Latencies, Rpc};
+use super::setup::TOKEN;
+use super::CoordinatorBench;
+
+pub struct SimConfig {
+    endpoint: String,
+    checkpoints: String,
+    step_period: Option<Duration>,
+    heartbeat_period: Duration,
+    jitter: Duration,
+    checkpoint_every: u64,
+    verify: bool,
+}
+
+impl SimConfig {
+    pub fn new(b: &CoordinatorBench, endpoint: String, run_dir: String) -> Self {
+        Self {
+            endpoint,
+            checkpoints: ferroclip_shards::checkpoints::root_url(&run_dir),
+            step_period: (b.step_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / b.step_hz)),
+            heartbeat_period: Duration::from_secs_f64(1.0 / b.heartbeat_hz.max(0.01)),
+            jitter: Duration::from_secs_f64(b.jitter_ms.max(0.0) / 1000.0),
+            checkpoint_every: b.checkpoint_every,
+            verify: b.verify,
+        }
+    }
+}
+
+type Client = CoordinatorClient<Channel>;
+
+fn req<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Ok(v) = format!("Bearer {TOKEN}").parse() {
+        r.metadata_mut().insert(ferroclip_proto::AUTH_HEADER, v);
+    }
+    r
+}
+
+/// Times one call of `rpc`, retrying what `retryable` says as the worker does.
+async fn call<T, F, Fut>(lat: &Latencies, rpc: Rpc, client: &Client, f: F) -> Result<T, Status>
+where
+    F: Fn(Client) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let mut tries = 0u32;
+    loop {
+        let t = Instant::now();
+        let r = f(client.clone()).await;
+        lat.record(rpc, t.elapsed());
+        match r {
+            Ok(resp) => return Ok(resp.into_inner()),
+            Err(s) if retryable(&s) && tries < 2000 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// UNAVAILABLE (not durable yet), OUT_OF_RANGE (a step too far ahead), and a connection
+/// lost (the coordinator restarts): the worker retries all of them.
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::OutOfRange | Code::Unknown | Code::Cancelled
+    )
+}
+
+/// What ended a generation for this worker.
+enum Next {
+    Rejoin,
+    Died,
+    Finished,
+}
+
+pub async fn worker(
+    i: u32,
+    cfg: Arc<SimConfig>,
+    lat: Arc<Latencies>,
+    gate: Arc<Gate>,
+) -> Result<()> {
+    let channel = Endpoint::from_shared(cfg.endpoint.clone())?
+        .connect_timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(600))
+        .connect_lazy();
+    let client = CoordinatorClient::new(channel);
+    let id = format!("sim-{i:05}");
+    let (mut last_generation, mut last_applied) = (0, 0);
+    loop {
+        let join = v1::JoinRequest {
+            worker_id: id.clone(),
+            host: "127.0.0.1".into(),
+            device: "cuda:0".into(),
+            collective_addr: format!("127.0.0.1:{}", 20000 + i % 40000),
+            last_generation,
+            last_applied_step: last_applied,
+        };
+        let sent = Instant::now();
+        let p = call(&lat, Rpc::Join, &client, |mut c| {
+            let r = req(join.clone());
+            async move { c.join(r).await }
+        })
+        .await?;
+        if p.world_size == 0 {
+            return Ok(()); // the run is finished
+        }
+        gate.joined(p.generation, sent, Instant::now());
+        last_generation = p.generation;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let beats = tokio::spawn(heartbeats(
+            client.clone(),
+            id.clone(),
+            p.generation,
+            cfg.heartbeat_period,
+            lat.clone(),
+            stop_rx,
+        ));
+        let mut at = Member {
+            client: client.clone(),
+            id: &id,
+            p: &p,
+            cfg: &cfg,
+            lat: &lat,
+            gate: &gate,
+            last_applied: &mut last_applied,
+        };
+        match at.steps().await? {
+            Next::Rejoin => {
+                let _ = stop_tx.send(true);
+            }
+            Next::Died => {
+                beats.abort();
+                return Ok(());
+            }
+            Next::Finished => {
+                // Heartbeats go on until the coordinator says the run is finished.
+                let _ = beats.await;
+                let leave = v1::LeaveRequest {
+                    worker_id: id.clone(),
+                    generation: p.generation,
+                    reason: "end of run".into(),
+                };
+                let _ = call(&lat, Rpc::Other, &client, |mut c| {
+                    let r = req(leave.clone());
+                    async move { c.leave(r).await }
+                })
+                .await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn heartbeats(
+    mut client: Client,
+    worker_id: String,
+    generation: u64,
+    period: Duration,
+    lat: Arc<Latencies>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Workers start at different instants: spread the beats over the period.
+    let offset = period.mul_f64(rand::random::<f64>());
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let hb = v1::HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            generation,
+            store_wait_s: 0.0,
+        };
+        let t = Instant::now();
+        let r = client.heartbeat(req(hb)).await;
+        lat.record(Rpc::Heartbeat, t.elapsed());
+        if r.is_ok_and(|r| r.into_inner().stop) {
+            return;
+        }
+    }
+}
+
+/// A worker inside one generation.
+struct Member<'a> {
+    client: Client,
+    id: &'a str,
+    p: &'a v1::JoinResponse,
+    cfg: &'a SimConfig,
+    lat: &'a Latencies,
+    gate: &'a Gate,
+    last_applied: &'a mut u64,
+}
+
+impl Member<'_> {
+    async fn steps(&mut self) -> Result<Next> {
+        let (generation, rank, world) = (self.p.generation, self.p.rank, self.p.world_size);
+        let start = tokio::time::Instant::now();
+        let first = self.p.next_step;
+        let mut step = first;
+        loop {
+            let ask = v1::NextStepRequest {
+                worker_id: self.id.to_string(),
+                generation,
+                step,
+            };
+            let plan = match call(self.lat, Rpc::NextStep, &self.client, |mut c| {
+                let r = req(ask.clone());
+                async move { c.next_step(r).await }
+            })
+            .await
+            {
+                Ok(plan) => plan,
+                Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
+                Err(s) => bail!("NextStep {step}: {s}"),
+            };
+            if plan.regroup {
+                return Ok(self.leave_ring());
+            }
+            if plan.end_of_run {
+                self.final_checkpoint(step.saturating_sub(1)).await?;
+                return Ok(Next::Finished);
+            }
+            let samples = plan.samples.len() as u32;
+            if self.cfg.verify {
+                self.gate.fed(generation, world, step, rank, plan.samples);
+            }
+            if self.gate.dies(generation, rank, world, step) {
+                return Ok(Next::Died);
+            }
+            match self.gate.barrier(generation, step, world).await {
+                Barrier::Passed => {}
+                Barrier::Failed { dead } => return self.collective_failed(dead).await,
+                Barrier::Broken => return Ok(Next::Rejoin),
+            }
+            if let Some(period) = self.cfg.step_period {
+                let jitter = self.cfg.jitter.mul_f64(rand::random::<f64>());
+                let due = start + period * (step - first + 1) as u32 + jitter;
+                tokio::time::sleep_until(due).await;
+            }
+            let commit = v1::CommitStepRequest {
+                worker_id: self.id.to_string(),
+                generation,
+                step,
+                samples,
+                metrics: payload(world),
+            };
+            match call(self.lat, Rpc::CommitStep, &self.client, |mut c| {
+                let r = req(commit.clone());
+                async move { c.commit_step(r).await }
+            })
+            .await
+            {
+                Ok(r) if r.committed => self.gate.committed_step(step),
+                Ok(_) => {}
+                Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
+                Err(s) => bail!("CommitStep {step}: {s}"),
+            }
+            *self.last_applied = step;
+            if rank == 0
+                && self.cfg.checkpoint_every > 0
+                && step.is_multiple_of(self.cfg.checkpoint_every)
+            {
+                self.checkpoint(step).await?;
+            }
+            step += 1;
+        }
+    }
+
+    /// This worker's generation is over: it joins again, and its peers' collectives fail.
+    fn leave_ring(&self) -> Next {
+        self.gate.broken(self.p.generation);
+        Next::Rejoin
+    }
+
+    /// The ring failed because rank `dead` is gone: its neighbours report it, everyone
+    /// re-joins once it is reported.
+    async fn collective_failed(&mut self, dead: u32) -> Result<Next> {
+        let (generation, rank, world) = (self.p.generation, self.p.rank, self.p.world_size);
+        if (rank + 1) % world == dead || (dead + 1) % world == rank {
+            let report = v1::ReportFailureRequest {
+                worker_id: self.id.to_string(),
+                generation,
+                suspect_rank: dead,
+                reason: "simulated collective timeout".into(),
+            };
+            let r = call(self.lat, Rpc::Other, &self.client, |mut c| {
+                let r = req(report.clone());
+                async move { c.report_failure(r).await }
+            })
+            .await;
+            if let Err(s) = r {
+                if s.code() != Code::FailedPrecondition {
+                    bail!("ReportFailure: {s}");
+                }
+            }
+            self.gate.reported(generation);
+        } else {
+            self.gate
+                .wait_reported(generation, Duration::from_secs(5))
+                .await;
+        }
+        Ok(Next::Rejoin)
+    }
+
+    async fn checkpoint(&mut self, step: u64) -> Result<()> {
+        let ckpt = v1::CommitCheckpointRequest {
+            worker_id: self.id.to_string(),
+            generation: self.p.generation,
+            step,
+            url: ferroclip_shards::checkpoints::step_url(&self.cfg.checkpoints, step),
+        };
+        match call(self.lat, Rpc::Other, &self.client, |mut c| {
+            let r = req(ckpt.clone());
+            async move { c.commit_checkpoint(r).await }
+        })
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::FailedPrecondition => Ok(()),
+            Err(s) => bail!("CommitCheckpoint {step}: {s}"),
+        }
+    }
+
+    /// "No step N": rank 0 records the final checkpoint of step N - 1.
+    async fn final_checkpoint(&mut self, last: u64) -> Result<()> {
+        if self.p.rank == 0 && last > 0 {
+            self.checkpoint(last).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The figures a real worker reports with CommitStep (`worker/src/cmd/join/step.rs`).
+fn payload(world: u32) -> Vec<v1::Metric> {
+    let mut out: Vec<(&str, f64)> = vec![
+        (m::LOSS_TOTAL, 4.1),
+        (m::LR, 5e-4),
+        (m::GRAD_NORM, 1.3),
+        (m::LOGIT_SCALE, 14.3),
+        (m::LOSS_CONTRASTIVE, 4.1),
+        (m::STEP_S, 0.98),
+        (m::DATA_WAIT_S, 0.01),
+        (m::COMPUTE_S, 0.9),
+        (m::FORWARD_S, 0.3),
+        (m::BACKWARD_S, 0.5),
+        (m::OPTIMIZER_S, 0.05),
+    ];
+    if world > 1 {
+        out.extend([
+            (m::ALLREDUCE_S, 0.1),
+            (m::ALLREDUCE_BYTES, 6.0e8),
+            (m::ALLREDUCE_BUSBW, 1.2e10),
+        ]);
+    }
+    out.into_iter()
+        .map(|(name, value)| v1::Metric {
+            name: name.to_string(),
+            value,
+        })
+        .collect()
+}
