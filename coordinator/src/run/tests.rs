@@ -23,7 +23,7 @@ pub(super) fn config(epochs: u32, batch: u32, max_workers: u32) -> RunConfig {
     c
 }
 
-fn info(id: &str, applied: u64) -> WorkerInfo {
+pub(super) fn info(id: &str, applied: u64) -> WorkerInfo {
     WorkerInfo {
         worker_id: id.into(),
         host: "h".into(),
@@ -38,7 +38,7 @@ pub(super) struct Sim {
     pub(super) run: Run,
     pub(super) now: Instant,
     pub(super) place: HashMap<String, Placement>,
-    applied: HashMap<String, u64>,
+    pub(super) applied: HashMap<String, u64>,
     /// Every committed step's total samples, in order.
     sizes: Vec<u32>,
 }
@@ -79,7 +79,7 @@ impl Sim {
         }
     }
 
-    fn ids(&self) -> Vec<String> {
+    pub(super) fn ids(&self) -> Vec<String> {
         let mut v: Vec<(u32, String)> = self
             .place
             .iter()
