@@ -1,5 +1,6 @@
 //! `ferroclip`: the control plane and data tools. Never links libtorch.
 
+mod certs;
 mod coordinator;
 mod k8s;
 mod status;
@@ -37,6 +38,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Summary of a running coordinator.
     Status(status::StatusArgs),
+    /// A self-signed CA and the coordinator's and workers' TLS certificates.
+    Certs(certs::CertsArgs),
     /// Kubernetes manifests for a run.
     K8s(k8s::K8sArgs),
     /// Check a run configuration file and print it with every default filled in.
@@ -75,6 +78,7 @@ async fn run() -> Result<u8> {
         Command::Coordinator(args) => return coordinator::run(args).await,
         Command::Train(args) => train::run(args).await?,
         Command::Status(args) => status::run(args).await?,
+        Command::Certs(args) => certs::run(args)?,
         Command::K8s(args) => k8s::run(args)?,
         Command::Config { file } => {
             let cfg = ferroclip_proto::config::RunConfig::load(&file)?;

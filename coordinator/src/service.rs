@@ -33,6 +33,11 @@ pub struct Shared {
     /// The run's config as workers get it at Join.
     config_toml: String,
     token: String,
+    /// The read-only credential of `/`, `/metrics`, `/api/status` and Status; without one the
+    /// worker token serves for viewing too.
+    viewer_token: Option<String>,
+    /// Dashboard logins: browser sessions (HttpOnly cookies) and one-time login codes.
+    pub logins: crate::login::Logins,
     pub rejected: AtomicU64,
     /// How to reach object stores (deleting old checkpoints).
     pub store: ferroclip_shards::StoreOptions,
@@ -46,6 +51,7 @@ impl Shared {
         first: Snapshot,
         journal_url: String,
         token: String,
+        viewer_token: Option<String>,
         store: ferroclip_shards::StoreOptions,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -56,6 +62,8 @@ impl Shared {
             staged: std::sync::Mutex::new((1, first)),
             journal_url,
             token,
+            viewer_token,
+            logins: crate::login::Logins::default(),
             rejected: AtomicU64::new(0),
             store,
         })
@@ -65,11 +73,36 @@ impl Shared {
         &self.journal_url
     }
 
-    /// Constant-time comparison of a presented token with the run's.
+    /// Whether `presented` is the worker token (constant time).
     pub fn token_ok(&self, presented: &str) -> bool {
-        let a = presented.as_bytes();
-        let b = self.token.as_bytes();
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        same_secret(presented, &self.token)
+    }
+
+    /// Whether `presented` may view the run: the viewer token, or the worker token when no
+    /// viewer token is configured.
+    pub fn viewer_ok(&self, presented: &str) -> bool {
+        match &self.viewer_token {
+            Some(v) => same_secret(presented, v),
+            None => self.token_ok(presented),
+        }
+    }
+
+    fn bearer<T>(req: &Request<T>) -> Option<&str> {
+        req.metadata()
+            .get(ferroclip_proto::AUTH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+    }
+
+    /// Status: the viewer's credential or the worker token.
+    fn auth_view<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match Self::bearer(req) {
+            Some(t) if self.viewer_ok(t) || self.token_ok(t) => Ok(()),
+            Some(_) => Err(self.reject(Status::unauthenticated("wrong run token"))),
+            None => Err(self.reject(Status::unauthenticated(
+                "missing run token (metadata `authorization: Bearer <token>`)",
+            ))),
+        }
     }
 
     fn reject(&self, status: Status) -> Status {
@@ -78,14 +111,20 @@ impl Shared {
         status
     }
 
+    /// Member RPCs: the worker token only; the viewer token is read-only.
     fn auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let header = req
-            .metadata()
-            .get(ferroclip_proto::AUTH_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        match header.strip_prefix("Bearer ") {
+        match Self::bearer(req) {
             Some(t) if self.token_ok(t) => Ok(()),
+            Some(t)
+                if self
+                    .viewer_token
+                    .as_deref()
+                    .is_some_and(|v| same_secret(t, v)) =>
+            {
+                Err(self.reject(Status::permission_denied(
+                    "the viewer token is read-only: member RPCs need the worker token",
+                )))
+            }
             Some(_) => Err(self.reject(Status::unauthenticated("wrong run token"))),
             None => Err(self.reject(Status::unauthenticated(
                 "missing run token (metadata `authorization: Bearer <token>`)",
@@ -172,6 +211,13 @@ impl Shared {
             }
         }
     }
+}
+
+/// Constant-time comparison of two secrets (their lengths are not secret).
+pub fn same_secret(presented: &str, expected: &str) -> bool {
+    let a = presented.as_bytes();
+    let b = expected.as_bytes();
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Clone)]
@@ -433,7 +479,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        self.shared.auth(&req)?;
+        self.shared.auth_view(&req)?;
         let s = self.shared.run.lock().await.status();
         Ok(Response::new(wire::status_response(
             s,

@@ -123,6 +123,8 @@ async fn committed_figures_become_metrics() {
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: Some("127.0.0.1:0".parse().expect("addr")),
         token: TOKEN.into(),
+        viewer_token: None,
+        tls: None,
         journal: None,
         fresh: false,
         store: Default::default(),

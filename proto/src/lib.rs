@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod tls;
 pub mod token;
 
 /// Generated from `proto/ferroclip/v1/coordinator.proto`.

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use ferroclip_proto::tls::describe;
 use ferroclip_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -44,14 +45,26 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(url: &str, token: &str, patience: Duration) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_string())
+    pub fn new(
+        url: &str,
+        token: &str,
+        tls: Option<&ferroclip_proto::tls::ClientTls>,
+        patience: Duration,
+    ) -> anyhow::Result<Self> {
+        let url = &ferroclip_proto::tls::coordinator_url(url, tls.is_some())
+            .map_err(anyhow::Error::msg)?;
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| anyhow::anyhow!("coordinator URL {url:?} is not valid: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls.config())
+                .map_err(|e| anyhow::anyhow!("TLS configuration for {url}: {e}"))?;
+        }
         Ok(Self {
             url: url.to_string(),
             token: token.to_string(),
@@ -110,6 +123,14 @@ impl Client {
                 Err(s) if s.code() == Code::FailedPrecondition => {
                     return Err(CallError::Stale(s.message().into()))
                 }
+                Err(s) if ferroclip_proto::tls::is_certificate_error(&describe(&s)) => {
+                    // The coordinator's certificate (or ours) is refused: waiting cannot help.
+                    return Err(CallError::Refused(Status::unavailable(format!(
+                        "TLS with {}: {}",
+                        self.url,
+                        describe(&s)
+                    ))));
+                }
                 Err(s)
                     if matches!(
                         s.code(),
@@ -124,7 +145,7 @@ impl Client {
                         return Err(CallError::Unreachable {
                             url: self.url.clone(),
                             waited_s: start.elapsed().as_secs_f64(),
-                            last: s.message().to_string(),
+                            last: describe(&s),
                         });
                     }
                     tracing::debug!(
