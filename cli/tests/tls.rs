@@ -475,3 +475,98 @@ async fn the_viewer_token_reads_but_never_acts() {
     let out = status_cmd(grpc, VIEWER, &[]);
     assert!(out.status.success(), "ferroclip status: {}", stderr(&out));
 }
+
+/// A member's session secret: issued at Join, wanted by every later member RPC; a Join reusing
+/// a live member's id without it is refused (ABORTED: a restarted worker retries until the
+/// old process's lease runs out) and leaves the member's generation alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_reusing_a_live_members_id_cannot_take_its_place() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 16, 1);
+    let run_dir = tmp.path().join("run").to_string_lossy().to_string();
+    let cfg = run_config(tmp.path(), &run_dir, &data, 8, "");
+    let (grpc, http) = (free_port(), free_port());
+    let _coord = start(&cfg, grpc, http, &[]);
+    let url = format!("http://127.0.0.1:{grpc}");
+    let start = Instant::now();
+    let mut c = loop {
+        if let Ok(c) = CoordinatorClient::connect(url.clone()).await {
+            break c;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "coordinator up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    fn member<T>(msg: T, session: Option<&str>) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert(
+            ferroclip_proto::AUTH_HEADER,
+            format!("Bearer {TOKEN}").parse().expect("header"),
+        );
+        if let Some(s) = session {
+            r.metadata_mut()
+                .insert(ferroclip_proto::SESSION_HEADER, s.parse().expect("header"));
+        }
+        r
+    }
+    let join = || v1::JoinRequest {
+        worker_id: "w-x".into(),
+        host: "h".into(),
+        device: "cpu".into(),
+        collective_addr: "127.0.0.1:1".into(),
+        ..Default::default()
+    };
+    let placed = c
+        .join(member(join(), None))
+        .await
+        .expect("join")
+        .into_inner();
+    assert_eq!(placed.world_size, 1);
+    let session = placed.session.clone();
+    assert!(session.len() >= 32, "a session secret: {session:?}");
+    let hb = || v1::HeartbeatRequest {
+        worker_id: "w-x".into(),
+        generation: placed.generation,
+        ..Default::default()
+    };
+    for (what, s) in [
+        ("no session", None),
+        ("a wrong session", Some("not-the-session-0123456789")),
+    ] {
+        let e = c.heartbeat(member(hb(), s)).await.expect_err(what);
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{what}: {e:?}");
+        let e = c
+            .leave(member(
+                v1::LeaveRequest {
+                    worker_id: "w-x".into(),
+                    generation: placed.generation,
+                    ..Default::default()
+                },
+                s,
+            ))
+            .await
+            .expect_err(what);
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{what}: {e:?}");
+    }
+    c.heartbeat(member(hb(), Some(&session)))
+        .await
+        .expect("the member's own heartbeat");
+    // Another process with the worker token and the same id cannot take the member's place.
+    let e = c
+        .join(member(join(), Some("a-guess-of-the-session-0123")))
+        .await
+        .expect_err("a second w-x");
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+    assert!(e.message().contains("live member"), "{}", e.message());
+    let s = c
+        .status(member(v1::StatusRequest {}, None))
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(
+        s.generation, placed.generation,
+        "the member's generation goes on"
+    );
+    c.heartbeat(member(hb(), Some(&session)))
+        .await
+        .expect("still the member");
+}

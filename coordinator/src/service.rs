@@ -4,6 +4,7 @@
 //! So anything a worker is told survives a coordinator crash, retries get the same answer, and
 //! heartbeats never wait on the store.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,10 @@ pub struct Shared {
     viewer_token: Option<String>,
     /// Dashboard logins: browser sessions (HttpOnly cookies) and one-time login codes.
     pub logins: crate::login::Logins,
+    /// worker id → (session secret issued at Join, last call carrying it).
+    sessions: std::sync::Mutex<HashMap<String, (String, Instant)>>,
+    /// A member silent this long (`cluster.heartbeat_timeout_s`) no longer holds its id.
+    session_ttl: Duration,
     pub rejected: AtomicU64,
     /// How to reach object stores (deleting old checkpoints).
     pub store: ferroclip_shards::StoreOptions,
@@ -54,6 +59,7 @@ impl Shared {
         viewer_token: Option<String>,
         store: ferroclip_shards::StoreOptions,
     ) -> Arc<Self> {
+        let session_ttl = Duration::from_secs_f64(run.config.cluster.heartbeat_timeout_s.max(1.0));
         Arc::new(Self {
             config_toml: run.config.to_toml(),
             run: Mutex::new(run),
@@ -64,6 +70,8 @@ impl Shared {
             token,
             viewer_token,
             logins: crate::login::Logins::default(),
+            sessions: std::sync::Mutex::new(HashMap::new()),
+            session_ttl,
             rejected: AtomicU64::new(0),
             store,
         })
@@ -103,6 +111,84 @@ impl Shared {
                 "missing run token (metadata `authorization: Bearer <token>`)",
             ))),
         }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn presented_session<T>(req: &Request<T>) -> Option<&str> {
+        req.metadata()
+            .get(ferroclip_proto::SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| s.len() >= SESSION_MIN_LEN)
+    }
+
+    /// The session a Join gets: its own again when it presents it; a new one when its id is
+    /// free (never joined, or its holder silent for `session_ttl`). A Join reusing the id of a
+    /// live member without that member's session is ABORTED (retried: a restarted worker gets
+    /// in once its previous process's lease has run out), so it cannot take the member's place.
+    fn session_for_join<T>(&self, req: &Request<T>, worker_id: &str) -> Result<String, Status> {
+        let presented = Self::presented_session(req);
+        let now = Instant::now();
+        let mut m = self.sessions();
+        match m.get(worker_id) {
+            Some((s, _)) if presented.is_some_and(|p| same_secret(p, s)) => {
+                let s = s.clone();
+                m.insert(worker_id.to_string(), (s.clone(), now));
+                Ok(s)
+            }
+            Some((_, seen)) if now.duration_since(*seen) < self.session_ttl => {
+                drop(m);
+                Err(self.reject(Status::aborted(format!(
+                    "worker id {worker_id} belongs to a live member: a Join with its id needs that                      member's session secret (retry once it has been silent for {:.0} s)",
+                    self.session_ttl.as_secs_f64()
+                ))))
+            }
+            held => {
+                // After a coordinator restart nobody holds the id: a member re-joining with its
+                // session keeps it.
+                let s = match (held, presented) {
+                    (None, Some(p)) => p.to_string(),
+                    _ => crate::login::random_secret(),
+                };
+                m.insert(worker_id.to_string(), (s.clone(), now));
+                Ok(s)
+            }
+        }
+    }
+
+    /// Member RPCs other than Join: the session of the member with this id.
+    fn session_ok<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
+        let presented = Self::presented_session(req);
+        let now = Instant::now();
+        let mut m = self.sessions();
+        let why = match (m.get_mut(worker_id), presented) {
+            (Some((s, seen)), Some(p)) if same_secret(p, s) => {
+                *seen = now;
+                return Ok(());
+            }
+            // After a coordinator restart: the first session presented for an id is its
+            // member's (sessions live in memory, not in the journal).
+            (None, Some(p)) => {
+                m.insert(worker_id.to_string(), (p.to_string(), now));
+                return Ok(());
+            }
+            (_, None) => format!(
+                "missing session secret for worker {worker_id} (metadata `{}`, issued by Join)",
+                ferroclip_proto::SESSION_HEADER
+            ),
+            (Some(_), Some(_)) => format!(
+                "wrong session secret for worker {worker_id}: only the process that joined with                  this id may act for it"
+            ),
+        };
+        drop(m);
+        Err(self.reject(Status::permission_denied(why)))
+    }
+
+    /// A member that left frees its id at once.
+    fn end_session(&self, worker_id: &str) {
+        self.sessions().remove(worker_id);
     }
 
     fn reject(&self, status: Status) -> Status {
@@ -213,6 +299,9 @@ impl Shared {
     }
 }
 
+/// Shorter session values are ignored (treated as absent).
+const SESSION_MIN_LEN: usize = 16;
+
 /// Constant-time comparison of two secrets (their lengths are not secret).
 pub fn same_secret(presented: &str, expected: &str) -> bool {
     let a = presented.as_bytes();
@@ -230,7 +319,8 @@ impl CoordinatorService {
         Self { shared }
     }
 
-    fn check<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
+    /// Join's checks: the worker token, a live coordinator, a worker id.
+    fn check_join<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
         self.shared.auth(req)?;
         self.shared.alive()?;
         if worker_id.is_empty() {
@@ -239,6 +329,12 @@ impl CoordinatorService {
                 .reject(Status::invalid_argument("worker_id is empty")));
         }
         Ok(())
+    }
+
+    /// Every other member RPC: Join's checks and the member's session secret.
+    fn check<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
+        self.check_join(req, worker_id)?;
+        self.shared.session_ok(req, worker_id)
     }
 
     /// The run's answer, a refusal counted and mapped to its gRPC status.
@@ -299,7 +395,7 @@ impl Coordinator for CoordinatorService {
         req: Request<v1::JoinRequest>,
     ) -> Result<Response<v1::JoinResponse>, Status> {
         let r = req.get_ref();
-        self.check(&req, &r.worker_id)?;
+        self.check_join(&req, &r.worker_id)?;
         if r.collective_addr.parse::<std::net::SocketAddr>().is_err()
             && !r.collective_addr.contains(':')
         {
@@ -315,10 +411,15 @@ impl Coordinator for CoordinatorService {
             collective_addr: r.collective_addr.clone(),
             last_applied: r.last_applied_step,
         };
+        let session = self.shared.session_for_join(&req, &r.worker_id)?;
+        let answer = |mut a: v1::JoinResponse| {
+            a.session = session.clone();
+            Response::new(a)
+        };
         {
             let mut run = self.shared.run.lock().await;
             if run.finished() {
-                return Ok(Response::new(v1::JoinResponse {
+                return Ok(answer(v1::JoinResponse {
                     generation: run.members.generation(),
                     world_size: 0,
                     ..Default::default()
@@ -328,10 +429,7 @@ impl Coordinator for CoordinatorService {
                 let version = self.shared.stage(&run);
                 drop(run);
                 self.shared.durable(version).await?;
-                return Ok(Response::new(wire::join_response(
-                    p,
-                    &self.shared.config_toml,
-                )));
+                return Ok(answer(wire::join_response(p, &self.shared.config_toml)));
             }
             run.join(info, Instant::now());
         }
@@ -354,10 +452,7 @@ impl Coordinator for CoordinatorService {
                 guard.done = true;
                 // The generation is journaled before anyone trains in it.
                 self.shared.durable(version).await?;
-                return Ok(Response::new(wire::join_response(
-                    p,
-                    &self.shared.config_toml,
-                )));
+                return Ok(answer(wire::join_response(p, &self.shared.config_toml)));
             }
             tokio::select! {
                 _ = notified => {}
@@ -470,6 +565,7 @@ impl Coordinator for CoordinatorService {
         let version = self.shared.stage(&run);
         drop(run);
         self.counted(out)?;
+        self.shared.end_session(&r.worker_id);
         self.shared.tick().await;
         self.shared.durable(version).await?;
         Ok(Response::new(v1::LeaveResponse {}))

@@ -61,6 +61,11 @@ fn authed<T>(msg: T, token: Option<&str>) -> Request<T> {
             format!("Bearer {t}").parse().expect("ascii"),
         );
     }
+    // A member's session secret (Join adopts the first one presented for a free id).
+    r.metadata_mut().insert(
+        ferroclip_proto::SESSION_HEADER,
+        "test-session-0123456789abcdef".parse().expect("ascii"),
+    );
     r
 }
 

@@ -37,6 +37,8 @@ pub const RPC_DEADLINE: Duration = Duration::from_secs(30);
 pub struct Client {
     url: String,
     token: String,
+    /// This member's session secret, from its first Join; every later call carries it.
+    session: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     inner: CoordinatorClient<Channel>,
     /// Join's channel: no deadline (it waits for a generation to form), keepalive only.
     joiner: CoordinatorClient<Channel>,
@@ -68,6 +70,7 @@ impl Client {
         Ok(Self {
             url: url.to_string(),
             token: token.to_string(),
+            session: Default::default(),
             inner: CoordinatorClient::new(endpoint.clone().timeout(RPC_DEADLINE).connect_lazy()),
             joiner: CoordinatorClient::new(endpoint.connect_lazy()),
             patience,
@@ -90,6 +93,15 @@ impl Client {
         })?;
         req.metadata_mut()
             .insert(ferroclip_proto::AUTH_HEADER, value);
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(s) = session.and_then(|s| MetadataValue::try_from(s).ok()) {
+            req.metadata_mut()
+                .insert(ferroclip_proto::SESSION_HEADER, s);
+        }
         Ok(req)
     }
 
@@ -161,10 +173,15 @@ impl Client {
     }
 
     pub async fn join(&self, msg: v1::JoinRequest) -> Result<v1::JoinResponse, CallError> {
-        self.retry_on(self.joiner.clone(), msg, |mut c, r| async move {
-            c.join(r).await
-        })
-        .await
+        let r = self
+            .retry_on(self.joiner.clone(), msg, |mut c, r| async move {
+                c.join(r).await
+            })
+            .await?;
+        if !r.session.is_empty() {
+            *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.session.clone());
+        }
+        Ok(r)
     }
 
     pub async fn heartbeat(
