@@ -570,3 +570,142 @@ async fn a_join_reusing_a_live_members_id_cannot_take_its_place() {
         .await
         .expect("still the member");
 }
+
+/// A worker that does not trust the coordinator's certificate stops at once (no 2-minute retry
+/// loop) and says why.
+#[test]
+fn a_worker_that_does_not_trust_the_coordinator_stops_at_once_naming_why() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = certs(&tmp.path().join("certs"), "127.0.0.1", &[]);
+    let other = certs(&tmp.path().join("other"), "127.0.0.1", &[]);
+    let data = synth(tmp.path(), 16, 1);
+    let run_dir = tmp.path().join("run").to_string_lossy().to_string();
+    let cfg = run_config(tmp.path(), &run_dir, &data, 8, "");
+    let (grpc, http) = (free_port(), free_port());
+    let _coord = start(&cfg, grpc, http, &tls_args(&dir));
+    // Wait for the coordinator (its HTTPS port answers).
+    let client = ca_client(&dir.join("ca.pem"));
+    let t = Instant::now();
+    while https_get(&client, http, "/healthz", "").is_err() {
+        assert!(t.elapsed() < Duration::from_secs(60), "coordinator up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    let out = Command::new(bin("ferroclip-worker"))
+        .args(["join", "--coordinator", &format!("127.0.0.1:{grpc}")])
+        .args([
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--worker-id",
+            "w-untrusting",
+        ])
+        .args(["--advertise-host", "127.0.0.1", "--tls-ca"])
+        .arg(other.join("ca.pem"))
+        .env("FERROCLIP_TOKEN", TOKEN)
+        .output()
+        .expect("run the worker");
+    assert!(!out.status.success());
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "stopped at once, not after the retry budget: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        stderr(&out).contains("invalid peer certificate"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `ferroclip train` serves TLS by default and prints a one-time dashboard link: it sets the
+/// session cookie once (and only once) and redirects to the dashboard.
+#[test]
+fn the_local_launchers_dashboard_link_logs_in_once() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 16, 1);
+    let run_dir = tmp.path().join("run").to_string_lossy().to_string();
+    let cfg = run_config(tmp.path(), &run_dir, &data, 8, "");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("steps = 0", "steps = 100000");
+    std::fs::write(&cfg, text).expect("cfg");
+    let mut train = Command::new(bin("ferroclip"))
+        .args(["train", "--workers", "1", "--threads", "1", "--config"])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ferroclip train");
+    let lines = std::io::BufReader::new(train.stderr.take().expect("stderr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let (mut link, mut ca) = (None, None);
+    let t = Instant::now();
+    while link.is_none() || ca.is_none() {
+        let l = rx
+            .recv_timeout(Duration::from_secs(60).saturating_sub(t.elapsed()))
+            .expect("the dashboard link and its CA");
+        if let Some(u) = l.strip_prefix("dashboard: ") {
+            link = Some(u.trim().to_string());
+        }
+        if let Some(i) = l.find("own CA, ") {
+            ca = Some(
+                l[i + "own CA, ".len()..]
+                    .split(':')
+                    .next()
+                    .expect("path")
+                    .to_string(),
+            );
+        }
+    }
+    let link = link.expect("link");
+    let rest = link
+        .strip_prefix("https://127.0.0.1:")
+        .expect("https on loopback");
+    let (port, path) = rest.split_once('/').expect("port/path");
+    let port: u16 = port.parse().expect("port");
+    let path = format!("/{path}");
+    assert!(path.starts_with("/login?once="), "{link}");
+    let client = ca_client(Path::new(&ca.expect("ca")));
+    let (code, head, _) = https_get(&client, port, &path, "").expect("the link");
+    assert_eq!(code, 303, "{head}");
+    assert!(head.to_ascii_lowercase().contains("location: /"), "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or(l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|c| c.split(';').next())
+        .expect("a cookie")
+        .to_string();
+    let (code, _, _) = https_get(
+        &client,
+        port,
+        "/api/status",
+        &format!("Cookie: {cookie}\r\n"),
+    )
+    .expect("api");
+    assert_eq!(code, 200, "the cookie opens the dashboard's API");
+    let (code, _, _) = https_get(&client, port, &path, "").expect("the link again");
+    assert_eq!(code, 401, "the link works once");
+    let _ = Command::new("kill")
+        .args(["-INT", &train.id().to_string()])
+        .status();
+    let t = Instant::now();
+    while train.try_wait().expect("wait").is_none() {
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = train.kill();
+            panic!("ferroclip train did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
