@@ -3,6 +3,12 @@ class), the same random batch shape, AdamW(0.9, 0.98, eps 1e-6), global-norm cli
 InfoNCE; mean seconds of forward (incl. loss), backward, optimizer over timed steps.
 
     .venv-bench/bin/python bench/step_torch.py --preset tiny --batch 64 --steps 20 --threads 2
+
+--grad-checkpointing is OpenCLIP's (`model.set_grad_checkpointing()`, what its trainer's flag
+calls); --accum-freq N splits --batch into N micro-batches with OpenCLIP's trainer algorithm
+(open_clip_train/train.py: features of every micro-batch without grad, then each micro-batch again
+with grad, its rows put back into the cached features, the full-batch loss back-propagated). With
+accumulation the forward/backward split is not separated: forward_s holds both.
 """
 import argparse
 import json
@@ -26,12 +32,16 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--accum-freq", type=int, default=1)
     a = ap.parse_args()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = TINY if a.preset == "tiny" else open_clip.get_model_config(a.preset)
     model = open_clip.model.CLIP(**cfg).train()
+    if a.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     size = cfg["vision_cfg"]["image_size"]
     ctx = cfg["text_cfg"]["context_length"]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -43,14 +53,30 @@ def main():
     tokens[:, 0] = 49406
     tokens[:, -1] = 49407
     labels = torch.arange(a.batch)
+
+    def clip_loss(img, txt, scale):
+        logits = scale * img @ txt.T
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    micro = list(zip(images.chunk(a.accum_freq), tokens.chunk(a.accum_freq)))
     fwd = bwd = optim = total = 0.0
     for i in range(a.steps + a.warmup):
         t0 = time.perf_counter()
-        img, txt, scale = model(images, tokens)
-        logits = scale * img @ txt.T
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        t1 = time.perf_counter()
-        loss.backward()
+        if a.accum_freq == 1:
+            loss = clip_loss(*model(images, tokens))
+            t1 = time.perf_counter()
+            loss.backward()
+        else:
+            with torch.no_grad():
+                cached = [model(im, tk) for im, tk in micro]
+            imgs = [c[0] for c in cached]
+            txts = [c[1] for c in cached]
+            for j, (im, tk) in enumerate(micro):
+                img, txt, scale = model(im, tk)
+                loss = clip_loss(torch.cat(imgs[:j] + [img] + imgs[j + 1:]),
+                                 torch.cat(txts[:j] + [txt] + txts[j + 1:]), scale)
+                loss.backward()
+            t1 = time.perf_counter()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -65,6 +91,7 @@ def main():
             total += t3 - t0
     n = a.steps
     print(json.dumps({"impl": "pytorch-eager", "preset": a.preset, "batch": a.batch,
+                      "grad_checkpointing": a.grad_checkpointing, "accum_freq": a.accum_freq,
                       "threads": torch.get_num_threads(),
                       "params": sum(p.numel() for p in model.parameters()), "data_s": 0.0,
                       "forward_s": round(fwd / n, 5), "backward_s": round(bwd / n, 5),

@@ -1,6 +1,7 @@
-//! Builds csrc/hooks.cpp (autograd gradient hooks) and csrc/optim.cpp (fused AdamW), which tch
-//! does not expose, against the headers of the libtorch that torch-sys links: $LIBTORCH, or
-//! PyTorch's with LIBTORCH_USE_PYTORCH.
+//! Builds csrc/hooks.cpp (autograd gradient hooks), csrc/optim.cpp (fused AdamW) and
+//! csrc/checkpoint.cpp (activation checkpointing's autograd Function), which tch does not
+//! expose, against the headers of the libtorch that torch-sys links: $LIBTORCH, or PyTorch's
+//! with LIBTORCH_USE_PYTORCH.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,6 +31,7 @@ fn libtorch_root() -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=csrc/hooks.cpp");
     println!("cargo:rerun-if-changed=csrc/optim.cpp");
+    println!("cargo:rerun-if-changed=csrc/checkpoint.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     let root = libtorch_root();
@@ -44,5 +46,6 @@ fn main() {
         .warnings(false)
         .file("csrc/hooks.cpp")
         .file("csrc/optim.cpp")
+        .file("csrc/checkpoint.cpp")
         .compile("ferroclip_hooks");
 }

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use ferroclip_proto::config::RunConfig;
 
@@ -19,6 +19,10 @@ pub struct CoordinatorArgs {
     pub http_addr: SocketAddr,
     #[command(flatten)]
     pub token: TokenArgs,
+    #[command(flatten)]
+    pub viewer: ViewerArgs,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
     /// Journal directory URL (default: <run.dir>/journal).
     #[arg(long)]
     pub journal: Option<String>,
@@ -48,6 +52,61 @@ pub struct TokenArgs {
     pub token: Option<String>,
 }
 
+/// The read-only viewer token: the dashboard, /metrics, /api/status and `ferroclip status`.
+#[derive(Args, Debug, Clone)]
+pub struct ViewerArgs {
+    /// File holding the viewer token (without one, the worker token grants viewing too).
+    #[arg(long, env = "FERROCLIP_VIEWER_TOKEN_FILE")]
+    pub viewer_token_file: Option<String>,
+    /// The viewer token itself (prefer --viewer-token-file).
+    #[arg(long, env = "FERROCLIP_VIEWER_TOKEN", hide_env_values = true)]
+    pub viewer_token: Option<String>,
+}
+
+impl ViewerArgs {
+    pub fn resolve(&self, worker_token: &str) -> Result<Option<String>> {
+        if self.viewer_token_file.is_none() && self.viewer_token.is_none() {
+            return Ok(None);
+        }
+        let t = ferroclip_proto::token::resolve(
+            self.viewer_token_file.as_deref(),
+            self.viewer_token.as_deref(),
+        )
+        .context("the viewer token")?;
+        if t == worker_token {
+            anyhow::bail!("the viewer token must differ from the worker token (it is read-only)");
+        }
+        Ok(Some(t))
+    }
+}
+
+/// The coordinator's TLS files (e.g. a mounted Kubernetes Secret of type kubernetes.io/tls).
+#[derive(Args, Debug, Clone)]
+pub struct ServerTlsArgs {
+    /// PEM certificate (chain) of both ports; without it they serve plaintext.
+    #[arg(long, env = "FERROCLIP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FERROCLIP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<String>,
+    /// Mutual TLS: gRPC clients must present a certificate signed by this CA (PEM).
+    #[arg(long, env = "FERROCLIP_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<String>,
+}
+
+impl ServerTlsArgs {
+    pub fn load(&self) -> Result<Option<ferroclip_coordinator::tls::ServerTls>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some(ferroclip_coordinator::tls::ServerTls::from_files(
+                c,
+                k,
+                self.tls_client_ca.as_deref(),
+            )?)),
+            _ => Ok(None),
+        }
+    }
+}
+
 impl TokenArgs {
     pub fn resolve(&self) -> Result<String> {
         Ok(ferroclip_proto::token::resolve(
@@ -63,11 +122,16 @@ impl TokenArgs {
 /// counting the run's coordinator as succeeded.
 pub async fn run(args: CoordinatorArgs) -> Result<u8> {
     let config = RunConfig::load(&args.config)?;
+    let token = args.token.resolve()?;
+    let viewer_token = args.viewer.resolve(&token)?;
+    let tls = args.tls.load()?;
     let handle = ferroclip_coordinator::serve(ferroclip_coordinator::ServeOptions {
         config,
         grpc_addr: args.grpc_addr,
         http_addr: Some(args.http_addr),
-        token: args.token.resolve()?,
+        token,
+        viewer_token,
+        tls,
         journal: args.journal,
         fresh: args.fresh,
         store: args.store.options(),

@@ -1,6 +1,7 @@
 //! `ferroclip`: the control plane and data tools. Never links libtorch.
 
 mod bench;
+mod certs;
 mod coordinator;
 mod k8s;
 mod status;
@@ -40,6 +41,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Load generators: `bench coordinator` drives a real coordinator with simulated workers.
     Bench(bench::BenchArgs),
+    /// A self-signed CA and the coordinator's and workers' TLS certificates.
+    Certs(certs::CertsArgs),
     /// Kubernetes manifests for a run.
     K8s(k8s::K8sArgs),
     /// Check a run configuration file and print it with every default filled in.
@@ -78,6 +81,7 @@ async fn run() -> Result<u8> {
         Command::Coordinator(args) => return coordinator::run(args).await,
         Command::Train(args) => train::run(args).await?,
         Command::Status(args) => status::run(args).await?,
+        Command::Certs(args) => certs::run(args)?,
         Command::K8s(args) => k8s::run(args)?,
         Command::Bench(args) => bench::run(args).await?,
         Command::Config { file } => {

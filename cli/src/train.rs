@@ -37,6 +37,10 @@ pub struct TrainArgs {
     /// Libtorch threads per worker (default: cores / workers).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Serve the control plane in plaintext on loopback (default: TLS with a CA made for
+    /// this run, in a temporary directory removed at the end).
+    #[arg(long)]
+    pub plaintext: bool,
     /// `cpu`, or `cuda`: worker i on GPU i (the config's cluster.backend must be nccl).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     pub device: String,
@@ -63,6 +67,30 @@ fn random_token() -> String {
         .collect()
 }
 
+/// A directory removed when dropped (the run's certificates and keys).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "ferroclip-train-{}-{}",
+            std::process::id(),
+            &random_token()[..8]
+        ));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Owner-only: it holds the server's key.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub async fn run(args: TrainArgs) -> Result<()> {
     let mut config = RunConfig::load(&args.config)?;
     if args.workers == 0 {
@@ -71,19 +99,52 @@ pub async fn run(args: TrainArgs) -> Result<()> {
     // Locally we know how many workers come: form the first generation as soon as they are in.
     config.cluster.max_workers = config.cluster.max_workers.max(args.workers);
     let token = random_token();
+    // TLS on loopback by default: a CA for this run, the server certificate for 127.0.0.1
+    // and localhost; the workers trust that CA only.
+    let certs = if args.plaintext {
+        None
+    } else {
+        let dir = TempDir::new()?;
+        let files = crate::certs::generate(
+            &dir.0,
+            &["127.0.0.1".into(), "localhost".into(), "::1".into()],
+            crate::certs::Validity::Days(30),
+        )?;
+        Some((dir, files))
+    };
+    let tls = match &certs {
+        Some((_, f)) => Some(ferroclip_coordinator::tls::ServerTls::from_files(
+            &f.server.to_string_lossy(),
+            &f.server_key.to_string_lossy(),
+            None,
+        )?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let handle = ferroclip_coordinator::serve(ferroclip_coordinator::ServeOptions {
         config: config.clone(),
         grpc_addr: "127.0.0.1:0".parse()?,
         http_addr: Some(args.http_addr),
         token: token.clone(),
+        viewer_token: None,
+        tls,
         journal: None,
         fresh: args.fresh,
         store: args.store.options(),
     })
     .await?;
-    let url = format!("http://{}", handle.grpc_addr);
+    let url = format!("{scheme}://{}", handle.grpc_addr);
     if let Some(http) = handle.http_addr {
-        eprintln!("dashboard: http://{http}/?token={token}");
+        // A one-time link: it sets an HttpOnly session cookie and redirects to the dashboard,
+        // so no credential stays in the address bar or the history.
+        let code = handle.shared.logins.one_time_code();
+        eprintln!("dashboard: {scheme}://{http}/login?once={code}");
+        if let Some((_, f)) = &certs {
+            eprintln!(
+                "  (its certificate is signed by this run's own CA, {}: the browser asks to accept it)",
+                f.ca.display()
+            );
+        }
     }
     let bin = worker_binary(args.worker_bin.clone())?;
     let cores = std::thread::available_parallelism()
@@ -98,8 +159,20 @@ pub async fn run(args: TrainArgs) -> Result<()> {
             "cuda" => format!("cuda:{i}"),
             other => other.to_string(),
         };
-        let child = Command::new(&bin)
-            .args(["join", "--coordinator", &url, "--device", &device])
+        let mut cmd = Command::new(&bin);
+        cmd.args(["join", "--coordinator", &url, "--device", &device]);
+        // The launcher decides the workers' TLS, not the environment it was started in.
+        for var in [
+            "FERROCLIP_TLS_CA",
+            "FERROCLIP_TLS_CERT",
+            "FERROCLIP_TLS_KEY",
+        ] {
+            cmd.env_remove(var);
+        }
+        if let Some((_, f)) = &certs {
+            cmd.arg("--tls-ca").arg(&f.ca);
+        }
+        let child = cmd
             .args(["--threads", &threads.to_string()])
             .args(["--worker-id", &format!("local-{i}")])
             // The workers read the same data and run directory.

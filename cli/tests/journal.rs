@@ -133,6 +133,11 @@ fn authed<T>(msg: T) -> tonic::Request<T> {
         "authorization",
         format!("Bearer {TOKEN}").parse().expect("ascii"),
     );
+    // A member's session secret (Join adopts the first one presented for a free id).
+    r.metadata_mut().insert(
+        ferroclip_proto::SESSION_HEADER,
+        "test-session-0123456789abcdef".parse().expect("ascii"),
+    );
     r
 }
 

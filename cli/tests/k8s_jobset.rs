@@ -59,10 +59,10 @@ fn a_jobset_holds_the_same_pods_started_coordinator_first() {
         "FERROCLIP_COORDINATOR",
     )["value"]
         .clone();
-    assert_eq!(url, "http://ferroclip-coordinator-0-0.ferroclip:50051");
+    assert_eq!(url, "https://ferroclip-coordinator-0-0.ferroclip:50051");
     let job = find(&jobs, "Job", "ferroclip-workers")["spec"].clone();
     let job_url = env(&pod_spec(&job)["containers"][0], "FERROCLIP_COORDINATOR")["value"].clone();
-    assert_eq!(job_url, "http://ferroclip-coordinator:50051");
+    assert_eq!(job_url, "https://ferroclip-coordinator:50051");
     for e in workers["template"]["spec"]["containers"][0]["env"]
         .as_array_mut()
         .expect("env")

@@ -164,8 +164,8 @@ fn count(lines: &[String], needle: &str) -> usize {
 #[test]
 fn each_local_rank_gets_its_gpu_and_port_and_sigterm_makes_all_leave_then_exit_143() {
     for (kind, coordinator) in KINDS.into_iter().zip([
-        "http://ferroclip-coordinator:50051",
-        "http://ferroclip-coordinator-0-0.ferroclip:50051",
+        "https://ferroclip-coordinator:50051",
+        "https://ferroclip-coordinator-0-0.ferroclip:50051",
     ]) {
         each_local_rank_gets_its_place(kind, coordinator);
     }

@@ -76,7 +76,7 @@ fn gpu_run_has_an_indexed_job_with_gpus_and_a_probed_coordinator() {
     assert_eq!(env(&c, "FERROCLIP_DEVICE")["value"], "cuda");
     assert_eq!(
         env(&c, "FERROCLIP_COORDINATOR")["value"],
-        "http://ferroclip-coordinator:50051"
+        "https://ferroclip-coordinator:50051"
     );
     assert_eq!(
         env(&c, "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
@@ -97,7 +97,9 @@ fn gpu_run_has_an_indexed_job_with_gpus_and_a_probed_coordinator() {
         .filter_map(|m| m["mountPath"].as_str())
         .collect();
     assert!(
-        mounts.contains(&"/dev/shm") && mounts.contains(&"/var/run/ferroclip/token"),
+        mounts.contains(&"/dev/shm")
+            && mounts.contains(&"/var/run/ferroclip/token")
+            && mounts.contains(&"/var/run/ferroclip/tls"),
         "{mounts:?}"
     );
 
@@ -224,14 +226,25 @@ fn run_name_namespace_images_and_fresh_reach_every_object() {
         .iter()
         .filter_map(|v| v["secret"]["secretName"].as_str())
         .collect();
-    assert_eq!(secret_names, ["exp7-token"]);
+    assert_eq!(secret_names, ["exp7-token", "exp7-tls"]);
+    let tls = job_pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .expect("the TLS volume");
+    assert_eq!(
+        tls["secret"]["items"],
+        serde_json::json!([{ "key": "ca.crt", "path": "ca.crt" }]),
+        "workers get the CA, never the server's key"
+    );
     assert_eq!(
         job_pod["containers"][0]["envFrom"][0]["secretRef"]["name"],
         "exp7-s3"
     );
     assert_eq!(
         env(&job_pod["containers"][0], "FERROCLIP_COORDINATOR")["value"],
-        "http://exp7-coordinator:50051"
+        "https://exp7-coordinator:50051"
     );
 
     let co =

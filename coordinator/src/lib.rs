@@ -4,12 +4,14 @@
 pub mod fault;
 pub mod http;
 pub mod journal;
+pub mod login;
 pub mod membership;
 pub mod metrics;
 pub mod otel;
 pub mod run;
 pub mod service;
 pub mod stats;
+pub mod tls;
 pub mod wire;
 pub mod writer;
 
@@ -62,7 +64,13 @@ pub struct ServeOptions {
     pub config: RunConfig,
     pub grpc_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
+    /// The worker token: Join and every member RPC.
     pub token: String,
+    /// The read-only viewer token (`/`, `/metrics`, `/api/status`, Status). Without one the
+    /// worker token grants viewing too.
+    pub viewer_token: Option<String>,
+    /// TLS on both ports; plaintext without it.
+    pub tls: Option<tls::ServerTls>,
     /// Journal directory URL; default `<run.dir>/journal`.
     pub journal: Option<String>,
     /// Start the run over even if the journal holds one (default: an existing journal of this
@@ -203,7 +211,14 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
         .durable(1, budget + Duration::from_secs(10))
         .await
         .map_err(|e| anyhow::anyhow!("{journal_url}: {e}"))?;
-    let shared = Shared::new(run, writer, journal_url, opts.token.clone(), store);
+    let shared = Shared::new(
+        run,
+        writer,
+        journal_url,
+        opts.token.clone(),
+        opts.viewer_token.clone(),
+        store,
+    );
     otel::register(&shared);
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = vec![writer_task];
@@ -212,6 +227,16 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
         .with_context(|| format!("binding gRPC address {}", opts.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     let svc = CoordinatorServer::new(CoordinatorService::new(shared.clone()));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        builder = builder
+            .tls_config(tls.grpc_config())
+            .context("the gRPC port's TLS configuration")?;
+    } else {
+        tracing::warn!(
+            "serving gRPC and HTTP in plaintext: tokens travel unencrypted (pass --tls-cert and --tls-key)"
+        );
+    }
     let mut stop = rx.clone();
     tasks.push(tokio::spawn(async move {
         // No Nagle: an answer written in several segments otherwise waits for the client's
@@ -226,7 +251,7 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
                 })
             },
         );
-        let r = tonic::transport::Server::builder()
+        let r = builder
             .trace_fn(rpc_span)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {
@@ -240,7 +265,8 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
 
     let http_addr = match opts.http_addr {
         Some(addr) => {
-            let (addr, task) = http::serve(addr, shared.clone(), rx.clone()).await?;
+            let (addr, task) =
+                http::serve(addr, shared.clone(), opts.tls.as_ref(), rx.clone()).await?;
             tasks.push(task);
             Some(addr)
         }
@@ -257,7 +283,7 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
             }
         }
     }));
-    tracing::info!(%grpc_addr, ?http_addr, "coordinator serving");
+    tracing::info!(%grpc_addr, ?http_addr, tls = opts.tls.is_some(), "coordinator serving");
     Ok(Handle {
         grpc_addr,
         http_addr,

@@ -4,6 +4,7 @@
 //! So anything a worker is told survives a coordinator crash, retries get the same answer, and
 //! heartbeats never wait on the store.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +33,15 @@ pub struct Shared {
     /// The run's config as workers get it at Join.
     config_toml: String,
     token: String,
+    /// The read-only credential of `/`, `/metrics`, `/api/status` and Status; without one the
+    /// worker token serves for viewing too.
+    viewer_token: Option<String>,
+    /// Dashboard logins: browser sessions (HttpOnly cookies) and one-time login codes.
+    pub logins: crate::login::Logins,
+    /// worker id → (session secret issued at Join, last call carrying it).
+    sessions: std::sync::Mutex<HashMap<String, (String, Instant)>>,
+    /// A member silent this long (`cluster.heartbeat_timeout_s`) no longer holds its id.
+    session_ttl: Duration,
     pub rejected: AtomicU64,
     /// How to reach object stores (deleting old checkpoints).
     pub store: ferroclip_shards::StoreOptions,
@@ -44,8 +54,10 @@ impl Shared {
         writer: Writer,
         journal_url: String,
         token: String,
+        viewer_token: Option<String>,
         store: ferroclip_shards::StoreOptions,
     ) -> Arc<Self> {
+        let session_ttl = Duration::from_secs_f64(run.config.cluster.heartbeat_timeout_s.max(1.0));
         Arc::new(Self {
             config_toml: run.config.to_toml(),
             run: Mutex::new(run),
@@ -54,6 +66,10 @@ impl Shared {
             staged: std::sync::Mutex::new(1),
             journal_url,
             token,
+            viewer_token,
+            logins: crate::login::Logins::default(),
+            sessions: std::sync::Mutex::new(HashMap::new()),
+            session_ttl,
             rejected: AtomicU64::new(0),
             store,
         })
@@ -63,11 +79,114 @@ impl Shared {
         &self.journal_url
     }
 
-    /// Constant-time comparison of a presented token with the run's.
+    /// Whether `presented` is the worker token (constant time).
     pub fn token_ok(&self, presented: &str) -> bool {
-        let a = presented.as_bytes();
-        let b = self.token.as_bytes();
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        same_secret(presented, &self.token)
+    }
+
+    /// Whether `presented` may view the run: the viewer token, or the worker token when no
+    /// viewer token is configured.
+    pub fn viewer_ok(&self, presented: &str) -> bool {
+        match &self.viewer_token {
+            Some(v) => same_secret(presented, v),
+            None => self.token_ok(presented),
+        }
+    }
+
+    fn bearer<T>(req: &Request<T>) -> Option<&str> {
+        req.metadata()
+            .get(ferroclip_proto::AUTH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+    }
+
+    /// Status: the viewer's credential or the worker token.
+    fn auth_view<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match Self::bearer(req) {
+            Some(t) if self.viewer_ok(t) || self.token_ok(t) => Ok(()),
+            Some(_) => Err(self.reject(Status::unauthenticated("wrong run token"))),
+            None => Err(self.reject(Status::unauthenticated(
+                "missing run token (metadata `authorization: Bearer <token>`)",
+            ))),
+        }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn presented_session<T>(req: &Request<T>) -> Option<&str> {
+        req.metadata()
+            .get(ferroclip_proto::SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| s.len() >= SESSION_MIN_LEN)
+    }
+
+    /// The session a Join gets: its own again when it presents it; a new one when its id is
+    /// free (never joined, or its holder silent for `session_ttl`). A Join reusing the id of a
+    /// live member without that member's session is ABORTED (retried: a restarted worker gets
+    /// in once its previous process's lease has run out), so it cannot take the member's place.
+    fn session_for_join<T>(&self, req: &Request<T>, worker_id: &str) -> Result<String, Status> {
+        let presented = Self::presented_session(req);
+        let now = Instant::now();
+        let mut m = self.sessions();
+        match m.get(worker_id) {
+            Some((s, _)) if presented.is_some_and(|p| same_secret(p, s)) => {
+                let s = s.clone();
+                m.insert(worker_id.to_string(), (s.clone(), now));
+                Ok(s)
+            }
+            Some((_, seen)) if now.duration_since(*seen) < self.session_ttl => {
+                drop(m);
+                Err(self.reject(Status::aborted(format!(
+                    "worker id {worker_id} belongs to a live member: a Join with its id needs that                      member's session secret (retry once it has been silent for {:.0} s)",
+                    self.session_ttl.as_secs_f64()
+                ))))
+            }
+            held => {
+                // After a coordinator restart nobody holds the id: a member re-joining with its
+                // session keeps it.
+                let s = match (held, presented) {
+                    (None, Some(p)) => p.to_string(),
+                    _ => crate::login::random_secret(),
+                };
+                m.insert(worker_id.to_string(), (s.clone(), now));
+                Ok(s)
+            }
+        }
+    }
+
+    /// Member RPCs other than Join: the session of the member with this id.
+    fn session_ok<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
+        let presented = Self::presented_session(req);
+        let now = Instant::now();
+        let mut m = self.sessions();
+        let why = match (m.get_mut(worker_id), presented) {
+            (Some((s, seen)), Some(p)) if same_secret(p, s) => {
+                *seen = now;
+                return Ok(());
+            }
+            // After a coordinator restart: the first session presented for an id is its
+            // member's (sessions live in memory, not in the journal).
+            (None, Some(p)) => {
+                m.insert(worker_id.to_string(), (p.to_string(), now));
+                return Ok(());
+            }
+            (_, None) => format!(
+                "missing session secret for worker {worker_id} (metadata `{}`, issued by Join)",
+                ferroclip_proto::SESSION_HEADER
+            ),
+            (Some(_), Some(_)) => format!(
+                "wrong session secret for worker {worker_id}: only the process that joined with                  this id may act for it"
+            ),
+        };
+        drop(m);
+        Err(self.reject(Status::permission_denied(why)))
+    }
+
+    /// A member that left frees its id at once.
+    fn end_session(&self, worker_id: &str) {
+        self.sessions().remove(worker_id);
     }
 
     fn reject(&self, status: Status) -> Status {
@@ -76,14 +195,20 @@ impl Shared {
         status
     }
 
+    /// Member RPCs: the worker token only; the viewer token is read-only.
     fn auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let header = req
-            .metadata()
-            .get(ferroclip_proto::AUTH_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        match header.strip_prefix("Bearer ") {
+        match Self::bearer(req) {
             Some(t) if self.token_ok(t) => Ok(()),
+            Some(t)
+                if self
+                    .viewer_token
+                    .as_deref()
+                    .is_some_and(|v| same_secret(t, v)) =>
+            {
+                Err(self.reject(Status::permission_denied(
+                    "the viewer token is read-only: member RPCs need the worker token",
+                )))
+            }
             Some(_) => Err(self.reject(Status::unauthenticated("wrong run token"))),
             None => Err(self.reject(Status::unauthenticated(
                 "missing run token (metadata `authorization: Bearer <token>`)",
@@ -199,6 +324,16 @@ impl Shared {
     }
 }
 
+/// Shorter session values are ignored (treated as absent).
+const SESSION_MIN_LEN: usize = 16;
+
+/// Constant-time comparison of two secrets (their lengths are not secret).
+pub fn same_secret(presented: &str, expected: &str) -> bool {
+    let a = presented.as_bytes();
+    let b = expected.as_bytes();
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[derive(Clone)]
 pub struct CoordinatorService {
     shared: Arc<Shared>,
@@ -209,7 +344,8 @@ impl CoordinatorService {
         Self { shared }
     }
 
-    fn check<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
+    /// Join's checks: the worker token, a live coordinator, a worker id.
+    fn check_join<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
         self.shared.auth(req)?;
         self.shared.alive()?;
         if worker_id.is_empty() {
@@ -218,6 +354,12 @@ impl CoordinatorService {
                 .reject(Status::invalid_argument("worker_id is empty")));
         }
         Ok(())
+    }
+
+    /// Every other member RPC: Join's checks and the member's session secret.
+    fn check<T>(&self, req: &Request<T>, worker_id: &str) -> Result<(), Status> {
+        self.check_join(req, worker_id)?;
+        self.shared.session_ok(req, worker_id)
     }
 
     /// The run's answer, a refusal counted and mapped to its gRPC status.
@@ -278,7 +420,7 @@ impl Coordinator for CoordinatorService {
         req: Request<v1::JoinRequest>,
     ) -> Result<Response<v1::JoinResponse>, Status> {
         let r = req.get_ref();
-        self.check(&req, &r.worker_id)?;
+        self.check_join(&req, &r.worker_id)?;
         if r.collective_addr.parse::<std::net::SocketAddr>().is_err()
             && !r.collective_addr.contains(':')
         {
@@ -294,10 +436,15 @@ impl Coordinator for CoordinatorService {
             collective_addr: r.collective_addr.clone(),
             last_applied: r.last_applied_step,
         };
+        let session = self.shared.session_for_join(&req, &r.worker_id)?;
+        let answer = |mut a: v1::JoinResponse| {
+            a.session = session.clone();
+            Response::new(a)
+        };
         {
             let mut run = self.shared.run.lock().await;
             if run.finished() {
-                return Ok(Response::new(v1::JoinResponse {
+                return Ok(answer(v1::JoinResponse {
                     generation: run.members.generation(),
                     world_size: 0,
                     ..Default::default()
@@ -307,10 +454,7 @@ impl Coordinator for CoordinatorService {
                 let version = self.shared.stage(&mut run);
                 drop(run);
                 self.shared.durable(version).await?;
-                return Ok(Response::new(wire::join_response(
-                    p,
-                    &self.shared.config_toml,
-                )));
+                return Ok(answer(wire::join_response(p, &self.shared.config_toml)));
             }
             run.join(info, Instant::now());
         }
@@ -338,10 +482,7 @@ impl Coordinator for CoordinatorService {
                 guard.done = true;
                 // The generation is journaled before anyone trains in it.
                 self.shared.durable(version).await?;
-                return Ok(Response::new(wire::join_response(
-                    p,
-                    &self.shared.config_toml,
-                )));
+                return Ok(answer(wire::join_response(p, &self.shared.config_toml)));
             }
             tokio::select! {
                 _ = notified => {}
@@ -454,6 +595,7 @@ impl Coordinator for CoordinatorService {
         let version = self.shared.stage(&mut run);
         drop(run);
         self.counted(out)?;
+        self.shared.end_session(&r.worker_id);
         self.shared.tick().await;
         self.shared.durable(version).await?;
         Ok(Response::new(v1::LeaveResponse {}))
@@ -463,7 +605,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        self.shared.auth(&req)?;
+        self.shared.auth_view(&req)?;
         let s = self.shared.run.lock().await.status();
         Ok(Response::new(wire::status_response(
             s,

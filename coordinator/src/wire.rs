@@ -14,7 +14,8 @@ pub fn status_of(r: Refusal) -> Status {
     }
 }
 
-/// A placement, with the run's whole config (the worker's one source of truth).
+/// A placement, with the run's whole config (the worker's one source of truth); the member's
+/// session secret is added by the service.
 pub fn join_response(p: Placement, run_config_toml: &str) -> v1::JoinResponse {
     v1::JoinResponse {
         generation: p.generation,
@@ -33,6 +34,7 @@ pub fn join_response(p: Placement, run_config_toml: &str) -> v1::JoinResponse {
         next_step: p.next_step,
         state_source_rank: p.state_source_rank,
         needs_state: p.needs_state,
+        session: String::new(),
         resume_checkpoint: p.resume_checkpoint.unwrap_or_default(),
         total_steps: p.total_steps,
     }

@@ -22,6 +22,11 @@ fn authed<T>(msg: T) -> Request<T> {
         "authorization",
         format!("Bearer {TOKEN}").parse().expect("ascii"),
     );
+    // A member's session secret (Join adopts the first one presented for a free id).
+    r.metadata_mut().insert(
+        ferroclip_proto::SESSION_HEADER,
+        "test-session-0123456789abcdef".parse().expect("ascii"),
+    );
     r
 }
 
@@ -123,6 +128,8 @@ async fn committed_figures_become_metrics() {
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: Some("127.0.0.1:0".parse().expect("addr")),
         token: TOKEN.into(),
+        viewer_token: None,
+        tls: None,
         journal: None,
         fresh: false,
         store: Default::default(),

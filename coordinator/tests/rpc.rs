@@ -61,6 +61,11 @@ fn authed<T>(msg: T, token: Option<&str>) -> Request<T> {
             format!("Bearer {t}").parse().expect("ascii"),
         );
     }
+    // A member's session secret (Join adopts the first one presented for a free id).
+    r.metadata_mut().insert(
+        ferroclip_proto::SESSION_HEADER,
+        "test-session-0123456789abcdef".parse().expect("ascii"),
+    );
     r
 }
 
@@ -84,6 +89,8 @@ async fn start(
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: Some("127.0.0.1:0".parse().expect("addr")),
         token: TOKEN.into(),
+        viewer_token: None,
+        tls: None,
         journal: None,
         fresh,
         store: Default::default(),
@@ -291,6 +298,8 @@ async fn a_restarted_coordinator_resumes_from_its_journal() {
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: None,
         token: TOKEN.into(),
+        viewer_token: None,
+        tls: None,
         journal: None,
         fresh: false,
         store: Default::default(),

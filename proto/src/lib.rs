@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod tls;
 pub mod token;
 
 /// Generated from `proto/ferroclip/v1/coordinator.proto`.
@@ -11,3 +12,6 @@ pub mod v1 {
 
 /// gRPC metadata key that carries the run token.
 pub const AUTH_HEADER: &str = "authorization";
+
+/// gRPC metadata key that carries a member's session secret (issued by Join).
+pub const SESSION_HEADER: &str = "x-ferroclip-session";

@@ -46,10 +46,15 @@ impl SimConfig {
 
 type Client = CoordinatorClient<Channel>;
 
-fn req<T>(msg: T) -> Request<T> {
+/// A request with the worker token and, once joined, the member's session secret (as the
+/// real worker sends them).
+fn req<T>(msg: T, session: &str) -> Request<T> {
     let mut r = Request::new(msg);
     if let Ok(v) = format!("Bearer {TOKEN}").parse() {
         r.metadata_mut().insert(ferroclip_proto::AUTH_HEADER, v);
+    }
+    if let (false, Ok(v)) = (session.is_empty(), session.parse()) {
+        r.metadata_mut().insert(ferroclip_proto::SESSION_HEADER, v);
     }
     r
 }
@@ -105,6 +110,7 @@ pub async fn worker(
     let client = CoordinatorClient::new(channel);
     let id = format!("sim-{i:05}");
     let (mut last_generation, mut last_applied) = (0, 0);
+    let mut session = String::new();
     loop {
         let join = v1::JoinRequest {
             worker_id: id.clone(),
@@ -116,7 +122,7 @@ pub async fn worker(
         };
         let sent = Instant::now();
         let p = call(&lat, Rpc::Join, &client, |mut c| {
-            let r = req(join.clone());
+            let r = req(join.clone(), &session);
             async move { c.join(r).await }
         })
         .await?;
@@ -124,11 +130,15 @@ pub async fn worker(
             return Ok(()); // the run is finished
         }
         gate.joined(p.generation, sent, Instant::now());
+        if !p.session.is_empty() {
+            session = p.session.clone();
+        }
         last_generation = p.generation;
         let (stop_tx, stop_rx) = watch::channel(false);
         let beats = tokio::spawn(heartbeats(
             client.clone(),
             id.clone(),
+            session.clone(),
             p.generation,
             cfg.heartbeat_period,
             lat.clone(),
@@ -160,7 +170,7 @@ pub async fn worker(
                     reason: "end of run".into(),
                 };
                 let _ = call(&lat, Rpc::Other, &client, |mut c| {
-                    let r = req(leave.clone());
+                    let r = req(leave.clone(), &session);
                     async move { c.leave(r).await }
                 })
                 .await;
@@ -173,6 +183,7 @@ pub async fn worker(
 async fn heartbeats(
     mut client: Client,
     worker_id: String,
+    session: String,
     generation: u64,
     period: Duration,
     lat: Arc<Latencies>,
@@ -192,7 +203,7 @@ async fn heartbeats(
             store_wait_s: 0.0,
         };
         let t = Instant::now();
-        let r = client.heartbeat(req(hb)).await;
+        let r = client.heartbeat(req(hb, &session)).await;
         lat.record(Rpc::Heartbeat, t.elapsed());
         if r.is_ok_and(|r| r.into_inner().stop) {
             return;
@@ -224,7 +235,7 @@ impl Member<'_> {
                 step,
             };
             let plan = match call(self.lat, Rpc::NextStep, &self.client, |mut c| {
-                let r = req(ask.clone());
+                let r = req(ask.clone(), &self.p.session);
                 async move { c.next_step(r).await }
             })
             .await
@@ -265,7 +276,7 @@ impl Member<'_> {
                 metrics: payload(world),
             };
             match call(self.lat, Rpc::CommitStep, &self.client, |mut c| {
-                let r = req(commit.clone());
+                let r = req(commit.clone(), &self.p.session);
                 async move { c.commit_step(r).await }
             })
             .await
@@ -304,7 +315,7 @@ impl Member<'_> {
                 reason: "simulated collective timeout".into(),
             };
             let r = call(self.lat, Rpc::Other, &self.client, |mut c| {
-                let r = req(report.clone());
+                let r = req(report.clone(), &self.p.session);
                 async move { c.report_failure(r).await }
             })
             .await;
@@ -330,7 +341,7 @@ impl Member<'_> {
             url: ferroclip_shards::checkpoints::step_url(&self.cfg.checkpoints, step),
         };
         match call(self.lat, Rpc::Other, &self.client, |mut c| {
-            let r = req(ckpt.clone());
+            let r = req(ckpt.clone(), &self.p.session);
             async move { c.commit_checkpoint(r).await }
         })
         .await

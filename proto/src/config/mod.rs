@@ -115,6 +115,9 @@ pub struct ModelSection {
     /// With `lock_text`, the text tower's last N groups stay trainable (OpenCLIP's
     /// `--lock-text-unlocked-layers`; groups as the image tower's, ln_final for ln_post).
     pub lock_text_unlocked_groups: u32,
+    /// Activation checkpointing: each transformer block (both towers, the MAE decoder) keeps
+    /// only its input for backward and is recomputed there (less memory, ~one more forward).
+    pub grad_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -342,6 +345,7 @@ impl Default for ModelSection {
             lock_image_unlocked_groups: 0,
             lock_text: false,
             lock_text_unlocked_groups: 0,
+            grad_checkpointing: false,
         }
     }
 }

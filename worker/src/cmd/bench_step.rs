@@ -24,6 +24,12 @@ pub struct BenchStepArgs {
     /// libtorch intra-op threads (0 = libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
+    /// `model.grad_checkpointing`: recompute each block's activations in backward.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
+    /// `optim.micro_batch`: rows per forward pass (GradCache exact accumulation; 0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub micro_batch: u32,
 }
 
 /// Mean seconds per phase over `steps` timed steps after `warmup` untimed ones. Batches are
@@ -35,6 +41,8 @@ pub fn run(args: BenchStepArgs) -> Result<()> {
         steps,
         warmup,
         threads,
+        grad_checkpointing,
+        micro_batch,
     } = args;
     if threads > 0 {
         tch::set_num_threads(threads);
@@ -42,6 +50,8 @@ pub fn run(args: BenchStepArgs) -> Result<()> {
     let mut cfg = ferroclip_proto::config::RunConfig::default();
     cfg.model.preset = preset.clone();
     cfg.run.seed = 0;
+    cfg.model.grad_checkpointing = grad_checkpointing;
+    cfg.optim.micro_batch = micro_batch;
     let mut tr = Trainer::new(&cfg, (steps + warmup) as u64)?;
     let c = tr.model.config.clone();
     let images = Tensor::randn(
@@ -66,7 +76,7 @@ pub fn run(args: BenchStepArgs) -> Result<()> {
     }
     let n = steps as f64;
     println!(
-        "{{\"impl\": \"ferroclip\", \"preset\": \"{preset}\", \"batch\": {batch}, \"threads\": {}, \"params\": {}, \"data_s\": 0.0, \"forward_s\": {:.5}, \"backward_s\": {:.5}, \"optimizer_s\": {:.5}, \"step_s\": {:.5}}}",
+        "{{\"impl\": \"ferroclip\", \"preset\": \"{preset}\", \"batch\": {batch}, \"grad_checkpointing\": {grad_checkpointing}, \"micro_batch\": {micro_batch}, \"threads\": {}, \"params\": {}, \"data_s\": 0.0, \"forward_s\": {:.5}, \"backward_s\": {:.5}, \"optimizer_s\": {:.5}, \"step_s\": {:.5}}}",
         tch::get_num_threads(),
         tr.model.num_clip_params(),
         fwd / n,

@@ -11,7 +11,7 @@ pub struct MaeDecoder {
     decoder_embed: Linear,
     mask_token: Tensor,
     decoder_pos_embed: Tensor,
-    decoder: Transformer,
+    pub(super) decoder: Transformer,
     decoder_norm: LayerNorm,
     decoder_pred: Linear,
 }

@@ -9,6 +9,7 @@ pub mod mae;
 pub mod masking;
 pub mod mlm;
 pub mod params;
+mod recompute;
 pub mod text;
 pub mod transformer;
 pub mod vit;
@@ -18,6 +19,8 @@ use params::{Params, Scope};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
 use transformer::Attend;
+
+pub use recompute::recomputed_blocks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -279,6 +282,16 @@ impl Clip {
             mae,
             mlm,
         })
+    }
+
+    /// Activation checkpointing in every transformer stack (both towers and the MAE decoder):
+    /// each block keeps only its input for backward and runs again there.
+    pub fn set_grad_checkpointing(&mut self, on: bool) {
+        self.visual.transformer.set_checkpointing(on);
+        self.text.transformer.set_checkpointing(on);
+        if let Some(m) = &mut self.mae {
+            m.decoder.set_checkpointing(on);
+        }
     }
 
     /// L2-normalised image features [B, E]; `keep` = FLIP's visible patches (None at eval).

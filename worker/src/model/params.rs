@@ -90,6 +90,14 @@ impl LayerNorm {
         }
     }
 
+    /// A second handle on the same parameters.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let dim = self.weight.size()[0];
         x.layer_norm([dim], Some(&self.weight), Some(&self.bias), 1e-5, true)
@@ -108,6 +116,14 @@ impl Linear {
         Self {
             weight: p.normal(s.name("weight"), &[d_out, d_in], std, s.kind),
             bias: Some(p.constant(s.name("bias"), &[d_out], 0.0, s.kind)),
+        }
+    }
+
+    /// A second handle on the same parameters.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
         }
     }
 

@@ -55,6 +55,42 @@ impl Block {
         }
     }
 
+    /// A second handle on the same parameters (what a checkpointed block's backward keeps).
+    pub(super) fn shallow_clone(&self) -> Self {
+        Self {
+            ln_1: self.ln_1.shallow_clone(),
+            in_proj_weight: self.in_proj_weight.shallow_clone(),
+            in_proj_bias: self.in_proj_bias.shallow_clone(),
+            out_proj: self.out_proj.shallow_clone(),
+            ln_2: self.ln_2.shallow_clone(),
+            c_fc: self.c_fc.shallow_clone(),
+            c_proj: self.c_proj.shallow_clone(),
+            heads: self.heads,
+            quick_gelu: self.quick_gelu,
+        }
+    }
+
+    /// The block's parameter tensors.
+    pub(super) fn params(&self) -> Vec<&Tensor> {
+        let mut v = vec![
+            &self.ln_1.weight,
+            &self.ln_1.bias,
+            &self.in_proj_weight,
+            &self.in_proj_bias,
+            &self.out_proj.weight,
+            &self.ln_2.weight,
+            &self.ln_2.bias,
+            &self.c_fc.weight,
+            &self.c_proj.weight,
+        ];
+        v.extend(
+            [&self.out_proj.bias, &self.c_fc.bias, &self.c_proj.bias]
+                .into_iter()
+                .flatten(),
+        );
+        v
+    }
+
     /// x: [B, N, W] → [B, N, W].
     pub fn forward(&self, x: &Tensor, attend: Attend) -> Tensor {
         let (b, n, w) = x.size3().unwrap_or((0, 0, 0));
@@ -93,6 +129,8 @@ impl Block {
 #[derive(Debug)]
 pub struct Transformer {
     blocks: Vec<Block>,
+    /// Recompute each block's activations in backward (`model.grad_checkpointing`).
+    checkpoint: bool,
 }
 
 impl Transformer {
@@ -101,7 +139,10 @@ impl Transformer {
         let blocks = (0..layers)
             .map(|i| Block::new(p, &rb.sub(i), width, heads, layers))
             .collect();
-        Self { blocks }
+        Self {
+            blocks,
+            checkpoint: false,
+        }
     }
 
     /// QuickGELU in every block (OpenAI's weights were trained with it).
@@ -111,10 +152,19 @@ impl Transformer {
         }
     }
 
+    /// Keep only each block's input for backward and recompute the rest there.
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpoint = on;
+    }
+
     pub fn forward(&self, x: &Tensor, attend: Attend) -> Tensor {
         let mut x = x.shallow_clone();
         for b in &self.blocks {
-            x = b.forward(&x, attend);
+            x = if self.checkpoint {
+                super::recompute::checkpointed(b, &x, attend)
+            } else {
+                b.forward(&x, attend)
+            };
         }
         x
     }

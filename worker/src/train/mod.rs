@@ -130,7 +130,8 @@ impl Trainer {
             mlm: cfg.objectives.mlm > 0.0,
             mae: cfg.objectives.mae > 0.0,
         };
-        let model = Clip::new(&mc, heads, cfg.run.seed as i64, kind)?;
+        let mut model = Clip::new(&mc, heads, cfg.run.seed as i64, kind)?;
+        model.set_grad_checkpointing(cfg.model.grad_checkpointing);
         if let Some(p) = &init {
             crate::checkpoint::load_into(&model, p)?;
         }

@@ -18,6 +18,9 @@ pub const LAUNCHER: &str = include_str!("../../../../k8s/base/launch-workers.sh"
 /// Where the pieces live inside the containers (fixed by the processes' flags).
 const CONFIG_DIR: &str = "/etc/ferroclip";
 const TOKEN_DIR: &str = "/var/run/ferroclip/token";
+/// The Secret `<run>-tls` (keys `tls.crt`, `tls.key`, `ca.crt`: `kubectl create secret generic`
+/// from `ferroclip certs`, or cert-manager's Certificate); the workers see only `ca.crt`.
+const TLS_DIR: &str = "/var/run/ferroclip/tls";
 const LAUNCHER_DIR: &str = "/opt/ferroclip";
 /// The JobSet's child Job names end in these (and the pods' host names start with them).
 pub const COORDINATOR_JOB: &str = "coordinator";
@@ -98,9 +101,9 @@ impl RunSpec {
     /// pod's own DNS name (the JobSet's headless Service; stable across pod replacements).
     fn coordinator_url(&self) -> String {
         match self.kind {
-            Kind::Job => format!("http://{}:{GRPC_PORT}", self.name("coordinator")),
+            Kind::Job => format!("https://{}:{GRPC_PORT}", self.name("coordinator")),
             Kind::Jobset => format!(
-                "http://{run}-{COORDINATOR_JOB}-0-0.{run}:{GRPC_PORT}",
+                "https://{run}-{COORDINATOR_JOB}-0-0.{run}:{GRPC_PORT}",
                 run = self.run_name
             ),
         }

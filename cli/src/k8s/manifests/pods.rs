@@ -4,7 +4,8 @@
 use serde_json::{json, Value};
 
 use super::{
-    RunSpec, COLLECTIVE_PORT_BASE, CONFIG_DIR, GRPC_PORT, HTTP_PORT, LAUNCHER_DIR, TOKEN_DIR,
+    RunSpec, COLLECTIVE_PORT_BASE, CONFIG_DIR, GRPC_PORT, HTTP_PORT, LAUNCHER_DIR, TLS_DIR,
+    TOKEN_DIR,
 };
 
 /// Read-only root, no privileges: the pods pass the "restricted" Pod Security Standard.
@@ -33,6 +34,15 @@ fn s3_env_from(spec: &RunSpec) -> Value {
 
 fn token_volume(spec: &RunSpec) -> Value {
     json!({ "name": "token", "secret": { "secretName": spec.name("token"), "defaultMode": 0o440 } })
+}
+
+/// The TLS Secret, with only `keys` of it (the workers get the CA, never the server's key).
+fn tls_volume(spec: &RunSpec, keys: &[&str]) -> Value {
+    let items: Vec<Value> = keys
+        .iter()
+        .map(|k| json!({ "key": k, "path": k }))
+        .collect();
+    json!({ "name": "tls", "secret": { "secretName": spec.name("tls"), "defaultMode": 0o440, "items": items } })
 }
 
 fn with_priority(spec: &RunSpec, mut pod: Value) -> Value {
@@ -76,7 +86,7 @@ pub fn coordinator_template(spec: &RunSpec) -> Value {
     }
     let probe = |path: &str, period: u32, failures: u32| {
         json!({
-            "httpGet": { "path": path, "port": "http" },
+            "httpGet": { "path": path, "port": "http", "scheme": "HTTPS" },
             "periodSeconds": period,
             "failureThreshold": failures,
             "timeoutSeconds": 2,
@@ -94,7 +104,11 @@ pub fn coordinator_template(spec: &RunSpec) -> Value {
             "imagePullPolicy": "IfNotPresent",
             "command": ["ferroclip"],
             "args": args,
-            "env": [{ "name": "RUST_LOG", "value": "info" }],
+            "env": [
+                { "name": "RUST_LOG", "value": "info" },
+                { "name": "FERROCLIP_TLS_CERT", "value": format!("{TLS_DIR}/tls.crt") },
+                { "name": "FERROCLIP_TLS_KEY", "value": format!("{TLS_DIR}/tls.key") },
+            ],
             "envFrom": s3_env_from(spec),
             "ports": [
                 { "name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP" },
@@ -112,12 +126,14 @@ pub fn coordinator_template(spec: &RunSpec) -> Value {
             "volumeMounts": [
                 { "name": "config", "mountPath": CONFIG_DIR, "readOnly": true },
                 { "name": "token", "mountPath": TOKEN_DIR, "readOnly": true },
+                { "name": "tls", "mountPath": TLS_DIR, "readOnly": true },
                 { "name": "tmp", "mountPath": "/tmp" },
             ],
         }],
         "volumes": [
             { "name": "config", "configMap": { "name": spec.name("config") } },
             token_volume(spec),
+            tls_volume(spec, &["tls.crt", "tls.key"]),
             { "name": "tmp", "emptyDir": {} },
         ],
     });
@@ -128,6 +144,7 @@ pub fn coordinator_template(spec: &RunSpec) -> Value {
                 "prometheus.io/scrape": "true",
                 "prometheus.io/port": HTTP_PORT.to_string(),
                 "prometheus.io/path": "/metrics",
+                "prometheus.io/scheme": "https",
             },
         },
         "spec": with_priority(spec, pod),
@@ -166,6 +183,7 @@ fn worker_env(spec: &RunSpec) -> Value {
         json!({ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }),
         json!({ "name": "FERROCLIP_COORDINATOR", "value": spec.coordinator_url() }),
         json!({ "name": "FERROCLIP_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token") }),
+        json!({ "name": "FERROCLIP_TLS_CA", "value": format!("{TLS_DIR}/ca.crt") }),
         json!({ "name": "FERROCLIP_LOCAL_WORKERS", "value": spec.procs_per_pod.to_string() }),
         json!({ "name": "FERROCLIP_DEVICE", "value": if spec.cpu { "cpu" } else { "cuda" } }),
         json!({ "name": "FERROCLIP_COLLECTIVE_PORT_BASE", "value": COLLECTIVE_PORT_BASE.to_string() }),
@@ -212,6 +230,7 @@ fn worker_template(spec: &RunSpec) -> Value {
             "volumeMounts": [
                 { "name": "launcher", "mountPath": LAUNCHER_DIR, "readOnly": true },
                 { "name": "token", "mountPath": TOKEN_DIR, "readOnly": true },
+                { "name": "tls", "mountPath": TLS_DIR, "readOnly": true },
                 { "name": "shm", "mountPath": "/dev/shm" },
                 { "name": "tmp", "mountPath": "/tmp" },
             ],
@@ -219,6 +238,7 @@ fn worker_template(spec: &RunSpec) -> Value {
         "volumes": [
             { "name": "launcher", "configMap": { "name": spec.name("launcher"), "defaultMode": 0o555 } },
             token_volume(spec),
+            tls_volume(spec, &["ca.crt"]),
             // NCCL's shared-memory transport and the data pipeline need more than the 64 MiB default.
             { "name": "shm", "emptyDir": { "medium": "Memory", "sizeLimit": res.shm } },
             { "name": "tmp", "emptyDir": {} },

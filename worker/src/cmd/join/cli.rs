@@ -19,6 +19,15 @@ pub struct JoinArgs {
     /// The run token itself (prefer --token-file).
     #[arg(long, env = "FERROCLIP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA the coordinator's certificate must chain to; turns TLS on (https://).
+    #[arg(long, env = "FERROCLIP_TLS_CA")]
+    pub tls_ca: Option<String>,
+    /// This worker's certificate (PEM) for a coordinator that wants mutual TLS.
+    #[arg(long, env = "FERROCLIP_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// Key of --tls-cert (PEM).
+    #[arg(long, env = "FERROCLIP_TLS_KEY")]
+    pub tls_key: Option<String>,
     /// "cpu", "cuda" (GPU $LOCAL_RANK) or "cuda:N".
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -40,6 +49,11 @@ pub struct JoinArgs {
 
 pub fn run(args: JoinArgs) -> Result<()> {
     let token = ferroclip_proto::token::resolve(args.token_file.as_deref(), args.token.as_deref())?;
+    let tls = ferroclip_proto::tls::ClientTls::from_files(
+        args.tls_ca.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+    )?;
     let device = crate::device::select(&args.device)?;
     if let Some(n) = args.threads {
         tch::set_num_threads(n.max(1));
@@ -50,6 +64,7 @@ pub fn run(args: JoinArgs) -> Result<()> {
     super::run(JoinOptions {
         coordinator: args.coordinator,
         token,
+        tls,
         worker_id: args
             .worker_id
             .unwrap_or_else(|| format!("{host}-{}", std::process::id())),

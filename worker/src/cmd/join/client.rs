@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use ferroclip_proto::tls::describe;
 use ferroclip_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -36,6 +37,8 @@ pub const RPC_DEADLINE: Duration = Duration::from_secs(30);
 pub struct Client {
     url: String,
     token: String,
+    /// This member's session secret, from its first Join; every later call carries it.
+    session: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     inner: CoordinatorClient<Channel>,
     /// Join's channel: no deadline (it waits for a generation to form), keepalive only.
     joiner: CoordinatorClient<Channel>,
@@ -44,17 +47,30 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(url: &str, token: &str, patience: Duration) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_string())
+    pub fn new(
+        url: &str,
+        token: &str,
+        tls: Option<&ferroclip_proto::tls::ClientTls>,
+        patience: Duration,
+    ) -> anyhow::Result<Self> {
+        let url = &ferroclip_proto::tls::coordinator_url(url, tls.is_some())
+            .map_err(anyhow::Error::msg)?;
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| anyhow::anyhow!("coordinator URL {url:?} is not valid: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls.config())
+                .map_err(|e| anyhow::anyhow!("TLS configuration for {url}: {e}"))?;
+        }
         Ok(Self {
             url: url.to_string(),
             token: token.to_string(),
+            session: Default::default(),
             inner: CoordinatorClient::new(endpoint.clone().timeout(RPC_DEADLINE).connect_lazy()),
             joiner: CoordinatorClient::new(endpoint.connect_lazy()),
             patience,
@@ -77,6 +93,15 @@ impl Client {
         })?;
         req.metadata_mut()
             .insert(ferroclip_proto::AUTH_HEADER, value);
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(s) = session.and_then(|s| MetadataValue::try_from(s).ok()) {
+            req.metadata_mut()
+                .insert(ferroclip_proto::SESSION_HEADER, s);
+        }
         Ok(req)
     }
 
@@ -110,6 +135,14 @@ impl Client {
                 Err(s) if s.code() == Code::FailedPrecondition => {
                     return Err(CallError::Stale(s.message().into()))
                 }
+                Err(s) if ferroclip_proto::tls::is_certificate_error(&describe(&s)) => {
+                    // The coordinator's certificate (or ours) is refused: waiting cannot help.
+                    return Err(CallError::Refused(Status::unavailable(format!(
+                        "TLS with {}: {}",
+                        self.url,
+                        describe(&s)
+                    ))));
+                }
                 Err(s)
                     if matches!(
                         s.code(),
@@ -124,7 +157,7 @@ impl Client {
                         return Err(CallError::Unreachable {
                             url: self.url.clone(),
                             waited_s: start.elapsed().as_secs_f64(),
-                            last: s.message().to_string(),
+                            last: describe(&s),
                         });
                     }
                     tracing::debug!(
@@ -140,10 +173,15 @@ impl Client {
     }
 
     pub async fn join(&self, msg: v1::JoinRequest) -> Result<v1::JoinResponse, CallError> {
-        self.retry_on(self.joiner.clone(), msg, |mut c, r| async move {
-            c.join(r).await
-        })
-        .await
+        let r = self
+            .retry_on(self.joiner.clone(), msg, |mut c, r| async move {
+                c.join(r).await
+            })
+            .await?;
+        if !r.session.is_empty() {
+            *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.session.clone());
+        }
+        Ok(r)
     }
 
     pub async fn heartbeat(

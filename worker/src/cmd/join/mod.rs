@@ -45,6 +45,8 @@ use step::{Outcome, StepInfo};
 pub struct JoinOptions {
     pub coordinator: String,
     pub token: String,
+    /// TLS to the coordinator (`--tls-ca`, optionally a client certificate); plaintext without.
+    pub tls: Option<ferroclip_proto::tls::ClientTls>,
     pub worker_id: String,
     pub device: Device,
     pub device_name: String,
@@ -113,7 +115,12 @@ pub fn run(opts: JoinOptions) -> Result<()> {
         .build()?;
     let client = {
         let _ctx = rt.enter();
-        Client::new(&opts.coordinator, &opts.token, Duration::from_secs(120))?
+        Client::new(
+            &opts.coordinator,
+            &opts.token,
+            opts.tls.as_ref(),
+            Duration::from_secs(120),
+        )?
     };
     let listener = bind_collective(&opts.advertise_host, opts.collective_port)?;
     let collective_addr = format!("{}:{}", opts.advertise_host, listener.local_addr()?.port());
