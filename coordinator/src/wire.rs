@@ -21,9 +21,10 @@ pub fn join_response(p: Placement, run_config_toml: &str) -> v1::JoinResponse {
         generation: p.generation,
         rank: p.rank,
         world_size: p.world_size,
-        peers: p
-            .peers
-            .iter()
+        // Only the peer this rank dials (its right neighbour): all N peers in each of N answers
+        // made forming a generation O(N²) (0.6 GB of answers at 4,096 ranks).
+        peers: right_neighbour(&p)
+            .into_iter()
             .map(|peer| v1::Peer {
                 rank: peer.rank,
                 worker_id: peer.worker_id.clone(),
@@ -40,12 +41,23 @@ pub fn join_response(p: Placement, run_config_toml: &str) -> v1::JoinResponse {
     }
 }
 
+/// The peer `p`'s rank connects to when it forms the ring (none in a world of one).
+fn right_neighbour(p: &Placement) -> Option<&crate::run::Peer> {
+    if p.world_size < 2 {
+        return None;
+    }
+    let right = (p.rank + 1) % p.world_size;
+    p.peers
+        .get(right as usize)
+        .filter(|peer| peer.rank == right)
+}
+
 pub fn next_step_response(step: u64, plan: StepPlan) -> v1::NextStepResponse {
     match plan {
         StepPlan::Samples {
             step,
             samples,
-            rank_batches,
+            shape,
             prefetch_blocks,
         } => v1::NextStepResponse {
             step,
@@ -57,11 +69,17 @@ pub fn next_step_response(step: u64, plan: StepPlan) -> v1::NextStepResponse {
                     row: s.row,
                 })
                 .collect(),
-            global_batch: rank_batches.iter().sum(),
+            global_batch: shape.global_batch,
             end_of_run: false,
             regroup: false,
             prefetch_blocks,
-            rank_batches,
+            // N numbers in each of N answers would be O(N²) per step: only the tail's uneven
+            // shares are spelled out.
+            rank_batches: if shape.even {
+                Vec::new()
+            } else {
+                shape.rank_batches.to_vec()
+            },
         },
         StepPlan::Regroup => v1::NextStepResponse {
             step,
@@ -106,5 +124,67 @@ pub fn status_response(s: RunStatus, store_wait_s: f64) -> v1::StatusResponse {
         last_checkpoint: s.last_checkpoint.unwrap_or_default(),
         total_steps: s.total_steps,
         store_wait_s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::run::{Peer, StepShape};
+
+    #[test]
+    fn a_join_answer_names_only_the_right_neighbour() {
+        let peers: Vec<Peer> = (0..3)
+            .map(|r| Peer {
+                rank: r,
+                worker_id: format!("w{r}"),
+                collective_addr: format!("10.0.0.{r}:7000"),
+            })
+            .collect();
+        let place = |rank, world_size| Placement {
+            generation: 4,
+            rank,
+            world_size,
+            peers: Arc::new(peers[..world_size as usize].to_vec()),
+            next_step: 1,
+            state_source_rank: 0,
+            needs_state: false,
+            resume_checkpoint: None,
+            total_steps: 10,
+        };
+        for (rank, right) in [(0, 1), (1, 2), (2, 0)] {
+            let r = join_response(place(rank, 3), "");
+            assert_eq!(r.world_size, 3);
+            assert_eq!(r.peers.len(), 1);
+            assert_eq!(r.peers[0].rank, right);
+            assert_eq!(r.peers[0].collective_addr, format!("10.0.0.{right}:7000"));
+        }
+        assert!(join_response(place(0, 1), "").peers.is_empty());
+    }
+
+    #[test]
+    fn only_uneven_shares_are_spelled_out() {
+        let answer = |batches: Vec<u32>| {
+            next_step_response(
+                7,
+                StepPlan::Samples {
+                    step: 7,
+                    samples: Vec::new(),
+                    shape: StepShape::new(batches),
+                    prefetch_blocks: Vec::new(),
+                },
+            )
+        };
+        // 10 over 3 ranks: 4, 3, 3 is the even split.
+        let even = answer(vec![4, 3, 3]);
+        assert_eq!(even.global_batch, 10);
+        assert!(even.rank_batches.is_empty());
+        // The data's tail: rank 1 ran dry.
+        let tail = answer(vec![4, 2, 3]);
+        assert_eq!(tail.global_batch, 9);
+        assert_eq!(tail.rank_batches, vec![4, 2, 3]);
+        assert_eq!(answer(vec![3, 4, 3]).rank_batches, vec![3, 4, 3]);
     }
 }

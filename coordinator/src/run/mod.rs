@@ -18,7 +18,6 @@ mod steps;
 pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferroclip_plan::{Bound, Ledger};
@@ -47,7 +46,7 @@ pub struct Run {
     rank_metrics: BTreeMap<u64, Vec<RankMetrics>>,
     placements: HashMap<String, Placement>,
     /// step → samples of each rank (every NextStep answer carries them: computed once).
-    rank_batches: BTreeMap<u64, Arc<Vec<u32>>>,
+    rank_batches: BTreeMap<u64, StepShape>,
     /// Changes to the journaled state not yet handed to the journal (`take_records`).
     journal_out: Vec<Record>,
     pub worker_stats: stats::WorkerTable,

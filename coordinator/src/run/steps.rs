@@ -2,12 +2,11 @@
 //! answered again to a retry), CommitStep (a step commits when every rank of the generation
 //! has reported it; a retried report changes nothing).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use ferroclip_plan::ChunkId;
 
-use super::{Answer, Committed, Refusal, Run, StepPlan, StepReport};
+use super::{Answer, Committed, Refusal, Run, StepPlan, StepReport, StepShape};
 use crate::journal::Record;
 use crate::membership::Phase;
 use crate::stats::{self, push_bounded, HISTORY};
@@ -98,12 +97,12 @@ impl Run {
         };
         let spans = a.ranks.get(rank as usize).cloned().unwrap_or_default();
         let held = a.after.leases.get(&rank).cloned().unwrap_or_default();
-        let rank_batches = match self.rank_batches.get(&step) {
-            Some(b) => b.clone(),
+        let shape = match self.rank_batches.get(&step) {
+            Some(s) => s.clone(),
             None => {
-                let b = Arc::new(a.rank_batches());
-                self.rank_batches.insert(step, b.clone());
-                b
+                let s = StepShape::new(a.rank_batches());
+                self.rank_batches.insert(step, s.clone());
+                s
             }
         };
         let mut samples = Vec::new();
@@ -113,7 +112,7 @@ impl Run {
         Ok(StepPlan::Samples {
             step,
             samples,
-            rank_batches: rank_batches.to_vec(),
+            shape,
             prefetch_blocks: self.prefetch_blocks(&held),
         })
     }

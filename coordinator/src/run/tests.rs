@@ -125,8 +125,8 @@ impl Sim {
         let mut total = None;
         for id in &ids {
             match self.next(id, step) {
-                StepPlan::Samples { rank_batches, .. } => {
-                    total = Some(rank_batches.iter().sum());
+                StepPlan::Samples { shape, .. } => {
+                    total = Some(shape.global_batch);
                 }
                 _ => return None,
             }

@@ -47,6 +47,31 @@ pub struct Placement {
     pub total_steps: u64,
 }
 
+/// How many samples each rank feeds into a step, computed once per step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepShape {
+    pub rank_batches: Arc<Vec<u32>>,
+    pub global_batch: u32,
+    /// Whether the ranks share `global_batch` evenly (rank r feeds global / world, plus one
+    /// when r < global % world): true except at the data's tail.
+    pub even: bool,
+}
+
+impl StepShape {
+    pub fn new(rank_batches: Vec<u32>) -> Self {
+        let global_batch: u32 = rank_batches.iter().sum();
+        let world = rank_batches.len().max(1) as u32;
+        let even = rank_batches.iter().enumerate().all(|(r, &n)| {
+            n == global_batch / world + u32::from((r as u32) < global_batch % world)
+        });
+        Self {
+            rank_batches: Arc::new(rank_batches),
+            global_batch,
+            even,
+        }
+    }
+}
+
 /// What a rank feeds into a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepPlan {
@@ -54,8 +79,8 @@ pub enum StepPlan {
         step: u64,
         /// This rank's samples, in feed order.
         samples: Vec<SampleRef>,
-        /// Samples of each rank in this step.
-        rank_batches: Vec<u32>,
+        /// Samples of each rank in this step (shared by every rank's answer).
+        shape: StepShape,
         /// Blocks this rank will likely read next.
         prefetch_blocks: Vec<u32>,
     },

@@ -222,11 +222,19 @@ impl Worker {
     fn generation_loop(&mut self, place: &v1::JoinResponse) -> Result<Exit> {
         let s = self.session.as_ref().context("session")?;
         let timeout = Duration::from_secs_f64(s.cfg.cluster.collective_timeout_s);
-        let peers: Vec<String> = place
-            .peers
-            .iter()
-            .map(|p| p.collective_addr.clone())
-            .collect();
+        // The answer names only the peer this rank dials (its right neighbour); the ring's
+        // other addresses are never used here.
+        anyhow::ensure!(
+            place.world_size <= 1 << 20,
+            "the coordinator placed this worker in a world of {} ranks",
+            place.world_size
+        );
+        let mut peers = vec![String::new(); place.world_size as usize];
+        for p in &place.peers {
+            if let Some(slot) = peers.get_mut(p.rank as usize) {
+                slot.clone_from(&p.collective_addr);
+            }
+        }
         let ring_opts = RingOptions {
             timeout,
             dtype: s.cfg.cluster.allreduce_dtype,
