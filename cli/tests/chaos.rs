@@ -38,7 +38,7 @@ impl Lcg {
 fn random_sigkills_of_workers_and_the_coordinator_keep_the_step_contract() {
     let worker_kills = env_num("FERROCLIP_CHAOS_WORKER_KILLS", 20);
     let coordinator_kills = env_num("FERROCLIP_CHAOS_COORDINATOR_KILLS", 3);
-    let epochs = env_num("FERROCLIP_CHAOS_EPOCHS", 12) as usize;
+    let epochs = env_num("FERROCLIP_CHAOS_EPOCHS", 20) as usize;
     let tmp = tempfile::tempdir().expect("tmp");
     let data = synth(tmp.path(), 600, 9);
     let run_dir = tmp.path().join("run").display().to_string();
@@ -75,7 +75,14 @@ fn random_sigkills_of_workers_and_the_coordinator_keep_the_step_contract() {
             http,
             "progress before a kill",
             Duration::from_secs(120),
-            |s| step_of(s) >= last_kill_step + gap || s["state"] == "finished",
+            // A kill lands on a full world: a restarted worker re-joins only once its old
+            // session has lapsed (cluster.heartbeat_timeout_s), and a kill of a worker still
+            // waiting outside would end no generation.
+            |s| {
+                let full = s["state"] == "training"
+                    && s["workers"].as_array().map_or(0, Vec::len) == ids.len();
+                (step_of(s) >= last_kill_step + gap && full) || s["state"] == "finished"
+            },
         );
         if s["state"] == "finished" {
             eprintln!("the run finished before kill {turn}");
