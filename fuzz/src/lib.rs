@@ -439,14 +439,17 @@ pub fn preview(input: &[u8]) -> String {
 
 /// Reports an input that runs past [`HANG`] and ends the process (a hung test would otherwise
 /// only time out, with the input lost).
+/// When the running input started, and the input.
+type Running = Arc<Mutex<Option<(Instant, Vec<u8>)>>>;
+
 struct Watchdog {
-    state: Arc<Mutex<Option<(Instant, Vec<u8>)>>>,
+    state: Running,
     stop: Arc<AtomicBool>,
 }
 
 impl Watchdog {
     fn start(name: &str) -> Self {
-        let state: Arc<Mutex<Option<(Instant, Vec<u8>)>>> = Arc::new(Mutex::new(None));
+        let state: Running = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st, name) = (state.clone(), stop.clone(), name.to_string());
         std::thread::spawn(move || {

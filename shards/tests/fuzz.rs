@@ -224,7 +224,7 @@ fn fuzz_shards_verify() {
     Fuzzer::new("shards_verify")
         .dict(&[b"PAR1"])
         .corpus_dir(corpus("shard"))
-        .run(&[seed.clone()], |input| {
+        .run(std::slice::from_ref(&seed), |input| {
             fx.install(input);
             let report = rt
                 .block_on(ferroclip_shards::verify::verify(&url, &opts()))
@@ -269,5 +269,9 @@ fn a_dictionary_page_of_zero_values_is_an_error_naming_the_shard() {
         .unwrap();
     assert_eq!(report.bad.len(), 1, "{:?}", report.bad);
     assert_eq!(report.bad[0].path, fx.shard);
-    assert!(report.bad[0].problem.contains("corrupt"), "{:?}", report.bad);
+    assert!(
+        report.bad[0].problem.contains("corrupt"),
+        "{:?}",
+        report.bad
+    );
 }
