@@ -38,9 +38,25 @@ fn key() -> RingKey {
     RingKey::from_token("fuzz token")
 }
 
+/// Connects, retrying a while: tens of thousands of loopback connections a minute can briefly
+/// run out of ports, which is the test machine's limit, not a finding.
+fn connect(addr: std::net::SocketAddr) -> TcpStream {
+    let mut tries = 0;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(_) if tries < 500 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot connect to {addr} on loopback: {e}"),
+        }
+    }
+}
+
 /// A connected (client, server) pair on loopback.
 fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let client = connect(listener.local_addr().unwrap());
     let (server, _) = listener.accept().unwrap();
     (client, server)
 }
@@ -158,7 +174,7 @@ fn form(dtype: WireDtype) -> (RingCollective, TcpStream, TcpStream) {
         assert!(handshake::answer(&s, ours, 0, &key(), Duration::from_secs(20)).unwrap());
         s
     });
-    let to0 = TcpStream::connect(addr0).unwrap();
+    let to0 = connect(addr0);
     let reply = handshake::dial(&to0, ours, &key()).unwrap();
     assert_eq!(reply.verdict, Verdict::Accepted);
     let from0 = acceptor.join().unwrap();
