@@ -130,7 +130,10 @@ impl Summary {
 
 impl Manifest {
     pub fn total_rows(&self) -> u64 {
-        self.splits.values().map(|s| s.rows).sum()
+        // Saturating: a hand-edited manifest's figures must not overflow a report.
+        self.splits
+            .values()
+            .fold(0u64, |total, s| total.saturating_add(s.rows))
     }
 
     pub fn parse(url: &str, bytes: &[u8]) -> Result<Manifest, crate::ShardsError> {
@@ -148,17 +151,44 @@ impl Manifest {
                 ),
             });
         }
+        let invalid = |message: String| crate::ShardsError::Manifest {
+            url: url.to_string(),
+            message,
+        };
         for (name, split) in &m.splits {
+            let mut blocks = 0u64;
             for shard in &split.shards {
-                if shard.row_groups.iter().sum::<u64>() != shard.rows {
-                    return Err(crate::ShardsError::Manifest {
-                        url: url.to_string(),
-                        message: format!(
-                            "split {name}: {}: row groups do not add up to its rows",
-                            shard.path
-                        ),
-                    });
+                // A row group is a block, whose rows are a u32 (`Block::rows`).
+                if let Some(rg) = shard
+                    .row_groups
+                    .iter()
+                    .position(|&r| r > u64::from(u32::MAX))
+                {
+                    return Err(invalid(format!(
+                        "split {name}: {}: row group {rg} has {} rows, more than a block holds ({})",
+                        shard.path,
+                        shard.row_groups[rg],
+                        u32::MAX
+                    )));
                 }
+                let sum = shard
+                    .row_groups
+                    .iter()
+                    .try_fold(0u64, |total, &r| total.checked_add(r));
+                if sum != Some(shard.rows) {
+                    return Err(invalid(format!(
+                        "split {name}: {}: row groups do not add up to its rows",
+                        shard.path
+                    )));
+                }
+                blocks += shard.row_groups.len() as u64;
+            }
+            // Blocks are numbered with a u32 (`Block::index`).
+            if blocks > u64::from(u32::MAX) {
+                return Err(invalid(format!(
+                    "split {name}: {blocks} row groups, more than {} blocks",
+                    u32::MAX
+                )));
             }
         }
         Ok(m)
@@ -185,6 +215,71 @@ mod tests {
         a.merge(&b);
         assert_eq!(a, all);
         assert_eq!((a.min, a.max, a.count, a.sum), (0, 20, 5, 35));
+    }
+
+    fn one_shard(rows: u64, row_groups: Vec<u64>) -> Vec<u8> {
+        let mut m: Manifest = serde_json::from_slice(&one_shard_json()).unwrap();
+        let shard = &mut m.splits.get_mut("train").unwrap().shards[0];
+        shard.rows = rows;
+        shard.row_groups = row_groups;
+        serde_json::to_vec(&m).unwrap()
+    }
+
+    fn one_shard_json() -> Vec<u8> {
+        let m = Manifest {
+            format_version: FORMAT_VERSION,
+            splits: BTreeMap::from([(
+                "train".to_string(),
+                Split {
+                    shards: vec![ShardInfo {
+                        path: "train/shard-00000.parquet".into(),
+                        rows: 8,
+                        bytes: 1,
+                        sha256: String::new(),
+                        row_groups: vec![4, 4],
+                    }],
+                    rows: 8,
+                    bytes: 1,
+                },
+            )]),
+            schema: vec![],
+            rejected: BTreeMap::new(),
+            stats: Stats::default(),
+            command: vec![],
+            build_id: String::new(),
+            input_rows: 8,
+        };
+        serde_json::to_vec(&m).unwrap()
+    }
+
+    /// Found by `fuzz_manifest`: row groups whose sum overflows u64 panicked (debug builds) or
+    /// wrapped around to the shard's rows (release builds).
+    #[test]
+    fn row_groups_that_overflow_are_rejected() {
+        let err = Manifest::parse("x/manifest.json", &one_shard(1, vec![u64::MAX, 2]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x/manifest.json") && err.contains("row group"),
+            "{err}"
+        );
+    }
+
+    /// Found by `fuzz_manifest`: a row group of 2^32 rows or more became a block of (rows mod
+    /// 2^32) rows, and one of about 2^32 made `read_block` reserve room for that many samples
+    /// (hundreds of GB: an abort) before reading anything.
+    #[test]
+    fn a_row_group_beyond_a_blocks_u32_rows_is_rejected() {
+        assert!(Manifest::parse("x/manifest.json", &one_shard(8, vec![4, 4])).is_ok());
+        for rows in [1u64 << 32, u64::from(u32::MAX) + 7] {
+            let err = Manifest::parse("x/manifest.json", &one_shard(rows, vec![rows]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("x/manifest.json") && err.contains("row group"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -67,8 +67,31 @@ impl AsyncFileReader for ObjectReader {
 
 /// Loads the footer of an object of known size.
 pub async fn load_metadata(reader: &mut ObjectReader) -> Result<ArrowReaderMetadata> {
-    let meta = reader.get_metadata(None).await?;
-    ArrowReaderMetadata::try_new(meta, ArrowReaderOptions::new())
+    guard(async {
+        let meta = reader.get_metadata(None).await?;
+        ArrowReaderMetadata::try_new(meta, ArrowReaderOptions::new())
+    })
+    .await
+}
+
+/// Runs a Parquet decode, turning a panic inside the parquet crate into an error: it has some
+/// on corrupt files (parquet 60.1 divides by zero in `ByteArrayDecoderPlain::read` when a
+/// dictionary page declares zero values; found by `fuzz_shard_reader`).
+pub(crate) async fn guard<T>(decode: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match std::panic::AssertUnwindSafe(decode).catch_unwind().await {
+        Ok(r) => r,
+        Err(p) => Err(corrupt(&*p)),
+    }
+}
+
+/// The error of a decode that panicked: the file is corrupt.
+pub(crate) fn corrupt(panic: &(dyn std::any::Any + Send)) -> ParquetError {
+    let why = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic");
+    ParquetError::General(format!("the decoder failed on corrupt data ({why})"))
 }
 
 /// Serves one byte range fetched in advance (a row group) plus cached metadata: decoding a block
@@ -103,20 +126,33 @@ impl AsyncFileReader for RangeReader {
     }
 }
 
-/// The byte range covering every column chunk of a row group.
-pub fn row_group_range(meta: &ParquetMetaData, rg: usize) -> Range<u64> {
+/// The byte range covering every column chunk of a row group. A footer with a negative or
+/// overflowing offset or size (a corrupt file) is an error, not a panic.
+pub fn row_group_range(
+    meta: &ParquetMetaData,
+    rg: usize,
+) -> std::result::Result<Range<u64>, String> {
     let mut start = u64::MAX;
     let mut end = 0;
-    for col in meta.row_group(rg).columns() {
-        let (s, len) = col.byte_range();
+    for (c, col) in meta.row_group(rg).columns().iter().enumerate() {
+        // `ColumnChunkMetaData::byte_range` asserts these are non-negative.
+        let offset = col
+            .dictionary_page_offset()
+            .unwrap_or_else(|| col.data_page_offset());
+        let range = u64::try_from(offset)
+            .ok()
+            .zip(u64::try_from(col.compressed_size()).ok())
+            .and_then(|(s, len)| Some((s, s.checked_add(len)?)));
+        let Some((s, e)) = range else {
+            return Err(format!(
+                "row group {rg}, column {c}: invalid byte range (offset {offset}, size {}) in the footer",
+                col.compressed_size()
+            ));
+        };
         start = start.min(s);
-        end = end.max(s + len);
+        end = end.max(e);
     }
-    if start > end {
-        0..0
-    } else {
-        start..end
-    }
+    Ok(if start > end { 0..0 } else { start..end })
 }
 
 #[cfg(feature = "build")]

@@ -17,7 +17,7 @@ use tokio::sync::OnceCell;
 
 use crate::error::ShardsError;
 use crate::manifest::*;
-use crate::pq::{load_metadata, row_group_range, ObjectReader, RangeReader};
+use crate::pq::{guard, load_metadata, row_group_range, ObjectReader, RangeReader};
 use crate::store::{Location, StoreOptions};
 
 /// One row group of one shard: the unit a worker fetches.
@@ -231,7 +231,20 @@ impl Dataset {
                 ),
             ));
         }
-        let range = row_group_range(meta.metadata(), rg);
+        // The footer's count before anything is sized by the manifest's: a manifest claiming
+        // billions of rows must not reserve room for them.
+        let file_rows = meta.metadata().row_group(rg).num_rows();
+        if file_rows != i64::from(b.rows) {
+            return Err(ShardsError::bad_input(
+                &url,
+                format!(
+                    "row group {rg} has {file_rows} rows, manifest says {}",
+                    b.rows
+                ),
+            ));
+        }
+        let range =
+            row_group_range(meta.metadata(), rg).map_err(|m| ShardsError::bad_input(&url, m))?;
         let data = loc
             .store
             .get_range(&loc.path, range.clone())
@@ -242,15 +255,16 @@ impl Dataset {
             data,
             metadata: meta.metadata().clone(),
         };
-        let batches: Vec<RecordBatch> =
+        let batches: Vec<RecordBatch> = guard(async {
             ParquetRecordBatchStreamBuilder::new_with_metadata(reader, meta)
                 .with_row_groups(vec![rg])
                 .with_batch_size(b.rows.max(1) as usize)
-                .build()
-                .map_err(|e| ShardsError::parquet(&url, e))?
+                .build()?
                 .try_collect()
                 .await
-                .map_err(|e| ShardsError::parquet(&url, e))?;
+        })
+        .await
+        .map_err(|e| ShardsError::parquet(&url, e))?;
         let mut out = Vec::with_capacity(b.rows as usize);
         for batch in &batches {
             samples_from_batch(&url, batch, &mut out)?;

@@ -63,19 +63,23 @@ async fn check(loc: &Location, shard: &ShardInfo) -> Result<u64, String> {
         return Err(format!("sha256 {sha}, manifest says {}", shard.sha256));
     }
     let url = loc.url();
-    tokio::task::spawn_blocking(move || decode_all(&url, bytes))
-        .await
-        .map_err(|e| e.to_string())?
-        .and_then(|(rows, rgs)| {
-            if rgs != shard.row_groups {
-                Err(format!(
-                    "row groups {rgs:?}, manifest says {:?}",
-                    shard.row_groups
-                ))
-            } else {
-                Ok(rows)
-            }
-        })
+    tokio::task::spawn_blocking(move || {
+        // The parquet crate panics on some corrupt files: that is a bad shard, not a crash.
+        std::panic::catch_unwind(|| decode_all(&url, bytes))
+            .unwrap_or_else(|p| Err(format!("unreadable Parquet: {}", crate::pq::corrupt(&*p))))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .and_then(|(rows, rgs)| {
+        if rgs != shard.row_groups {
+            Err(format!(
+                "row groups {rgs:?}, manifest says {:?}",
+                shard.row_groups
+            ))
+        } else {
+            Ok(rows)
+        }
+    })
 }
 
 fn decode_all(url: &str, bytes: bytes::Bytes) -> Result<(u64, Vec<u64>), String> {

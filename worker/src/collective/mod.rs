@@ -13,6 +13,9 @@ pub mod ring;
 mod shm;
 mod wire;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use buckets::GradBuckets;
 pub use ring::{RingCollective, RingOptions, Transport, WireDtype};
 

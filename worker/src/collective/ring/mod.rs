@@ -12,6 +12,9 @@
 mod all_reduce;
 mod gather;
 
+#[cfg(test)]
+pub(crate) use gather::MAX_GATHER_BYTES;
+
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::Duration;
 
