@@ -38,7 +38,7 @@ impl Lcg {
 fn random_sigkills_of_workers_and_the_coordinator_keep_the_step_contract() {
     let worker_kills = env_num("FERROCLIP_CHAOS_WORKER_KILLS", 20);
     let coordinator_kills = env_num("FERROCLIP_CHAOS_COORDINATOR_KILLS", 3);
-    let epochs = env_num("FERROCLIP_CHAOS_EPOCHS", 20) as usize;
+    let epochs = env_num("FERROCLIP_CHAOS_EPOCHS", 50) as usize;
     let tmp = tempfile::tempdir().expect("tmp");
     let data = synth(tmp.path(), 600, 9);
     let run_dir = tmp.path().join("run").display().to_string();
