@@ -352,8 +352,10 @@ fn one_process_and_the_launcher_take_the_same_steps_for_one_config() {
 
     let many = tmp.path().join("many");
     std::fs::create_dir_all(&many).expect("dir");
+    // A relative run.dir, as configs/demo.toml has: the coordinator must recognise the
+    // checkpoints the workers report under their absolute paths, or the run never finishes.
     let run_dir = many.join("run").display().to_string();
-    let cfg = run_config(&many, &run_dir, &data, 20, "");
+    let cfg = run_config(&many, "run", &data, 20, "");
     let text = std::fs::read_to_string(&cfg)
         .expect("cfg")
         .replace("epochs = 1", "epochs = 2");
@@ -361,6 +363,7 @@ fn one_process_and_the_launcher_take_the_same_steps_for_one_config() {
     let out = std::process::Command::new(bin("ferroclip"))
         .args(["train", "--workers", "2", "--threads", "1", "--config"])
         .arg(&cfg)
+        .current_dir(&many)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("ferroclip train");

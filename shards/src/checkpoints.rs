@@ -10,7 +10,7 @@ use object_store::ObjectStoreExt;
 
 use crate::error::ShardsError;
 use crate::retry::store_retry;
-use crate::store::{Location, StoreOptions};
+use crate::store::{canonical_url, Location, StoreOptions};
 
 /// The marker written last.
 pub const COMMIT: &str = "COMMIT";
@@ -31,7 +31,10 @@ pub fn step_url(root: &str, step: u64) -> String {
 }
 
 /// The step of `url` when it is exactly a checkpoint directory of `root` (`root/step-N`).
+/// Local paths compare as the absolute paths they name: a relative `run.dir` (the demo's
+/// `runs/demo`) and the absolute URL a worker's store reports are the same directory.
 pub fn step_of(root: &str, url: &str) -> Option<u64> {
+    let (root, url) = (canonical_url(root), canonical_url(url));
     let rest = url
         .trim_end_matches('/')
         .strip_prefix(root.trim_end_matches('/'))?
@@ -162,6 +165,22 @@ mod tests {
             assert_eq!(step_of(root, bad), None, "{bad}");
         }
         assert_eq!(root_url("/r/run/"), "/r/run/checkpoints");
+    }
+
+    #[test]
+    fn a_relative_local_root_matches_the_absolute_url_a_store_reports() {
+        let cwd = std::env::current_dir().expect("cwd");
+        let root = root_url("runs/demo");
+        let abs = format!("{}/runs/demo/checkpoints/step-00000100", cwd.display());
+        assert_eq!(step_of(&root, &abs), Some(100));
+        assert_eq!(step_of(&root, &format!("file://{abs}")), Some(100));
+        assert_eq!(
+            step_of(&root, "runs/demo/checkpoints/step-00000100"),
+            Some(100)
+        );
+        let other = format!("{}/runs/other/checkpoints/step-00000100", cwd.display());
+        assert_eq!(step_of(&root, &other), None);
+        assert_eq!(step_of(&root, "/runs/demo/checkpoints/step-00000100"), None);
     }
 
     #[tokio::test]

@@ -248,6 +248,27 @@ fn local(path: &str) -> Result<Location, ShardsError> {
     })
 }
 
+/// The form `Location::url` prints for `url`: local paths (plain or `file://`) made absolute and
+/// normalised against the current directory, object-store URLs unchanged.
+pub fn canonical_url(url: &str) -> String {
+    let path = match url.split_once("://") {
+        Some(("file", rest)) => rest,
+        Some(_) => return url.to_string(),
+        None => url,
+    };
+    let p = std::path::Path::new(path);
+    let abs = match (p.is_absolute(), std::env::current_dir()) {
+        (true, _) => p.to_path_buf(),
+        (false, Ok(cwd)) => cwd.join(p),
+        (false, Err(_)) => return url.to_string(),
+    };
+    let mut out = normalize(&abs).to_string_lossy().into_owned();
+    if url.ends_with('/') && !out.ends_with('/') {
+        out.push('/');
+    }
+    out
+}
+
 /// Removes `.` and `..` without touching the file system (the path may not exist yet).
 fn normalize(p: &std::path::Path) -> std::path::PathBuf {
     use std::path::Component;
