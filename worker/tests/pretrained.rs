@@ -146,3 +146,122 @@ fn a_bare_safetensors_file_takes_the_presets_shape_and_mismatches_name_the_tenso
     let err = trainer(&cfg).err().expect("wrong architecture").to_string();
     assert!(err.contains("visual."), "{err}");
 }
+
+/// `embed --images IMAGES` of `hub` into `out` (`extra` flags appended): the values.
+fn embed_folder(hub: &str, images: &str, out: &std::path::Path, extra: &[&str]) -> Vec<f32> {
+    let out_arg = out.to_str().expect("utf8");
+    let mut args = vec!["--checkpoint", hub, "--images", images, "--out", out_arg];
+    args.extend(extra);
+    let o = embed(&args);
+    ok(&o);
+    let (rows, dim, values) = read_npy(out);
+    assert_eq!((rows, dim), (4, 16));
+    values
+}
+
+#[test]
+fn embed_preprocesses_as_the_hub_config_says() {
+    // gen_openclip_preprocess.py: non-square images through open_clip's own preprocess of each
+    // resize_mode (longest: bilinear with fill 128; squash: bicubic; shortest: the default).
+    let r: HashMap<String, Tensor> =
+        Tensor::read_safetensors(data("openclip_preprocess_ref.safetensors"))
+            .expect("reference")
+            .into_iter()
+            .collect();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let images = path("openclip_wide_images");
+    let modes = ["shortest", "longest", "squash"];
+    let mut got = Vec::new();
+    for mode in modes {
+        let hub = match mode {
+            "shortest" => path("openclip_hub"),
+            m => path(&format!("openclip_hub_{m}")),
+        };
+        let values = embed_folder(&hub, &images, &tmp.path().join(format!("{mode}.npy")), &[]);
+        let cos = min_cosine(&values, 16, &r[&format!("{mode}_image_emb")]);
+        eprintln!("{mode}: smallest cosine with open_clip {cos:.8}");
+        assert!(cos >= 0.9999, "{mode}: cosine {cos}");
+        got.push(values);
+    }
+    // The modes see different pixels: each one's embeddings are far from the others' references,
+    // so the check above could not pass with the default transform everywhere.
+    for (i, values) in got.iter().enumerate() {
+        for other in modes.iter().filter(|m| **m != modes[i]) {
+            let cos = min_cosine(values, 16, &r[&format!("{other}_image_emb")]);
+            assert!(cos < 0.999, "{} vs {other}: cosine {cos}", modes[i]);
+        }
+    }
+}
+
+#[test]
+fn embed_reads_an_image_prefix_on_s3() {
+    common::s3::credentials();
+    let s3 = common::s3::S3Server::start();
+    let opts = s3.options();
+    let prefix = format!("s3://{}/photos/2026", common::s3::BUCKET);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = data("openclip_wide_images");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("images")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    for name in &names {
+        let name = name.to_str().expect("utf8");
+        let loc = ferroclip_shards::store::Location::open(&format!("{prefix}/{name}"), &opts)
+            .expect("location");
+        let bytes = std::fs::read(dir.join(name)).expect("read");
+        rt.block_on(object_store::ObjectStoreExt::put(
+            loc.store.as_ref(),
+            &loc.path,
+            bytes.into(),
+        ))
+        .expect("upload");
+    }
+    // Not an image: skipped.
+    let notes = ferroclip_shards::store::Location::open(&format!("{prefix}/notes.txt"), &opts)
+        .expect("location");
+    rt.block_on(object_store::ObjectStoreExt::put(
+        notes.store.as_ref(),
+        &notes.path,
+        b"hello".to_vec().into(),
+    ))
+    .expect("upload");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub = path("openclip_hub_longest");
+    let local = embed_folder(
+        &hub,
+        &path("openclip_wide_images"),
+        &tmp.path().join("l.npy"),
+        &[],
+    );
+    let endpoint = s3.endpoint.clone();
+    let remote = embed_folder(
+        &hub,
+        &prefix,
+        &tmp.path().join("r.npy"),
+        &["--s3-endpoint", &endpoint, "--allow-http"],
+    );
+    assert_eq!(local, remote, "the same files embed the same from S3");
+    // An empty prefix is an error naming it, not an empty file.
+    let o = embed(&[
+        "--checkpoint",
+        &hub,
+        "--images",
+        &format!("s3://{}/nothing", common::s3::BUCKET),
+        "--s3-endpoint",
+        &endpoint,
+        "--allow-http",
+        "--out",
+        tmp.path().join("e.npy").to_str().expect("utf8"),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("nothing") && err.contains("no image files"),
+        "{err}"
+    );
+}

@@ -9,14 +9,38 @@ use tch::Tensor;
 
 use super::store::{decode_tensors, read_object};
 use super::{read, resolve, CheckpointError, Result};
+use crate::data::{ImageTransform, Interpolation, ResizeMode};
 use crate::model::{is_extra_key, Clip, ModelConfig};
 use ferroclip_shards::StoreOptions;
 
 pub const HUB_CONFIG: &str = "open_clip_config.json";
 pub const HUB_WEIGHTS: &str = "open_clip_model.safetensors";
 
-/// Per-channel (mean, std) of the input normalisation.
-pub type MeanStd = ([f32; 3], [f32; 3]);
+/// A hub config's `preprocess_cfg`: what the weights were trained to see. Absent keys keep
+/// OpenCLIP's defaults (CLIP's mean/std, bicubic, shortest side, fill 0).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Preprocess {
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    pub interpolation: Option<Interpolation>,
+    pub resize_mode: Option<ResizeMode>,
+    pub fill: Option<u8>,
+}
+
+impl Preprocess {
+    /// The eval transform for `image_size` with these settings.
+    pub fn eval_transform(&self, image_size: i64) -> ImageTransform {
+        let d = ImageTransform::eval(image_size);
+        ImageTransform {
+            mean: self.mean.unwrap_or(d.mean),
+            std: self.std.unwrap_or(d.std),
+            interpolation: self.interpolation.unwrap_or(d.interpolation),
+            resize_mode: self.resize_mode.unwrap_or(d.resize_mode),
+            fill: self.fill.unwrap_or(d.fill),
+            ..d
+        }
+    }
+}
 
 /// What `read_pretrained` found.
 pub struct Pretrained {
@@ -24,8 +48,8 @@ pub struct Pretrained {
     /// The architecture the weights come with; None for a bare safetensors file.
     pub config: Option<ModelConfig>,
     pub tensors: Vec<(String, Tensor)>,
-    /// The hub config's normalisation, when it gives one.
-    pub mean_std: Option<MeanStd>,
+    /// The hub config's preprocessing (default for the other forms).
+    pub preprocess: Preprocess,
     /// A ferroclip checkpoint's run config (TOML) and step.
     pub run_config: Option<String>,
     pub step: u64,
@@ -41,29 +65,30 @@ fn invalid(path: &str, message: impl Into<String>) -> CheckpointError {
 /// Reads `url` in whichever of the three forms it is.
 pub fn read_pretrained(url: &str, opts: &StoreOptions) -> Result<Pretrained> {
     let base = url.trim_end_matches('/');
-    let bare = |url: String, config, mean_std, tensors| Pretrained {
+    let bare = |url: String, config, preprocess, tensors| Pretrained {
         url,
         config,
         tensors,
-        mean_std,
+        preprocess,
         run_config: None,
         step: 0,
     };
     if base.ends_with(".safetensors") {
         let bytes = read_object(base, opts)?.ok_or_else(|| invalid(base, "no such file"))?;
-        return Ok(bare(base.into(), None, None, decode_tensors(&bytes, base)?));
+        let tensors = decode_tensors(&bytes, base)?;
+        return Ok(bare(base.into(), None, Preprocess::default(), tensors));
     }
     let cfg_url = format!("{base}/{HUB_CONFIG}");
     if let Some(bytes) = read_object(&cfg_url, opts)? {
         let json: Value =
             serde_json::from_slice(&bytes).map_err(|e| invalid(&cfg_url, e.to_string()))?;
         let config = hub_model_config(&json).map_err(|m| invalid(&cfg_url, m))?;
-        let mean_std = hub_mean_std(&json).map_err(|m| invalid(&cfg_url, m))?;
+        let preprocess = hub_preprocess(&json).map_err(|m| invalid(&cfg_url, m))?;
         let w_url = format!("{base}/{HUB_WEIGHTS}");
         let weights = read_object(&w_url, opts)?
             .ok_or_else(|| invalid(&w_url, format!("missing next to {HUB_CONFIG}")))?;
         let tensors = decode_tensors(&weights, &w_url)?;
-        return Ok(bare(w_url, Some(config), mean_std, tensors));
+        return Ok(bare(w_url, Some(config), preprocess, tensors));
     }
     let url = resolve(url, opts).map_err(|e| {
         invalid(
@@ -76,7 +101,7 @@ pub fn read_pretrained(url: &str, opts: &StoreOptions) -> Result<Pretrained> {
         url: c.url,
         config: Some(c.state.model),
         tensors: c.tensors,
-        mean_std: None,
+        preprocess: Preprocess::default(),
         run_config: Some(c.state.config),
         step: c.state.step,
     })
@@ -222,10 +247,11 @@ pub fn hub_model_config(json: &Value) -> std::result::Result<ModelConfig, String
     Ok(c)
 }
 
-/// `preprocess_cfg.mean` / `.std`, when present.
-fn hub_mean_std(json: &Value) -> std::result::Result<Option<MeanStd>, String> {
+/// `preprocess_cfg`'s keys that change what a model sees: mean, std, interpolation,
+/// resize_mode, fill_color. An unknown value is an error naming the key.
+fn hub_preprocess(json: &Value) -> std::result::Result<Preprocess, String> {
     let Some(pp) = json.get("preprocess_cfg") else {
-        return Ok(None);
+        return Ok(Preprocess::default());
     };
     let three = |key: &str| -> std::result::Result<Option<[f32; 3]>, String> {
         let Some(v) = pp.get(key) else {
@@ -244,9 +270,49 @@ fn hub_mean_std(json: &Value) -> std::result::Result<Option<MeanStd>, String> {
             .map(Some)
             .map_err(|_| format!("preprocess_cfg.{key} = {v}: need 3 numbers"))
     };
-    Ok(match (three("mean")?, three("std")?) {
-        (Some(m), Some(s)) => Some((m, s)),
-        _ => None,
+    let text = |key: &str| -> std::result::Result<Option<&str>, String> {
+        match pp.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(v) => Err(format!("preprocess_cfg.{key} = {v}: need a string")),
+        }
+    };
+    let interpolation = match text("interpolation")? {
+        None => None,
+        Some("bicubic") => Some(Interpolation::Bicubic),
+        Some("bilinear") => Some(Interpolation::Bilinear),
+        Some(other) => return Err(format!(
+            "preprocess_cfg.interpolation = {other:?}: supported are \"bicubic\" and \"bilinear\""
+        )),
+    };
+    let resize_mode = match text("resize_mode")? {
+        None => None,
+        Some("shortest") => Some(ResizeMode::Shortest),
+        Some("longest") => Some(ResizeMode::Longest),
+        Some("squash") => Some(ResizeMode::Squash),
+        Some(other) => {
+            return Err(format!(
+                "preprocess_cfg.resize_mode = {other:?}: supported are \"shortest\", \"longest\" and \"squash\""
+            ))
+        }
+    };
+    let fill = match pp.get("fill_color") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(x) if x <= 255 => Some(x as u8),
+            _ => {
+                return Err(format!(
+                    "preprocess_cfg.fill_color = {v}: need an integer 0..=255"
+                ))
+            }
+        },
+    };
+    Ok(Preprocess {
+        mean: three("mean")?,
+        std: three("std")?,
+        interpolation,
+        resize_mode,
+        fill,
     })
 }
 
@@ -290,5 +356,46 @@ mod tests {
             r#", "attentional_pool": false, "ls_init_value": null"#,
         ))
         .expect("defaults");
+    }
+
+    #[test]
+    fn preprocess_cfg_sets_the_eval_transform_and_names_bad_keys() {
+        let json: Value = serde_json::from_str(
+            r#"{"preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                "interpolation": "bilinear", "resize_mode": "longest", "fill_color": 128}}"#,
+        )
+        .expect("json");
+        let t = hub_preprocess(&json)
+            .expect("preprocess")
+            .eval_transform(64);
+        assert_eq!(
+            (t.mean, t.interpolation, t.resize_mode, t.fill, t.train),
+            (
+                [0.5; 3],
+                Interpolation::Bilinear,
+                ResizeMode::Longest,
+                128,
+                false
+            )
+        );
+        let t = Preprocess::default().eval_transform(64);
+        assert_eq!(
+            (t.interpolation, t.resize_mode, t.fill),
+            (Interpolation::Bicubic, ResizeMode::Shortest, 0)
+        );
+        for (bad, key) in [
+            (
+                r#"{"interpolation": "lanczos"}"#,
+                "preprocess_cfg.interpolation",
+            ),
+            (r#"{"resize_mode": "crop"}"#, "preprocess_cfg.resize_mode"),
+            (r#"{"fill_color": 300}"#, "preprocess_cfg.fill_color"),
+            (r#"{"mean": [0.5]}"#, "preprocess_cfg.mean"),
+        ] {
+            let json: Value =
+                serde_json::from_str(&format!(r#"{{"preprocess_cfg": {bad}}}"#)).expect("json");
+            let err = hub_preprocess(&json).expect_err(bad);
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 }

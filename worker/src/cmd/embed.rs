@@ -11,7 +11,8 @@ use clap::Args;
 use ferroclip_proto::config::RunConfig;
 use ferroclip_shards::store::Location;
 use ferroclip_shards::{StoreArgs, StoreOptions};
-use object_store::{ObjectStoreExt, PutPayload};
+use futures::StreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tch::{Kind, Tensor};
 
 use crate::checkpoint;
@@ -28,8 +29,10 @@ pub struct EmbedArgs {
     /// The architecture of a bare `.safetensors` --checkpoint (e.g. ViT-B-32-quickgelu).
     #[arg(long)]
     pub preset: Option<String>,
-    /// Dataset URL (holds manifest.json) whose images to embed, or a local folder of image
-    /// files (.jpg, .jpeg, .png; keys are the file names, in name order).
+    /// Dataset URL (holds manifest.json) whose images to embed, or a folder / object-store
+    /// prefix of image files (.jpg, .jpeg, .png directly under it; keys are the file names, in
+    /// name order), preprocessed as the checkpoint's config says (size, mean/std,
+    /// interpolation, resize mode).
     #[arg(long, required_unless_present = "texts", conflicts_with = "texts")]
     pub images: Option<String>,
     /// Split of --images.
@@ -58,7 +61,7 @@ pub struct Encoder {
     /// The weights' URL and (for a ferroclip checkpoint) step.
     pub url: String,
     pub step: u64,
-    /// The eval transform with the weights' own normalisation (a hub config's, else CLIP's).
+    /// The eval transform with the weights' own preprocessing (a hub config's, else CLIP's).
     pub transform: ImageTransform,
     /// A ferroclip checkpoint's `eval.classes` (zero-shot classes file), when it names one.
     pub eval_classes: Option<String>,
@@ -86,10 +89,7 @@ impl Encoder {
             .map_or_else(|| "clip".to_string(), |r| r.data.tokenizer.clone());
         let eval_classes = run.map(|r| r.eval.classes).filter(|c| !c.is_empty());
         let ctx = config.context_length as usize;
-        let mut transform = ImageTransform::eval(config.image_size);
-        if let Some((mean, std)) = p.mean_std {
-            (transform.mean, transform.std) = (mean, std);
-        }
+        let transform = p.preprocess.eval_transform(config.image_size);
         Ok(Self {
             model,
             tokenizer: Arc::new(Tokenizer::from_config(&tokenizer, ctx)?),
@@ -114,30 +114,65 @@ impl Encoder {
         cat_rows(parts, self.model.config.embed_dim)
     }
 
-    /// Keys (file names) and `[N, E]` unit-norm embeddings of the image files in the local
-    /// folder `dir`, in name order.
-    pub fn image_folder(&self, dir: &str, batch: usize) -> Result<(Vec<String>, Tensor)> {
-        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("listing {dir}"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
+    /// Keys (file names) and `[N, E]` unit-norm embeddings of the image files directly under
+    /// `url` (a local folder or an object-store prefix), in name order. Each batch's files are
+    /// fetched concurrently.
+    pub fn image_folder(
+        &self,
+        url: &str,
+        store: &StoreOptions,
+        batch: usize,
+    ) -> Result<(Vec<String>, Tensor)> {
+        let loc = Location::open(url, store)?;
+        let rt = runtime()?;
+        let listed = rt
+            .block_on(loc.store.list_with_delimiter(Some(&loc.path)))
+            .with_context(|| format!("listing {url}"))?;
+        let mut files: Vec<object_store::path::Path> = listed
+            .objects
+            .into_iter()
+            .map(|o| o.location)
             .filter(|p| {
                 p.extension()
-                    .and_then(|x| x.to_str())
-                    .is_some_and(|x| ["jpg", "jpeg", "png"].contains(&x.to_lowercase().as_str()))
+                    .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_lowercase().as_str()))
             })
             .collect();
         files.sort();
+        if files.is_empty() {
+            bail!("{url}: no image files (.jpg, .jpeg, .png) and no manifest.json");
+        }
         let s = self.model.config.image_size;
         let _guard = tch::no_grad_guard();
         let mut parts = Vec::new();
         for chunk in files.chunks(batch.max(1)) {
+            let fetched: Vec<Vec<u8>> = rt
+                .block_on(
+                    futures::stream::iter(chunk.iter().map(|f| {
+                        let store = loc.store.clone();
+                        let name = loc.display(f);
+                        async move {
+                            let get = store
+                                .get(f)
+                                .await
+                                .with_context(|| format!("reading {name}"))?;
+                            let bytes = get
+                                .bytes()
+                                .await
+                                .with_context(|| format!("reading {name}"))?;
+                            anyhow::Ok(bytes.to_vec())
+                        }
+                    }))
+                    .buffered(16)
+                    .collect::<Vec<_>>(),
+                )
+                .into_iter()
+                .collect::<Result<_>>()?;
             let mut pixels = Vec::with_capacity(chunk.len() * self.transform.output_len());
-            for f in chunk {
-                let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            for (f, bytes) in chunk.iter().zip(&fetched) {
                 let px = self
                     .transform
-                    .apply(&bytes, 0)
-                    .with_context(|| format!("decoding {}", f.display()))?;
+                    .apply(bytes, 0)
+                    .with_context(|| format!("decoding {}", loc.display(f)))?;
                 pixels.extend(px);
             }
             let images = Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, s, s]);
@@ -145,10 +180,7 @@ impl Encoder {
         }
         let keys = files
             .iter()
-            .map(|f| {
-                f.file_name()
-                    .map_or(String::new(), |n| n.to_string_lossy().into())
-            })
+            .map(|f| f.filename().unwrap_or_default().to_string())
             .collect();
         Ok((keys, cat_rows(parts, self.model.config.embed_dim)))
     }
@@ -192,6 +224,24 @@ impl Encoder {
     }
 }
 
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Whether `url` is a built dataset (holds `manifest.json`) rather than a folder of images.
+fn is_dataset(url: &str, store: &StoreOptions) -> Result<bool> {
+    let manifest = Location::open(url, store)?.join("manifest.json");
+    match runtime()?.block_on(manifest.store.head(&manifest.path)) {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("reading {}", manifest.url())),
+    }
+}
+
 fn cat_rows(parts: Vec<Tensor>, dim: i64) -> Tensor {
     if parts.is_empty() {
         Tensor::zeros([0, dim], (Kind::Float, tch::Device::Cpu))
@@ -229,9 +279,7 @@ pub fn write(
         output::Format::Parquet => output::parquet(id_column, ids, &values, dim)?,
     };
     let loc = Location::open(out, store)?;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
+    runtime()?
         .block_on(loc.store.put(&loc.path, PutPayload::from(bytes)))
         .with_context(|| format!("writing {out}"))?;
     Ok(())
@@ -247,11 +295,10 @@ pub fn run_cli(args: EmbedArgs) -> Result<()> {
     let enc = Encoder::load(&args.checkpoint, &store, args.preset.as_deref())?;
     let (column, ids, emb) = match (&args.images, &args.texts) {
         (Some(data), _) => {
-            let dir = std::path::Path::new(data);
-            let (keys, emb) = if dir.is_dir() && !dir.join("manifest.json").exists() {
-                enc.image_folder(data, args.batch)?
-            } else {
+            let (keys, emb) = if is_dataset(data, &store)? {
                 enc.images(data, &args.split, &store, args.batch)?
+            } else {
+                enc.image_folder(data, &store, args.batch)?
             };
             ("key", keys, emb)
         }

@@ -1,6 +1,7 @@
 //! Encoded image → normalised `[3, S, S]` f32, as OpenCLIP's `image_transform` does it:
-//! train = RandomResizedCrop(S, scale, ratio, bicubic); eval = resize the shortest side to S
-//! (bicubic) + centre crop. Then ToTensor + CLIP mean/std normalisation.
+//! train = RandomResizedCrop(S, scale, ratio, bicubic); eval by `ResizeMode` (OpenCLIP's
+//! `resize_mode`): shortest side to S + centre crop (the default), longest side to S + centred
+//! padding with the fill colour, or squash to S×S. Then ToTensor + mean/std normalisation.
 
 use std::cell::RefCell;
 
@@ -33,6 +34,17 @@ pub enum Interpolation {
     Bicubic,
 }
 
+/// How the eval transform fits an image into S×S (OpenCLIP's `preprocess_cfg.resize_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeMode {
+    /// Shortest side → S, then centre crop (OpenCLIP's and CLIP's default).
+    Shortest,
+    /// Longest side → S keeping the aspect ratio, then centred padding with `fill`.
+    Longest,
+    /// Both sides → S, ignoring the aspect ratio.
+    Squash,
+}
+
 /// How one sample's image becomes a tensor. `scale`/`ratio` only matter when `train`.
 #[derive(Debug, Clone)]
 pub struct ImageTransform {
@@ -43,6 +55,10 @@ pub struct ImageTransform {
     /// RandomResizedCrop aspect-ratio range (3/4–4/3).
     pub ratio: (f64, f64),
     pub interpolation: Interpolation,
+    /// Eval only (training always takes a random resized crop).
+    pub resize_mode: ResizeMode,
+    /// The padding colour of `ResizeMode::Longest` (OpenCLIP's `fill_color`), before normalising.
+    pub fill: u8,
     pub mean: [f32; 3],
     pub std: [f32; 3],
     /// Run seed; each sample's crop comes from (seed, epoch, key), see [`sample_seed`].
@@ -58,6 +74,8 @@ impl ImageTransform {
             scale: (0.9, 1.0),
             ratio: (3.0 / 4.0, 4.0 / 3.0),
             interpolation: Interpolation::Bicubic,
+            resize_mode: ResizeMode::Shortest,
+            fill: 0,
             mean: CLIP_MEAN,
             std: CLIP_STD,
             seed,
@@ -109,14 +127,24 @@ impl ImageTransform {
         if w == 0 || h == 0 {
             return Err(ImageError::Empty(w, h));
         }
-        let crop = if self.train {
+        let size = self.image_size as u32;
+        let (crop, (rw, rh)) = if self.train {
             let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed);
             let (top, left, ch, cw) = random_resized_crop(w, h, self.scale, self.ratio, &mut rng);
-            (left as f64, top as f64, cw as f64, ch as f64)
+            (
+                (left as f64, top as f64, cw as f64, ch as f64),
+                (size, size),
+            )
         } else {
-            centre_crop(w, h, self.image_size as u32)
+            match self.resize_mode {
+                ResizeMode::Shortest => (centre_crop(w, h, size), (size, size)),
+                ResizeMode::Squash => ((0.0, 0.0, w as f64, h as f64), (size, size)),
+                ResizeMode::Longest => (
+                    (0.0, 0.0, w as f64, h as f64),
+                    keep_ratio_longest(w, h, size),
+                ),
+            }
         };
-        let size = self.image_size as u32;
         let src = ImageRef::new(w, h, rgb.as_raw(), PixelType::U8x3)
             .map_err(|e| ImageError::Resize(e.to_string()))?;
         let filter = match self.interpolation {
@@ -128,18 +156,25 @@ impl ImageTransform {
             .crop(crop.0, crop.1, crop.2, crop.3);
         // The resizer keeps scratch buffers; one per thread avoids reallocating them per image.
         thread_local! {
-            static SCRATCH: RefCell<(Resizer, Vec<u8>)> = RefCell::new((Resizer::new(), Vec::new()));
+            static SCRATCH: RefCell<(Resizer, Vec<u8>, Vec<u8>)> =
+                RefCell::new((Resizer::new(), Vec::new(), Vec::new()));
         }
         SCRATCH.with(|cell| {
-            let (resizer, dst) = &mut *cell.borrow_mut();
-            dst.resize((size * size * 3) as usize, 0);
+            let (resizer, dst, padded) = &mut *cell.borrow_mut();
+            dst.clear();
+            dst.resize((rw * rh * 3) as usize, 0);
             let mut dst_img =
-                fast_image_resize::images::Image::from_slice_u8(size, size, dst, PixelType::U8x3)
+                fast_image_resize::images::Image::from_slice_u8(rw, rh, dst, PixelType::U8x3)
                     .map_err(|e| ImageError::Resize(e.to_string()))?;
             resizer
                 .resize(&src, &mut dst_img, &options)
                 .map_err(|e| ImageError::Resize(e.to_string()))?;
-            normalise_into(dst, &self.mean, &self.std, out);
+            if (rw, rh) == (size, size) {
+                normalise_into(dst, &self.mean, &self.std, out);
+            } else {
+                pad_centred(dst, (rw, rh), size, self.fill, padded);
+                normalise_into(padded, &self.mean, &self.std, out);
+            }
             Ok(())
         })
     }
@@ -257,6 +292,29 @@ fn centre_crop(width: u32, height: u32, size: u32) -> (f64, f64, f64, f64) {
     (left, top, s * fx, s * fy)
 }
 
+/// OpenCLIP's `ResizeKeepRatio(S, longest=1)`: the size (w, h) that fits the longest side to S,
+/// each side rounded half to even as Python's `round` does.
+fn keep_ratio_longest(width: u32, height: u32, size: u32) -> (u32, u32) {
+    let (w, h, s) = (f64::from(width), f64::from(height), f64::from(size));
+    let ratio = (w / s).max(h / s);
+    let side = |x: f64| ((x / ratio).round_ties_even() as u32).clamp(1, size);
+    (side(w), side(h))
+}
+
+/// OpenCLIP's `center_crop_or_pad` of a (w, h) ≤ S image: `fill` around it, the odd pixel of
+/// padding on the right / bottom.
+fn pad_centred(hwc: &[u8], (w, h): (u32, u32), size: u32, fill: u8, out: &mut Vec<u8>) {
+    let s = size as usize;
+    out.clear();
+    out.resize(s * s * 3, fill);
+    let (left, top) = (((size - w) / 2) as usize, ((size - h) / 2) as usize);
+    let row = w as usize * 3;
+    for (y, src) in hwc.chunks_exact(row).enumerate() {
+        let at = ((top + y) * s + left) * 3;
+        out[at..at + row].copy_from_slice(src);
+    }
+}
+
 /// HWC u8 → CHW f32, `(v / 255 - mean) / std` through a per-channel lookup table.
 fn normalise_into(hwc: &[u8], mean: &[f32; 3], std: &[f32; 3], out: &mut [f32]) {
     let mut lut = [[0f32; 256]; 3];
@@ -309,6 +367,55 @@ mod tests {
                 && (w - 200.0).abs() < 1e-9
                 && (h - 200.0).abs() < 1e-9
         );
+    }
+
+    #[test]
+    fn longest_side_fits_and_the_rest_is_fill() {
+        assert_eq!(keep_ratio_longest(64, 32, 32), (32, 16));
+        assert_eq!(keep_ratio_longest(30, 50, 32), (19, 32)); // 19.2
+        assert_eq!(keep_ratio_longest(1000, 1, 32), (32, 1));
+        // A 4x2 white image into 4x4 with fill 7: one row of fill above and below.
+        let mut out = Vec::new();
+        pad_centred(&[255; 4 * 2 * 3], (4, 2), 4, 7, &mut out);
+        let rows: Vec<u8> = out.chunks_exact(4 * 3).map(|r| r[0]).collect();
+        assert_eq!(rows, vec![7, 255, 255, 7]);
+        // 3 wide into 4: the odd column of padding goes right.
+        pad_centred(&[255; 3 * 4 * 3], (3, 4), 4, 0, &mut out);
+        let first_row: Vec<u8> = out[..4 * 3].chunks_exact(3).map(|p| p[0]).collect();
+        assert_eq!(first_row, vec![255, 255, 255, 0]);
+    }
+
+    #[test]
+    fn every_resize_mode_gives_a_full_image() {
+        let mut png = Vec::new();
+        image::RgbImage::from_fn(48, 20, |x, _| image::Rgb([x as u8 * 5, 100, 200]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("png");
+        for mode in [
+            ResizeMode::Shortest,
+            ResizeMode::Longest,
+            ResizeMode::Squash,
+        ] {
+            let t = ImageTransform {
+                resize_mode: mode,
+                ..ImageTransform::eval(16)
+            };
+            let px = t.apply(&png, 0).expect("transform");
+            assert_eq!(px.len(), 3 * 16 * 16);
+            // Channel 1 is 100 everywhere in the image; only Longest pads (with 0).
+            let g = &px[256..512];
+            let from = |v: f32| (v / 255.0 - t.mean[1]) / t.std[1];
+            let padded = g.iter().filter(|&&x| (x - from(0.0)).abs() < 1e-4).count();
+            let image = g
+                .iter()
+                .filter(|&&x| (x - from(100.0)).abs() < 1e-2)
+                .count();
+            match mode {
+                // 48x20 → 16x7 (6.67 rounds to 7): 4 rows of padding above, 5 below.
+                ResizeMode::Longest => assert_eq!((padded, image), (16 * 9, 16 * 7)),
+                _ => assert_eq!((padded, image), (0, 256)),
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,9 @@ pub mod tokenizer;
 
 use tch::{Device, Tensor};
 
-pub use image::{sample_seed, ImageError, ImageTransform, Interpolation, CLIP_MEAN, CLIP_STD};
+pub use image::{
+    sample_seed, ImageError, ImageTransform, Interpolation, ResizeMode, CLIP_MEAN, CLIP_STD,
+};
 pub use loader::{Loader, LoaderError, LoaderOptions};
 pub use tokenizer::{Tokenizer, TokenizerError};
 

@@ -2,6 +2,8 @@
 //! trains, torch's generator lock, and rank threads joined by a real TCP ring.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod s3;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output};
