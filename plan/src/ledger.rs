@@ -93,6 +93,10 @@ pub struct PendingStep {
     pub batch: u32,
 }
 
+/// More ranks than any run has: a journaled step claiming more is damaged (assigning it would
+/// allocate per rank). Far above the coordinator's measured scale (bench/README-coordinator.md).
+pub const MAX_WORLD: u32 = 1 << 20;
+
 /// Epoch plans kept built (the current one, the next, one behind for lookahead and rollbacks);
 /// an evicted plan is rebuilt on demand: it is a pure function of (seed, epoch, manifest).
 const PLANS_KEPT: usize = 3;
@@ -172,8 +176,15 @@ impl Ledger {
         Ok(())
     }
 
-    /// Assigns `p.step` again (journal replay): it must be the next step and feed samples.
+    /// Assigns `p.step` again (journal replay): it must be the next step, for a world size a
+    /// run can have, and feed samples.
     pub fn reassign(&mut self, p: &PendingStep) -> Result<(), String> {
+        if p.world == 0 || p.world > MAX_WORLD {
+            return Err(format!(
+                "step {} was assigned to {} ranks (1..={MAX_WORLD} possible)",
+                p.step, p.world
+            ));
+        }
         let next = self.next_unassigned();
         if p.step != next {
             return Err(format!(

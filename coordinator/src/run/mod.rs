@@ -292,6 +292,8 @@ fn limits(config: &RunConfig) -> Limits {
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod replay_tests;
 #[cfg(test)]
 mod tests;
