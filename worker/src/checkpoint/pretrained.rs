@@ -277,23 +277,22 @@ fn hub_preprocess(json: &Value) -> std::result::Result<Preprocess, String> {
             Some(v) => Err(format!("preprocess_cfg.{key} = {v}: need a string")),
         }
     };
+    let unsupported = |key: &str, value: &str, supported: &str| {
+        format!("preprocess_cfg.{key} = {value:?}: supported are {supported}")
+    };
     let interpolation = match text("interpolation")? {
         None => None,
         Some("bicubic") => Some(Interpolation::Bicubic),
         Some("bilinear") => Some(Interpolation::Bilinear),
-        Some(other) => return Err(format!(
-            "preprocess_cfg.interpolation = {other:?}: supported are \"bicubic\" and \"bilinear\""
-        )),
+        Some(v) => return Err(unsupported("interpolation", v, "bicubic, bilinear")),
     };
     let resize_mode = match text("resize_mode")? {
         None => None,
         Some("shortest") => Some(ResizeMode::Shortest),
         Some("longest") => Some(ResizeMode::Longest),
         Some("squash") => Some(ResizeMode::Squash),
-        Some(other) => {
-            return Err(format!(
-                "preprocess_cfg.resize_mode = {other:?}: supported are \"shortest\", \"longest\" and \"squash\""
-            ))
+        Some(v) => {
+            return Err(unsupported("resize_mode", v, "shortest, longest, squash"));
         }
     };
     let fill = match pp.get("fill_color") {
