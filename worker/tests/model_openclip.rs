@@ -112,6 +112,7 @@ fn tiny_openclip_config() -> ModelConfig {
         decoder_layers: 1,
         decoder_heads: 1,
         quick_gelu: false,
+        fusion_layers: 0,
     }
 }
 

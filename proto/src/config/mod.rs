@@ -79,7 +79,8 @@ pub struct DataSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// "tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", or "custom" (then every field below is used);
-    /// the ViTs with "-quickgelu" (e.g. "ViT-B-32-quickgelu") use QuickGELU, as OpenAI's weights.
+    /// the ViTs with "-quickgelu" (e.g. "ViT-B-32-quickgelu") use QuickGELU, as OpenAI's weights;
+    /// "-fusion" (e.g. "ViT-B-16-fusion", "tiny-fusion") adds a fusion encoder (`fusion_layers`).
     pub preset: String,
     /// Overrides of the preset's shape; absent = the preset's value.
     pub embed_dim: Option<i64>,
@@ -97,6 +98,10 @@ pub struct ModelSection {
     pub decoder_width: Option<i64>,
     pub decoder_layers: Option<i64>,
     pub decoder_heads: Option<i64>,
+    /// Layers of the fusion encoder over the text tower's tokens with cross-attention to the
+    /// image tower's (ALBEF/BLIP; `objectives.itm` needs it); absent = the preset's (0 = none,
+    /// 6 for the `-fusion` ViT presets).
+    pub fusion_layers: Option<i64>,
     /// Weights to start from ("" = random init): a ferroclip checkpoint (or a directory of
     /// them), an OpenCLIP / Hugging Face hub directory (`open_clip_config.json` +
     /// `open_clip_model.safetensors`; its config picks the architecture, `preset` and the
@@ -132,6 +137,10 @@ pub struct Objectives {
     pub mlm: f64,
     /// Weight of image masked-autoencoding (0 = off).
     pub mae: f64,
+    /// Weight of image-text matching on the fusion encoder (0 = off; needs
+    /// `model.fusion_layers` > 0): each pair of the global batch, one hard negative text and one
+    /// hard negative image sampled from the contrastive similarities of the global batch.
+    pub itm: f64,
     /// FLIP: fraction of image patches dropped in the contrastive pass.
     pub patch_dropout: f64,
     /// Fraction of text tokens chosen for MLM (80% mask / 10% random / 10% kept).
@@ -340,6 +349,7 @@ impl Default for ModelSection {
             decoder_width: None,
             decoder_layers: None,
             decoder_heads: None,
+            fusion_layers: None,
             init: String::new(),
             lock_image: false,
             lock_image_unlocked_groups: 0,
@@ -357,6 +367,7 @@ impl Default for Objectives {
             siglip: 0.0,
             mlm: 0.0,
             mae: 0.0,
+            itm: 0.0,
             patch_dropout: 0.0,
             mlm_ratio: 0.15,
             mae_ratio: 0.75,

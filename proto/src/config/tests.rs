@@ -94,3 +94,32 @@ fn numbers_that_reach_durations_and_indices_are_checked_naming_the_key() {
     // A step-limited run may say epochs = 0.
     RunConfig::parse("[run]\nsteps = 10\nepochs = 0\n", "ok.toml").expect("valid");
 }
+
+#[test]
+fn itm_needs_a_fusion_encoder_and_no_micro_batches() {
+    let err = RunConfig::parse("[objectives]\nitm = 1.0\n", "a.toml").unwrap_err();
+    assert!(err.to_string().contains("model.fusion_layers"), "{err}");
+    let err = RunConfig::parse(
+        "[model]\nfusion_layers = 0\n[objectives]\nitm = 1.0\n",
+        "a.toml",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("model.fusion_layers"), "{err}");
+    let err = RunConfig::parse("[model]\nfusion_layers = -1\n", "a.toml").unwrap_err();
+    assert!(err.to_string().contains("model.fusion_layers"), "{err}");
+    let err = RunConfig::parse(
+        "[model]\nfusion_layers = 2\n[objectives]\nitm = 1.0\n[optim]\nmicro_batch = 4\n",
+        "a.toml",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("optim.micro_batch"), "{err}");
+    let err = RunConfig::parse("[objectives]\nitm = -1.0\n", "a.toml").unwrap_err();
+    assert!(err.to_string().contains("objectives.itm"), "{err}");
+    for ok in [
+        "[model]\nfusion_layers = 2\n[objectives]\nitm = 1.0\n",
+        "[model]\npreset = \"ViT-B-16-fusion\"\n[objectives]\nitm = 1.0\n",
+        "[model]\ninit = \"ckpt/\"\n[objectives]\nitm = 1.0\n",
+    ] {
+        RunConfig::parse(ok, "a.toml").expect(ok);
+    }
+}

@@ -76,7 +76,8 @@ impl RunConfig {
         non_negative("objectives.siglip", o.siglip)?;
         non_negative("objectives.mlm", o.mlm)?;
         non_negative("objectives.mae", o.mae)?;
-        if o.contrastive + o.siglip + o.mlm + o.mae <= 0.0 {
+        non_negative("objectives.itm", o.itm)?;
+        if o.contrastive + o.siglip + o.mlm + o.mae + o.itm <= 0.0 {
             return Err(bad(
                 "objectives",
                 "at least one objective needs a weight > 0".into(),
@@ -108,6 +109,31 @@ impl RunConfig {
                 return Err(bad(
                     field,
                     format!("is {unlocked}, but its tower is not locked (set the lock too)"),
+                ));
+            }
+        }
+        if let Some(v) = m.fusion_layers.filter(|&v| v < 0) {
+            return Err(bad("model.fusion_layers", format!("must be >= 0, got {v}")));
+        }
+        if o.itm > 0.0 {
+            // A preset's fusion layers (`-fusion`) or an `init` checkpoint's own shape count too;
+            // the worker checks the resolved model again.
+            let none = match m.fusion_layers {
+                Some(v) => v == 0,
+                None => !m.preset.ends_with("-fusion") && m.init.is_empty(),
+            };
+            if none {
+                return Err(bad(
+                    "model.fusion_layers",
+                    "objectives.itm needs a fusion encoder: set model.fusion_layers > 0 or a -fusion preset".into(),
+                ));
+            }
+            // GradCache would have to cache the gradients of every token sequence, not only of
+            // the pooled features; not implemented, so refused rather than inexact.
+            if self.optim.micro_batch > 0 {
+                return Err(bad(
+                    "optim.micro_batch",
+                    "cannot be combined with objectives.itm (set micro_batch = 0)".into(),
                 ));
             }
         }

@@ -2,8 +2,10 @@
 //!
 //! `Clip` holds every parameter in one ordered [`Params`] list whose names are OpenCLIP's
 //! state-dict keys (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`, ...);
-//! the MAE decoder and MLM head, when enabled, live under `mae.` and `mlm.`.
+//! the MAE decoder and MLM head, when enabled, live under `mae.` and `mlm.`, the fusion encoder
+//! of image-text matching under `fusion.` and its head under `itm_head.`.
 
+pub mod fusion;
 pub mod lock;
 pub mod mae;
 pub mod masking;
@@ -24,7 +26,7 @@ pub use recompute::recomputed_blocks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model.preset: unknown preset \"{0}\" (tiny, ViT-B-32, ViT-B-16, ViT-L-14, custom; the ViTs with -quickgelu)")]
+    #[error("model.preset: unknown preset \"{0}\" (tiny, ViT-B-32, ViT-B-16, ViT-L-14, custom; the ViTs with -quickgelu; any of them with -fusion)")]
     UnknownPreset(String),
     #[error("model.{field}: {message}")]
     Invalid {
@@ -35,6 +37,8 @@ pub enum ModelError {
     StateDict { origin: String, message: String },
     #[error("the model has no {0} head (objectives.{0} was 0 when it was built)")]
     NoHead(&'static str),
+    #[error("the model has no fusion encoder (model.fusion_layers is 0; objectives.itm and ITM re-ranking need one)")]
+    NoFusion,
 }
 
 /// The resolved shape of a model.
@@ -57,6 +61,9 @@ pub struct ModelConfig {
     /// QuickGELU in both towers (OpenCLIP's `quick_gelu`, the OpenAI weights' activation).
     #[serde(default)]
     pub quick_gelu: bool,
+    /// Layers of the ITM fusion encoder (0 = none); its width and heads are the text tower's.
+    #[serde(default)]
+    pub fusion_layers: i64,
 }
 
 /// Auxiliary heads beyond OpenCLIP's CLIP.
@@ -73,6 +80,12 @@ impl ModelConfig {
     /// 7.96 M-parameter shape of the step benchmarks (`bench/`). A `-quickgelu` suffix (as
     /// OpenCLIP's `ViT-B-32-quickgelu`) switches the activation to QuickGELU.
     pub fn preset(name: &str) -> Result<Self, ModelError> {
+        // `-fusion`: the ITM fusion encoder on top (ALBEF's 6 layers; 2 on tiny).
+        if let Some(base) = name.strip_suffix("-fusion") {
+            let mut c = Self::preset(base)?;
+            c.fusion_layers = if base.starts_with("tiny") { 2 } else { 6 };
+            return Ok(c);
+        }
         if let Some(base) = name.strip_suffix("-quickgelu") {
             if base != "tiny" {
                 let mut c = Self::preset(base)?;
@@ -106,6 +119,7 @@ impl ModelConfig {
             decoder_layers: 2,
             decoder_heads: (dw / 32).max(1),
             quick_gelu: false,
+            fusion_layers: 0,
         })
     }
 
@@ -136,6 +150,7 @@ impl ModelConfig {
         set(&mut c.decoder_width, m.decoder_width);
         set(&mut c.decoder_layers, m.decoder_layers);
         set(&mut c.decoder_heads, m.decoder_heads);
+        set(&mut c.fusion_layers, m.fusion_layers);
         c.validate()?;
         Ok(c)
     }
@@ -160,6 +175,12 @@ impl ModelConfig {
             if v < 1 {
                 return bad(field, format!("must be at least 1, got {v}"));
             }
+        }
+        if self.fusion_layers < 0 {
+            return bad(
+                "fusion_layers",
+                format!("must be at least 0, got {}", self.fusion_layers),
+            );
         }
         if self.vocab_size < 3 {
             return bad(
@@ -206,11 +227,16 @@ pub struct Clip {
     pub logit_bias: Option<Tensor>,
     pub mae: Option<mae::MaeDecoder>,
     pub mlm: Option<mlm::MlmHead>,
+    /// The ITM fusion encoder and head, when `config.fusion_layers` > 0.
+    pub fusion: Option<fusion::FusionEncoder>,
 }
 
 /// Keys that are ferroclip's own (not in OpenCLIP's CLIP state dict).
 pub fn is_extra_key(name: &str) -> bool {
-    name.starts_with("mae.") || name.starts_with("mlm.")
+    name.starts_with("mae.")
+        || name.starts_with("mlm.")
+        || name.starts_with("fusion.")
+        || name.starts_with("itm_head.")
 }
 
 impl Clip {
@@ -271,6 +297,17 @@ impl Clip {
         let mlm = heads
             .mlm
             .then(|| mlm::MlmHead::new(&mut p, &root.sub("mlm"), c.text_width, c.vocab_size));
+        let fusion = (c.fusion_layers > 0).then(|| {
+            fusion::FusionEncoder::new(
+                &mut p,
+                &root.sub("fusion"),
+                &root.sub("itm_head"),
+                c.text_width,
+                c.vision_width,
+                c.fusion_layers,
+                c.text_heads,
+            )
+        });
         Ok(Self {
             config: c.clone(),
             heads,
@@ -281,6 +318,7 @@ impl Clip {
             logit_bias,
             mae,
             mlm,
+            fusion,
         })
     }
 
@@ -302,6 +340,37 @@ impl Clip {
     /// L2-normalised text features [B, E].
     pub fn text_features(&self, tokens: &Tensor) -> Tensor {
         normalize(&self.text.encode(tokens))
+    }
+
+    /// `image_features` and, from the same pass, every token after ln_post [B, 1+K, Wv]
+    /// (what the fusion encoder cross-attends to).
+    pub fn image_features_and_tokens(
+        &self,
+        images: &Tensor,
+        keep: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
+        let (f, t) = self.visual.encode_with_tokens(images, keep);
+        (normalize(&f), t)
+    }
+
+    /// `text_features` and, from the same pass, the hidden states after ln_final
+    /// [B, used, W] (the columns up to the batch's last end-of-text) and each row's end-of-text
+    /// position [B].
+    pub fn text_features_and_tokens(&self, tokens: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (f, h, eot) = self.text.encode_with_hidden(tokens);
+        (normalize(&f), h, eot)
+    }
+
+    /// ITM logits [B, 2] (no match, match) of text hidden states `text` [B, N, W] with
+    /// end-of-text positions `eot` [B] against image tokens `image` [B, M, Wv].
+    pub fn itm_logits(
+        &self,
+        text: &Tensor,
+        eot: &Tensor,
+        image: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let f = self.fusion.as_ref().ok_or(ModelError::NoFusion)?;
+        Ok(f.logits(text, eot, image))
     }
 
     /// MAE's encoder pass: the class token and the visible patches `keep` ([B, K] indices)

@@ -65,6 +65,12 @@ impl TextTower {
     /// position never sees later ones, so the trailing padding cannot change the result and
     /// computing it is waste (captions are far shorter than the context, 77 in CLIP).
     pub fn encode(&self, tokens: &Tensor) -> Tensor {
+        self.encode_with_hidden(tokens).0
+    }
+
+    /// `encode`, the hidden states it pooled from [B, used, W] (after ln_final, the columns up
+    /// to the batch's last end-of-text) and each row's end-of-text position [B].
+    pub fn encode_with_hidden(&self, tokens: &Tensor) -> (Tensor, Tensor, Tensor) {
         let b = tokens.size()[0];
         let eot = tokens.argmax(-1, false);
         let n = tokens.size()[1];
@@ -75,8 +81,10 @@ impl TextTower {
         };
         let x = self.hidden(&tokens.narrow(1, 0, used), Attend::Causal, None);
         let rows = Tensor::arange(b, (Kind::Int64, tokens.device()));
-        x.index(&[Some(rows), Some(eot)])
-            .matmul(&self.text_projection)
+        let f = x
+            .index(&[Some(rows), Some(eot.shallow_clone())])
+            .matmul(&self.text_projection);
+        (f, x, eot)
     }
 
     /// The token embedding matrix [vocab, W] (MLM's head ties its output weights to it).

@@ -100,6 +100,12 @@ impl VisionTower {
         self.ln_post.forward(&self.tokens(images, Some(keep)))
     }
 
+    /// `encode` and every token after ln_post [B, 1+K, W], from one pass.
+    pub fn encode_with_tokens(&self, images: &Tensor, keep: Option<&Tensor>) -> (Tensor, Tensor) {
+        let x = self.ln_post.forward(&self.tokens(images, keep));
+        (x.select(1, 0).matmul(&self.proj), x)
+    }
+
     /// Image embedding [B, E] (not normalised), from the class token.
     pub fn encode(&self, images: &Tensor, keep: Option<&Tensor>) -> Tensor {
         let x = self.tokens(images, keep);
