@@ -200,6 +200,139 @@ fn two_ranks_of_4_micro_batches_of_2_equal_one_process_of_16_in_one_pass() {
     assert_moved(&cfg, &reference, "mae.");
 }
 
+/// Every objective at once, ITM on a one-layer fusion encoder included.
+fn itm_config() -> RunConfig {
+    let mut cfg = config();
+    cfg.model.fusion_layers = Some(1);
+    let o = &mut cfg.objectives;
+    (
+        o.contrastive,
+        o.siglip,
+        o.mlm,
+        o.mae,
+        o.itm,
+        o.patch_dropout,
+    ) = (1.0, 0.5, 0.5, 0.5, 1.0, 0.25);
+    cfg
+}
+
+/// `steps` steps on `split` + (16 − split) rows over the ring (one rank for split 16 with
+/// `Single`): each step's global-batch losses (each rank's local means weighted by its rows,
+/// summed) and the parameters after.
+fn losses_and_params(cfg: &RunConfig, steps: i64, split: Option<i64>) -> (Vec<[f64; 6]>, Named) {
+    let run = |t: &mut Trainer,
+               img: &Tensor,
+               tok: &Tensor,
+               coll: &mut dyn ferroclip_worker::collective::Collective| {
+        let n = img.size()[0] as f64 / 16.0;
+        let l = t.compute_grads_tensors(img, tok, 16, coll).expect("grads");
+        t.apply_update().expect("update");
+        [l.total, l.contrastive, l.siglip, l.mlm, l.mae, l.itm].map(|v| v * n)
+    };
+    let Some(split) = split else {
+        let mut t = trainer(cfg, Kind::Double);
+        let losses = (0..steps)
+            .map(|s| {
+                let (img, tok) = global_batch(s, Kind::Double);
+                run(&mut t, &img, &tok, &mut Single)
+            })
+            .collect();
+        return (losses, params(&t));
+    };
+    let ranks = on_ring(2, RingOptions::default(), |rank, ring| {
+        let mut t = trainer(cfg, Kind::Double);
+        let losses: Vec<[f64; 6]> = (0..steps)
+            .map(|s| {
+                let (img, tok) = global_batch(s, Kind::Double);
+                let (from, len) = if rank == 0 {
+                    (0, split)
+                } else {
+                    (split, 16 - split)
+                };
+                run(
+                    &mut t,
+                    &img.narrow(0, from, len),
+                    &tok.narrow(0, from, len),
+                    ring,
+                )
+            })
+            .collect();
+        (losses, params(&t))
+    });
+    let mut it = ranks.into_iter();
+    let (Some((l0, p0)), Some((l1, p1))) = (it.next(), it.next()) else {
+        panic!("two ranks");
+    };
+    assert_close(&p0, &p1, "rank 0 vs rank 1");
+    let sums = l0
+        .iter()
+        .zip(&l1)
+        .map(|(a, b)| std::array::from_fn(|i| a[i] + b[i]))
+        .collect();
+    (sums, p0)
+}
+
+#[test]
+fn two_ranks_of_8_equal_one_process_of_16_with_itm_and_every_objective() {
+    // ITM's hard negatives are drawn per row of the global batch from the global similarities,
+    // the token sequences gathered with their gradients summed back: splitting the batch (evenly,
+    // unevenly, or leaving a rank empty) changes neither the losses nor the update. Besides
+    // parameters, the losses (MLM's is a local token mean, so it is left out: its global figure
+    // is not a row-weighted sum) agree to f64 rounding.
+    let cfg = itm_config();
+    let (ref_losses, reference) = losses_and_params(&cfg, 3, None);
+    // The overlapped all-reduce too: the fusion encoder's grads, made in ITM's own backward
+    // before the model backward, go into their buckets after it (as logit_scale's do).
+    for (split, overlap) in [
+        (8, Switch::Off),
+        (5, Switch::Off),
+        (16, Switch::On),
+        (8, Switch::On),
+    ] {
+        let mut cfg = cfg.clone();
+        cfg.cluster.overlap_allreduce = overlap;
+        let (losses, ranks) = losses_and_params(&cfg, 3, Some(split));
+        assert_close(
+            &ranks,
+            &reference,
+            &format!("{split}+{} vs 1×16", 16 - split),
+        );
+        for (step, (a, b)) in losses.iter().zip(&ref_losses).enumerate() {
+            for (i, what) in [(1, "contrastive"), (2, "siglip"), (4, "mae"), (5, "itm")] {
+                let d = (a[i] - b[i]).abs();
+                assert!(
+                    d <= EXACT,
+                    "step {step}: {what} loss {} vs {} ({split} split)",
+                    a[i],
+                    b[i]
+                );
+            }
+        }
+    }
+    // ITM trained: the loss is a real one (near ln 2 at init) and the fusion encoder moved.
+    assert!(ref_losses[0][5] > 0.1, "itm loss {}", ref_losses[0][5]);
+    assert_moved(&cfg, &reference, "fusion.");
+    assert_moved(&cfg, &reference, "itm_head.");
+    assert_moved(&cfg, &reference, "visual.");
+}
+
+#[test]
+fn itm_refuses_micro_batches_and_a_model_without_fusion() {
+    let mut cfg = itm_config();
+    cfg.optim.micro_batch = 2;
+    let _rng = common::RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let err = Trainer::with_kind(&cfg, 10, Kind::Double)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("micro_batch"), "{err}");
+    let mut cfg = itm_config();
+    cfg.model.fusion_layers = Some(0);
+    let err = Trainer::with_kind(&cfg, 10, Kind::Double)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("fusion_layers"), "{err}");
+}
+
 #[test]
 fn overlapped_all_reduce_updates_exactly_as_the_plain_path() {
     // cluster.overlap_allreduce = "on" (the default on GPUs) all-reduces buckets during the model

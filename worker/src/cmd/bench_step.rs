@@ -30,6 +30,9 @@ pub struct BenchStepArgs {
     /// `optim.micro_batch`: rows per forward pass (GradCache exact accumulation; 0 = all).
     #[arg(long, default_value_t = 0)]
     pub micro_batch: u32,
+    /// `objectives.itm`: the weight of image-text matching (needs a `-fusion` preset).
+    #[arg(long, default_value_t = 0.0)]
+    pub itm: f64,
 }
 
 /// Mean seconds per phase over `steps` timed steps after `warmup` untimed ones. Batches are
@@ -43,6 +46,7 @@ pub fn run(args: BenchStepArgs) -> Result<()> {
         threads,
         grad_checkpointing,
         micro_batch,
+        itm,
     } = args;
     if threads > 0 {
         tch::set_num_threads(threads);
@@ -52,6 +56,7 @@ pub fn run(args: BenchStepArgs) -> Result<()> {
     cfg.run.seed = 0;
     cfg.model.grad_checkpointing = grad_checkpointing;
     cfg.optim.micro_batch = micro_batch;
+    cfg.objectives.itm = itm;
     let mut tr = Trainer::new(&cfg, (steps + warmup) as u64)?;
     let c = tr.model.config.clone();
     let images = Tensor::randn(
@@ -76,7 +81,7 @@ pub fn run(args: BenchStepArgs) -> Result<()> {
     }
     let n = steps as f64;
     println!(
-        "{{\"impl\": \"ferroclip\", \"preset\": \"{preset}\", \"batch\": {batch}, \"grad_checkpointing\": {grad_checkpointing}, \"micro_batch\": {micro_batch}, \"threads\": {}, \"params\": {}, \"data_s\": 0.0, \"forward_s\": {:.5}, \"backward_s\": {:.5}, \"optimizer_s\": {:.5}, \"step_s\": {:.5}}}",
+        "{{\"impl\": \"ferroclip\", \"preset\": \"{preset}\", \"batch\": {batch}, \"grad_checkpointing\": {grad_checkpointing}, \"micro_batch\": {micro_batch}, \"itm\": {itm}, \"threads\": {}, \"params\": {}, \"data_s\": 0.0, \"forward_s\": {:.5}, \"backward_s\": {:.5}, \"optimizer_s\": {:.5}, \"step_s\": {:.5}}}",
         tch::get_num_threads(),
         tr.model.num_clip_params(),
         fwd / n,

@@ -9,6 +9,7 @@
 //! returns its loss and its surrogate terms for that backward (`backward` here).
 
 mod accumulate;
+pub mod itm;
 mod objectives;
 pub mod siglip;
 
@@ -21,6 +22,8 @@ use crate::optim;
 use crate::overlap::OverlappedReducer;
 use ferroclip_proto::config::{Objectives, OptimSection, RunConfig, Switch};
 use objectives::Rows;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,8 @@ pub struct StepLosses {
     pub siglip: f64,
     pub mlm: f64,
     pub mae: f64,
+    #[serde(default)]
+    pub itm: f64,
 }
 
 impl StepLosses {
@@ -59,12 +64,26 @@ impl StepLosses {
         let total = o.contrastive * self.contrastive
             + o.siglip * self.siglip
             + o.mlm * self.mlm
-            + o.mae * self.mae;
+            + o.mae * self.mae
+            + o.itm * self.itm;
         if !total.is_finite() {
             return Err(TrainError::NonFinite { loss: total, step });
         }
         Ok(total)
     }
+}
+
+/// The RNG of one row of the global batch for one random draw of a step: a function of (run
+/// seed, step, compute_grads call since the update, stream, the row's index in the global
+/// batch), so every world size draws the same.
+pub fn row_rng(seed: u64, step: u64, calls: u64, stream: u64, row: i64) -> StdRng {
+    let mix = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(step.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+        .wrapping_add(calls.wrapping_mul(0x94D0_49BB_1331_11EB))
+        .wrapping_add(stream.wrapping_mul(0xD6E8_FEB8_6659_FD93))
+        .wrapping_add(row as u64);
+    StdRng::seed_from_u64(mix)
 }
 
 /// Wall time of the phases of the last `compute_grads` (seconds).
@@ -130,6 +149,18 @@ impl Trainer {
             mlm: cfg.objectives.mlm > 0.0,
             mae: cfg.objectives.mae > 0.0,
         };
+        if cfg.objectives.itm > 0.0 && mc.fusion_layers == 0 {
+            return Err(ModelError::Invalid {
+                field: "fusion_layers",
+                message: "objectives.itm needs a fusion encoder (fusion_layers > 0)".into(),
+            }
+            .into());
+        }
+        if cfg.objectives.itm > 0.0 && cfg.optim.micro_batch > 0 {
+            return Err(TrainError::Batch(
+                "optim.micro_batch cannot be combined with objectives.itm".into(),
+            ));
+        }
         let mut model = Clip::new(&mc, heads, cfg.run.seed as i64, kind)?;
         model.set_grad_checkpointing(cfg.model.grad_checkpointing);
         if let Some(p) = &init {
@@ -286,9 +317,19 @@ impl Trainer {
         // What goes back through the towers in the one model backward.
         let mut surrogate: Vec<Tensor> = Vec::new();
         let mut backward_s = 0.0;
-        // Both contrastive objectives (when both are on) score the same features.
-        let features =
-            (o.contrastive > 0.0 || o.siglip > 0.0).then(|| self.features(images, tokens, &rows));
+        // Both contrastive objectives (when both are on) and ITM's sampling score the same
+        // features; ITM's token sequences come from the same tower passes.
+        let itm = o.itm > 0.0 && self.model.fusion.is_some();
+        let mut itm_inputs = None;
+        let features = (o.contrastive > 0.0 || o.siglip > 0.0 || itm).then(|| {
+            if itm {
+                let (i, t, x) = self.features_and_tokens(images, tokens, &rows);
+                itm_inputs = Some(x);
+                (i, t)
+            } else {
+                self.features(images, tokens, &rows)
+            }
+        });
         if let (true, Some((img_f, txt_f))) = (o.contrastive > 0.0, &features) {
             let t = self.contrastive(img_f, txt_f, &rows, coll)?;
             out.contrastive = t.loss;
@@ -298,6 +339,12 @@ impl Trainer {
         if let (true, Some((img_f, txt_f))) = (o.siglip > 0.0, &features) {
             let t = self.siglip(img_f, txt_f, &rows, coll)?;
             out.siglip = t.loss;
+            backward_s += t.backward_s;
+            surrogate.extend(t.surrogate);
+        }
+        if let (Some(x), Some((img_f, txt_f))) = (&itm_inputs, &features) {
+            let t = self.itm(img_f, txt_f, x, &rows, coll)?;
+            out.itm = t.loss;
             backward_s += t.backward_s;
             surrogate.extend(t.surrogate);
         }

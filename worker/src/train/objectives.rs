@@ -6,10 +6,9 @@
 //! SigLIP's chunked exchange is in `siglip.rs`.
 //!
 //! Masks are drawn per row from `row_rngs(stream, ..)`: stream 1 FLIP patch dropout, 2 MLM,
-//! 3 MAE.
+//! 3 MAE, 4 ITM's hard negatives (`itm.rs`).
 
 use rand::rngs::StdRng;
-use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
 use super::{Result, Trainer};
@@ -82,18 +81,9 @@ impl Trainer {
     /// One RNG per row for masks and patch dropout, a function of (seed, step, call, objective,
     /// the row's index in the global batch): the same masks whatever the world size, and a
     /// resumed run draws them again without saving generator state.
-    fn row_rngs(&self, stream: u64, first_row: i64, n: i64) -> Vec<StdRng> {
+    pub(super) fn row_rngs(&self, stream: u64, first_row: i64, n: i64) -> Vec<StdRng> {
         (first_row..first_row + n)
-            .map(|row| {
-                let mix = self
-                    .seed
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .wrapping_add(self.step.wrapping_mul(0xBF58_476D_1CE4_E5B9))
-                    .wrapping_add(self.calls.wrapping_mul(0x94D0_49BB_1331_11EB))
-                    .wrapping_add(stream.wrapping_mul(0xD6E8_FEB8_6659_FD93))
-                    .wrapping_add(row as u64);
-                StdRng::seed_from_u64(mix)
-            })
+            .map(|row| super::row_rng(self.seed, self.step, self.calls, stream, row))
             .collect()
     }
 
@@ -105,14 +95,9 @@ impl Trainer {
         tokens: &Tensor,
         rows: &Rows,
     ) -> (Tensor, Tensor) {
-        let o = &self.objectives;
         let m = &self.model;
-        let (offset, n, dev) = (rows.offset, rows.n, rows.device);
-        let g = m.config.num_patches();
-        let keep = (o.patch_dropout > 0.0).then(|| {
-            let mut rngs = self.row_rngs(1, offset, n);
-            masking::patch_keep(&mut rngs, g, masking::kept(g, o.patch_dropout)).to_device(dev)
-        });
+        let (n, dev) = (rows.n, rows.device);
+        let keep = self.patch_keep(rows);
         if n > 0 {
             (
                 m.image_features(images, keep.as_ref()),
@@ -121,6 +106,29 @@ impl Trainer {
         } else {
             let empty = Tensor::zeros([0, m.config.embed_dim], (m.kind(), dev));
             (empty.shallow_clone(), empty)
+        }
+    }
+
+    /// FLIP's kept patches of this rank's rows ([n, K] indices; None without patch dropout).
+    pub(super) fn patch_keep(&self, rows: &Rows) -> Option<Tensor> {
+        let pd = self.objectives.patch_dropout;
+        let g = self.model.config.num_patches();
+        (pd > 0.0).then(|| {
+            let mut rngs = self.row_rngs(1, rows.offset, rows.n);
+            masking::patch_keep(&mut rngs, g, masking::kept(g, pd)).to_device(rows.device)
+        })
+    }
+
+    /// Patches each image keeps in the contrastive pass (all without patch dropout).
+    pub(super) fn kept_patches(&self) -> i64 {
+        let (pd, g) = (
+            self.objectives.patch_dropout,
+            self.model.config.num_patches(),
+        );
+        if pd > 0.0 {
+            masking::kept(g, pd)
+        } else {
+            g
         }
     }
 

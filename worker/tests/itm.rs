@@ -1,0 +1,105 @@
+//! ITM's hard-negative sampler: each row's negative is drawn from the softmax of its similarities
+//! to the global batch with its own pair excluded, from the row's RNG (run seed, step, global row
+//! index), so the picks are the same whichever rank holds the row.
+
+use ferroclip_worker::train::itm::{hard_negatives, sample_hard_negative, STREAM};
+use ferroclip_worker::train::row_rng;
+use rand::rngs::StdRng;
+use tch::{Device, Kind, Tensor};
+
+fn rngs(seed: u64, step: u64, rows: std::ops::Range<i64>) -> Vec<StdRng> {
+    rows.map(|r| row_rng(seed, step, 0, STREAM, r)).collect()
+}
+
+/// A 16 × 16 similarity matrix with a strong diagonal (as a trained model's): the own pair
+/// would be picked almost always if it were not excluded.
+fn sims(seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randn([16, 16], (Kind::Double, Device::Cpu)) * 2.0
+        + Tensor::eye(16, (Kind::Double, Device::Cpu)) * 30.0
+}
+
+#[test]
+fn never_the_positive_and_always_a_negative() {
+    for step in 0..50 {
+        let (i2t, t2i) = (sims(step), sims(1000 + step));
+        let picks = hard_negatives(&i2t, &t2i, 0, &mut rngs(3, step as u64, 0..16)).expect("picks");
+        for (row, (text, image)) in picks.into_iter().enumerate() {
+            let (text, image) = (text.expect("a text"), image.expect("an image"));
+            assert_ne!(
+                text, row as i64,
+                "step {step}: row {row} picked its own text"
+            );
+            assert_ne!(
+                image, row as i64,
+                "step {step}: row {row} picked its own image"
+            );
+            assert!((0..16).contains(&text) && (0..16).contains(&image));
+        }
+    }
+    // A global batch of one has no negative.
+    let mut rng = row_rng(0, 0, 0, STREAM, 0);
+    assert_eq!(sample_hard_negative(&[5.0], 0, &mut rng), None);
+}
+
+#[test]
+fn deterministic_and_the_same_for_one_rank_or_two() {
+    let (i2t, t2i) = (sims(1), sims(2));
+    let whole = hard_negatives(&i2t, &t2i, 0, &mut rngs(7, 11, 0..16)).expect("picks");
+    let again = hard_negatives(&i2t, &t2i, 0, &mut rngs(7, 11, 0..16)).expect("picks");
+    assert_eq!(whole, again);
+    // Rank 0 holds rows 0..8, rank 1 rows 8..16 (and unevenly, 0..5 and 5..16).
+    for split in [8, 5] {
+        let mut halves = hard_negatives(
+            &i2t.narrow(0, 0, split),
+            &t2i.narrow(0, 0, split),
+            0,
+            &mut rngs(7, 11, 0..split),
+        )
+        .expect("rank 0");
+        halves.extend(
+            hard_negatives(
+                &i2t.narrow(0, split, 16 - split),
+                &t2i.narrow(0, split, 16 - split),
+                split,
+                &mut rngs(7, 11, split..16),
+            )
+            .expect("rank 1"),
+        );
+        assert_eq!(whole, halves, "split at {split}");
+    }
+    // Another step draws differently (the step is part of the seed).
+    let other = hard_negatives(&i2t, &t2i, 0, &mut rngs(7, 12, 0..16)).expect("picks");
+    assert_ne!(whole, other);
+}
+
+#[test]
+fn frequencies_follow_the_softmax_of_the_similarities() {
+    // Row 1 of a hand-built matrix: own column 1 (weight 0 whatever its score), the others
+    // weighted e^s / Σ e^s: e^2, e^1, e^-1, e^0.5 → 0.5769, 0.2122, 0.0287, 0.1749 (and 0 for 1).
+    let row = [2.0, 9.0, 1.0, -1.0, 0.5];
+    let z: f64 = [2.0f64, 1.0, -1.0, 0.5].iter().map(|s| s.exp()).sum();
+    let want: Vec<f64> = row
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| if j == 1 { 0.0 } else { f64::exp(s) / z })
+        .collect();
+    // One draw per (step, row) RNG, as training draws them: 40,000 draws, so each frequency's
+    // standard deviation is at most sqrt(0.25 / 40000) = 0.0025; the tolerance is 5 of them.
+    let n = 40_000u64;
+    let mut counts = [0u64; 5];
+    for step in 0..n {
+        let mut rng = row_rng(42, step, 0, STREAM, 1);
+        let j = sample_hard_negative(&row, 1, &mut rng).expect("a negative");
+        counts[j] += 1;
+    }
+    assert_eq!(counts[1], 0, "the positive was never drawn");
+    for j in 0..5 {
+        let f = counts[j] as f64 / n as f64;
+        assert!(
+            (f - want[j]).abs() <= 0.0125,
+            "column {j}: frequency {f:.4}, softmax weight {:.4}",
+            want[j]
+        );
+    }
+}
