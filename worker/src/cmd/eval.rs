@@ -1,7 +1,9 @@
 //! Evaluation on a dataset split: zero-shot classification (class names × prompt templates, as
 //! OpenCLIP's zero-shot eval) and image↔text retrieval recall@1/5/10 over the split's captions,
 //! grouped by image where the dataset has several captions per image (`image_id`), as
-//! CLIP_benchmark computes it.
+//! CLIP_benchmark computes it. With `--itm-rerank K` (a model with a fusion encoder) each query's
+//! top K candidates by the dual-encoder similarity are re-scored by the ITM head (BLIP's
+//! re-ranking: ITM log-odds + cosine similarity) and recall is reported before and after.
 
 use std::sync::Arc;
 
@@ -30,6 +32,16 @@ pub struct EvalReport {
     pub bad_labels: usize,
     pub bad_label_examples: Vec<String>,
     /// Image → text and text → image recall@{1,5,10}.
+    pub image_to_text: [f64; 3],
+    pub text_to_image: [f64; 3],
+    /// Recall after ITM re-ranking (`--itm-rerank`); the fields above are the figures before.
+    pub itm_rerank: Option<RerankReport>,
+}
+
+/// Retrieval recall@{1,5,10} after re-scoring each query's top `k` candidates by ITM.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RerankReport {
+    pub k: usize,
     pub image_to_text: [f64; 3],
     pub text_to_image: [f64; 3],
 }
@@ -61,6 +73,25 @@ pub fn evaluate(
     max_samples: usize,
     classes: Option<&str>,
 ) -> Result<EvalReport> {
+    evaluate_with(model, tokenizer, url, store, split, max_samples, classes, 0)
+}
+
+/// `evaluate`, and with `itm_rerank` > 0 the recall after re-ranking each query's top
+/// `itm_rerank` candidates by the ITM head (the model needs a fusion encoder).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_with(
+    model: &Clip,
+    tokenizer: Arc<Tokenizer>,
+    url: &str,
+    store: &StoreOptions,
+    split: &str,
+    max_samples: usize,
+    classes: Option<&str>,
+    itm_rerank: usize,
+) -> Result<EvalReport> {
+    if itm_rerank > 0 && model.fusion.is_none() {
+        bail!("--itm-rerank: {}", crate::model::ModelError::NoFusion);
+    }
     // The loader opens the dataset on its own runtime: an object store's pooled connections
     // belong to the runtime that made them (one made on a runtime that then stops would hang
     // the next request until its timeout).
@@ -95,6 +126,8 @@ pub fn evaluate(
     }
     let _guard = tch::no_grad_guard();
     let (mut img, mut txt, mut labels, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Re-ranking's inputs: image tokens, text hidden states (padded to the context), EOTs.
+    let (mut img_tok, mut txt_hid, mut eots) = (Vec::new(), Vec::new(), Vec::new());
     let mut firsts = std::collections::HashSet::new();
     for chunk in refs.chunks(256) {
         let batch = loader.load(chunk)?;
@@ -105,10 +138,25 @@ pub fn evaluate(
             .collect();
         if !new.is_empty() {
             let rows = Tensor::from_slice(&new);
-            img.push(model.image_features(&batch.images.index_select(0, &rows), None));
+            let images = batch.images.index_select(0, &rows);
+            if itm_rerank > 0 {
+                let (f, t) = model.image_features_and_tokens(&images, None);
+                img.push(f);
+                img_tok.push(t);
+            } else {
+                img.push(model.image_features(&images, None));
+            }
             labels.extend(new.iter().map(|&r| batch.labels[r as usize].clone()));
         }
-        txt.push(model.text_features(&batch.tokens));
+        if itm_rerank > 0 {
+            let (f, h, eot) = model.text_features_and_tokens(&batch.tokens);
+            let pad = batch.tokens.size()[1] - h.size()[1];
+            txt.push(f);
+            txt_hid.push(h.constant_pad_nd([0, 0, 0, pad]));
+            eots.push(eot);
+        } else {
+            txt.push(model.text_features(&batch.tokens));
+        }
         ids.extend(batch.image_ids);
     }
     let img = Tensor::cat(&img, 0);
@@ -121,6 +169,19 @@ pub fn evaluate(
     };
     let sims = img.matmul(&txt.tr());
     (report.image_to_text, report.text_to_image) = recall(&sims, &text_image);
+    if itm_rerank > 0 {
+        let tokens = ItmTokens {
+            image: Tensor::cat(&img_tok, 0),
+            text: Tensor::cat(&txt_hid, 0),
+            eot: Tensor::cat(&eots, 0),
+        };
+        let (i2t, t2i) = rerank(model, &sims, &tokens, itm_rerank as i64)?;
+        report.itm_rerank = Some(RerankReport {
+            k: itm_rerank,
+            image_to_text: recall(&i2t, &text_image).0,
+            text_to_image: recall(&t2i, &text_image).1,
+        });
+    }
     if let Some(classes) = classes {
         let z = zero_shot(model, &tokenizer, &classes, &img, &labels)?;
         report.classes = classes.classes.len();
@@ -129,6 +190,76 @@ pub fn evaluate(
         report.bad_label_examples = z.bad.into_iter().take(5).collect();
     }
     Ok(report)
+}
+
+/// The fusion encoder's inputs for every evaluated image and text.
+struct ItmTokens {
+    /// [images, 1+G, Wv]
+    image: Tensor,
+    /// [texts, ctx, W]
+    text: Tensor,
+    /// [texts]
+    eot: Tensor,
+}
+
+/// Above every dual-encoder similarity (cosines, in [-1, 1]): re-scored candidates rank first.
+/// ITM log-odds are far below it, and f64 keeps 1e-10 of resolution at this size.
+const RERANKED: f64 = 1e6;
+
+/// Score matrices [images, texts] (f64) for image→text and for text→image recall: each image's
+/// top `k` texts (first) and each text's top `k` images (second) by `sims` re-scored as
+/// `RERANKED` + ITM log-odds + similarity (BLIP's re-ranking score); other entries keep `sims`.
+fn rerank(model: &Clip, sims: &Tensor, t: &ItmTokens, k: i64) -> Result<(Tensor, Tensor)> {
+    let sims = sims.to_kind(Kind::Double);
+    let (n_img, n_txt) = (sims.size()[0], sims.size()[1]);
+    let i2t = sims.copy();
+    let t2i = sims.copy();
+    // Image → text: row i's best texts.
+    let (_, cand) = sims.topk(k.min(n_txt), 1, true, true);
+    let cand: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(cand)?;
+    let pairs: Vec<(i64, i64)> = cand
+        .iter()
+        .enumerate()
+        .flat_map(|(i, row)| row.iter().map(move |&j| (i as i64, j)))
+        .collect();
+    let scores = itm_log_odds(model, t, &pairs)?;
+    for (&(i, j), s) in pairs.iter().zip(scores) {
+        let v = RERANKED + s + sims.double_value(&[i, j]);
+        let _ = i2t.get(i).get(j).fill_(v);
+    }
+    // Text → image: column j's best images.
+    let (_, cand) = sims.topk(k.min(n_img), 0, true, true);
+    let cand: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(cand.tr().contiguous())?;
+    let pairs: Vec<(i64, i64)> = cand
+        .iter()
+        .enumerate()
+        .flat_map(|(j, col)| col.iter().map(move |&i| (i, j as i64)))
+        .collect();
+    let scores = itm_log_odds(model, t, &pairs)?;
+    for (&(i, j), s) in pairs.iter().zip(scores) {
+        let v = RERANKED + s + sims.double_value(&[i, j]);
+        let _ = t2i.get(i).get(j).fill_(v);
+    }
+    Ok((i2t, t2i))
+}
+
+/// ITM log-odds (match − no match) of (image, text) pairs, in batches.
+fn itm_log_odds(model: &Clip, t: &ItmTokens, pairs: &[(i64, i64)]) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(256) {
+        let ii = Tensor::from_slice(&chunk.iter().map(|p| p.0).collect::<Vec<_>>());
+        let ti = Tensor::from_slice(&chunk.iter().map(|p| p.1).collect::<Vec<_>>());
+        let eot = t.eot.index_select(0, &ti);
+        let used = eot.max().int64_value(&[]) + 1;
+        let logits = model.itm_logits(
+            &t.text.index_select(0, &ti).narrow(1, 0, used),
+            &eot,
+            &t.image.index_select(0, &ii),
+        )?;
+        let odds = (logits.select(1, 1) - logits.select(1, 0)).to_kind(Kind::Double);
+        out.extend(Vec::<f64>::try_from(odds)?);
+    }
+    Ok(out)
 }
 
 /// Each text's image: an index into the distinct images in order of first appearance (a row
@@ -274,6 +405,10 @@ pub struct EvalArgs {
     /// instead of the dataset's own classes.json. Integer labels index this list.
     #[arg(long)]
     pub classes: Option<String>,
+    /// Re-rank each query's top K retrieval candidates by the ITM head of the fusion encoder
+    /// and report recall before and after (0 = off; the model needs a fusion encoder).
+    #[arg(long, default_value_t = 0)]
+    pub itm_rerank: usize,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -288,7 +423,7 @@ pub fn run(args: EvalArgs) -> Result<EvalReport> {
     let state = enc.step;
     // --classes, else the run's eval.classes, else the dataset's classes.json.
     let classes = args.classes.as_deref().or(enc.eval_classes.as_deref());
-    let r = evaluate(
+    let r = evaluate_with(
         &enc.model,
         enc.tokenizer.clone(),
         &args.data,
@@ -296,6 +431,7 @@ pub fn run(args: EvalArgs) -> Result<EvalReport> {
         split,
         args.max_samples,
         classes,
+        args.itm_rerank,
     )?;
     if args.json {
         let mut v = serde_json::to_value(&r)?;
@@ -335,6 +471,18 @@ pub fn run(args: EvalArgs) -> Result<EvalReport> {
     };
     println!("image→text retrieval: {}", pct(r.image_to_text));
     println!("text→image retrieval: {}", pct(r.text_to_image));
+    if let Some(rr) = &r.itm_rerank {
+        println!(
+            "image→text retrieval, ITM re-ranking of the top {}: {}",
+            rr.k,
+            pct(rr.image_to_text)
+        );
+        println!(
+            "text→image retrieval, ITM re-ranking of the top {}: {}",
+            rr.k,
+            pct(rr.text_to_image)
+        );
+    }
     Ok(r)
 }
 
