@@ -7,6 +7,7 @@ pub const LOSS_CONTRASTIVE: &str = "loss/contrastive";
 pub const LOSS_SIGLIP: &str = "loss/siglip";
 pub const LOSS_MLM: &str = "loss/mlm";
 pub const LOSS_MAE: &str = "loss/mae";
+pub const LOSS_ITM: &str = "loss/itm";
 /// Every loss key starts with this (losses are weighted by the rank's samples).
 pub const LOSS_PREFIX: &str = "loss/";
 

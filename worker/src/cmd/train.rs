@@ -204,6 +204,7 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
             ("siglip", o.siglip, losses.siglip),
             ("mlm", o.mlm, losses.mlm),
             ("mae", o.mae, losses.mae),
+            ("itm", o.itm, losses.itm),
         ] {
             if w > 0.0 {
                 parts.push_str(&format!(" {name} {v:.6}"));

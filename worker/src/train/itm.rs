@@ -72,6 +72,9 @@ pub fn sample_hard_negative(sims: &[f64], own: usize, rng: &mut impl Rng) -> Opt
     last
 }
 
+/// A row's hard negatives, global indices: (text, image); None without another column.
+pub type Negatives = (Option<i64>, Option<i64>);
+
 /// Hard negatives of this rank's rows: `i2t` [n, G] the similarities of its images to every
 /// text of the global batch, `t2i` [n, G] of its texts to every image; its rows start at
 /// `offset` of the global batch and `rngs` holds one RNG per row. Returns per row (negative
@@ -81,7 +84,7 @@ pub fn hard_negatives(
     t2i: &Tensor,
     offset: i64,
     rngs: &mut [rand::rngs::StdRng],
-) -> std::result::Result<Vec<(Option<i64>, Option<i64>)>, tch::TchError> {
+) -> std::result::Result<Vec<Negatives>, tch::TchError> {
     let rows =
         |t: &Tensor| Vec::<Vec<f64>>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double));
     let (i2t, t2i) = (rows(i2t)?, rows(t2i)?);

@@ -97,6 +97,7 @@ impl Session {
             (m::LOSS_SIGLIP, o.siglip, losses.siglip),
             (m::LOSS_MLM, o.mlm, losses.mlm),
             (m::LOSS_MAE, o.mae, losses.mae),
+            (m::LOSS_ITM, o.itm, losses.itm),
         ] {
             if w > 0.0 {
                 metrics.push((name.into(), v));
