@@ -247,14 +247,22 @@ fn rerank(model: &Clip, sims: &Tensor, t: &ItmTokens, k: i64) -> Result<(Tensor,
 fn itm_log_odds(model: &Clip, t: &ItmTokens, pairs: &[(i64, i64)]) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(256) {
-        let ii = Tensor::from_slice(&chunk.iter().map(|p| p.0).collect::<Vec<_>>());
         let ti = Tensor::from_slice(&chunk.iter().map(|p| p.1).collect::<Vec<_>>());
+        // Each distinct image's keys and values once (an image's k candidates share it).
+        let mut distinct: Vec<i64> = chunk.iter().map(|p| p.0).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let image_of: Vec<i64> = chunk
+            .iter()
+            .map(|p| distinct.partition_point(|&d| d < p.0) as i64)
+            .collect();
         let eot = t.eot.index_select(0, &ti);
         let used = eot.max().int64_value(&[]) + 1;
         let logits = model.itm_logits(
             &t.text.index_select(0, &ti).narrow(1, 0, used),
             &eot,
-            &t.image.index_select(0, &ii),
+            &t.image.index_select(0, &Tensor::from_slice(&distinct)),
+            Some(&Tensor::from_slice(&image_of)),
         )?;
         let odds = (logits.select(1, 1) - logits.select(1, 0)).to_kind(Kind::Double);
         out.extend(Vec::<f64>::try_from(odds)?);

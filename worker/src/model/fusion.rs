@@ -103,8 +103,15 @@ impl FusionBlock {
     }
 
     /// x: [B, N, W] text tokens; `keys`: [B, 1, 1, N] true where a text token may be attended;
-    /// image: [B, M, Wv].
-    fn forward(&self, x: &Tensor, keys: &Tensor, image: &Tensor) -> Tensor {
+    /// image: [U, M, Wv], row `image_of[b]` for text b (None: U = B, in order). Keys and values
+    /// are projected once per image, then picked per text.
+    fn forward(
+        &self,
+        x: &Tensor,
+        keys: &Tensor,
+        image: &Tensor,
+        image_of: Option<&Tensor>,
+    ) -> Tensor {
         let w = x.size()[2];
         let qkv = self
             .ln_1
@@ -118,8 +125,12 @@ impl FusionBlock {
             .ln_cross
             .forward(&x)
             .linear(&self.q_proj_weight, Some(&b[0]));
-        let k = image.linear(&self.k_proj_weight, Some(&b[1]));
-        let v = image.linear(&self.v_proj_weight, Some(&b[2]));
+        let pick = |t: Tensor| match image_of {
+            Some(i) => t.index_select(0, i),
+            None => t,
+        };
+        let k = pick(image.linear(&self.k_proj_weight, Some(&b[1])));
+        let v = pick(image.linear(&self.v_proj_weight, Some(&b[2])));
         let x = x + self
             .cross_out_proj
             .forward(&attend(&q, &k, &v, self.heads, None));
@@ -165,9 +176,17 @@ impl FusionEncoder {
     }
 
     /// ITM logits [B, 2] (no match, match) of text tokens `text` [B, N, W] (the text tower's
-    /// output, positions after each row's `eot` [B] ignored) against image tokens `image`
-    /// [B, M, Wv] (the vision tower's output after ln_post).
-    pub fn logits(&self, text: &Tensor, eot: &Tensor, image: &Tensor) -> Tensor {
+    /// output, positions after each row's `eot` [B] ignored) against image tokens (the vision
+    /// tower's output after ln_post): `image` [B, M, Wv] in the texts' order, or with
+    /// `image_of` [B] the row of `image` [U, M, Wv] each text is paired with (an image in
+    /// several pairs is projected once).
+    pub fn logits(
+        &self,
+        text: &Tensor,
+        eot: &Tensor,
+        image: &Tensor,
+        image_of: Option<&Tensor>,
+    ) -> Tensor {
         let (b, n) = (text.size()[0], text.size()[1]);
         let dev = text.device();
         let keys = Tensor::arange(n, (Kind::Int64, dev))
@@ -177,7 +196,7 @@ impl FusionEncoder {
         let image = image.to_kind(text.kind());
         let mut x = text.shallow_clone();
         for blk in &self.blocks {
-            x = blk.forward(&x, &keys, &image);
+            x = blk.forward(&x, &keys, &image, image_of);
         }
         let rows = Tensor::arange(b, (Kind::Int64, dev));
         let pooled = self
@@ -211,14 +230,23 @@ mod tests {
         let text = Tensor::randn([3, 5, 16], (Kind::Double, tch::Device::Cpu));
         let eot = Tensor::from_slice(&[2i64, 4, 0]);
         let image = Tensor::randn([3, 7, 24], (Kind::Double, tch::Device::Cpu));
-        let short = f.logits(&text, &eot, &image);
+        let short = f.logits(&text, &eot, &image, None);
         let pad = Tensor::randn([3, 4, 16], (Kind::Double, tch::Device::Cpu)) * 100.0;
-        let long = f.logits(&Tensor::cat(&[&text, &pad], 1), &eot, &image);
+        let long = f.logits(&Tensor::cat(&[&text, &pad], 1), &eot, &image, None);
         let d = (&short - &long).abs().max().double_value(&[]);
         assert!(d < 1e-12, "padding changed the logits by {d}");
         assert_eq!(short.size(), [3, 2]);
+        // Images given once and picked per text: the same logits as images in the texts' order.
+        let (distinct, of) = (image.narrow(0, 0, 2), Tensor::from_slice(&[1i64, 0, 1]));
+        let picked = f.logits(&text, &eot, &distinct, Some(&of));
+        let direct = f.logits(&text, &eot, &distinct.index_select(0, &of), None);
+        let d = (&picked - &direct).abs().max().double_value(&[]);
+        assert!(
+            d < 1e-12,
+            "picking images per text changed the logits by {d}"
+        );
         // The image does matter.
-        let other = f.logits(&text, &eot, &(image * 2.0));
+        let other = f.logits(&text, &eot, &(image * 2.0), None);
         assert!((&short - &other).abs().max().double_value(&[]) > 1e-6);
     }
 }

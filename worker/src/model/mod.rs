@@ -362,15 +362,17 @@ impl Clip {
     }
 
     /// ITM logits [B, 2] (no match, match) of text hidden states `text` [B, N, W] with
-    /// end-of-text positions `eot` [B] against image tokens `image` [B, M, Wv].
+    /// end-of-text positions `eot` [B] against image tokens `image` [U, M, Wv], row
+    /// `image_of[b]` for text b (None: U = B, in order; `fusion::FusionEncoder::logits`).
     pub fn itm_logits(
         &self,
         text: &Tensor,
         eot: &Tensor,
         image: &Tensor,
+        image_of: Option<&Tensor>,
     ) -> Result<Tensor, ModelError> {
         let f = self.fusion.as_ref().ok_or(ModelError::NoFusion)?;
-        Ok(f.logits(text, eot, image))
+        Ok(f.logits(text, eot, image, image_of))
     }
 
     /// MAE's encoder pass: the class token and the visible patches `keep` ([B, K] indices)

@@ -200,11 +200,20 @@ impl Trainer {
         }
         let (loss, l) = if n > 0 {
             let idx = |v: &[i64]| Tensor::from_slice(v).to_device(dev);
-            let (ti, ii) = (idx(&txt_idx), idx(&img_idx));
+            // Each distinct image once (a positive's image is in two pairs).
+            let mut distinct = img_idx.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let image_of: Vec<i64> = img_idx
+                .iter()
+                .map(|i| distinct.partition_point(|d| d < i) as i64)
+                .collect();
+            let ti = idx(&txt_idx);
             let logits = m.itm_logits(
                 &all_text.index_select(0, &ti),
                 &all_eot.index_select(0, &ti),
-                &all_image.index_select(0, &ii),
+                &all_image.index_select(0, &idx(&distinct)),
+                Some(&idx(&image_of)),
             )?;
             let sum = logits.to_kind(kind).cross_entropy_loss::<Tensor>(
                 &idx(&labels),
