@@ -103,3 +103,71 @@ fn frequencies_follow_the_softmax_of_the_similarities() {
         );
     }
 }
+
+#[test]
+fn fusion_presets_add_the_encoder_and_leave_the_others_unchanged() {
+    use ferroclip_worker::model::{is_extra_key, Clip, Heads, ModelConfig};
+    let base = ModelConfig::preset("ViT-B-16").expect("preset");
+    assert_eq!(base.fusion_layers, 0);
+    let fused = ModelConfig::preset("ViT-B-16-fusion").expect("preset");
+    assert_eq!(fused.fusion_layers, 6);
+    assert_eq!(
+        ModelConfig {
+            fusion_layers: 0,
+            ..fused
+        },
+        base
+    );
+    assert_eq!(
+        ModelConfig::preset("tiny-fusion")
+            .expect("preset")
+            .fusion_layers,
+        2
+    );
+    assert!(ModelConfig::preset("ViT-B-99-fusion").is_err());
+    // The new tensors are ferroclip's own keys, named as ARCHITECTURE.md documents.
+    let mut c = ModelConfig::preset("tiny-fusion").expect("preset");
+    c.fusion_layers = 1;
+    let m = Clip::new(&c, Heads::default(), 0, Kind::Float).expect("model");
+    let names: Vec<&str> = m
+        .params
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| is_extra_key(n))
+        .collect();
+    for want in [
+        "fusion.resblocks.0.attn.in_proj_weight",
+        "fusion.resblocks.0.cross_attn.q_proj_weight",
+        "fusion.resblocks.0.cross_attn.k_proj_weight",
+        "fusion.resblocks.0.cross_attn.v_proj_weight",
+        "fusion.resblocks.0.cross_attn.in_proj_bias",
+        "fusion.resblocks.0.cross_attn.out_proj.weight",
+        "fusion.resblocks.0.ln_cross.weight",
+        "fusion.resblocks.0.mlp.c_proj.bias",
+        "fusion.ln_final.weight",
+        "itm_head.weight",
+        "itm_head.bias",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert_eq!(
+        m.params
+            .get("fusion.resblocks.0.cross_attn.k_proj_weight")
+            .expect("k")
+            .size(),
+        [128, 128]
+    );
+    assert_eq!(
+        m.params.get("itm_head.weight").expect("head").size(),
+        [2, 128]
+    );
+    // Not counted as OpenCLIP's parameters.
+    let plain = Clip::new(
+        &ModelConfig::preset("tiny").expect("preset"),
+        Heads::default(),
+        0,
+        Kind::Float,
+    )
+    .expect("model");
+    assert_eq!(m.num_clip_params(), plain.num_clip_params());
+}
