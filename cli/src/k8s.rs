@@ -48,8 +48,9 @@ pub struct RenderArgs {
     #[arg(long, default_value = concat!("ferroclip-worker:", env!("CARGO_PKG_VERSION")))]
     pub worker_image: String,
     /// Dataset root (holds manifest.json) in object storage; replaces `data.root` of the config.
+    /// Without it the config's `data.root` or `data.sources` are used (object-store URLs).
     #[arg(long)]
-    pub data: String,
+    pub data: Option<String>,
     /// The run's run.toml; it goes into a ConfigMap with every default filled in.
     #[arg(long)]
     pub config: String,
@@ -112,8 +113,6 @@ fn plan(args: &RenderArgs) -> Result<RunSpec> {
     }
     check_image("--image", &args.image)?;
     check_image("--worker-image", &args.worker_image)?;
-    check_store_url("--data", &args.data)?;
-
     let mut cfg =
         RunConfig::load(&args.config).with_context(|| format!("--config {}", args.config))?;
     let run_dir = match &args.run_dir {
@@ -129,7 +128,30 @@ fn plan(args: &RenderArgs) -> Result<RunSpec> {
         }
     };
     cfg.run.dir = run_dir.clone();
-    cfg.data.root = args.data.clone();
+    match &args.data {
+        Some(data) => {
+            check_store_url("--data", data)?;
+            if !cfg.data.sources.is_empty() {
+                bail!(
+                    "--data replaces data.root, but {} mixes data.sources: leave out --data",
+                    args.config
+                );
+            }
+        }
+        None => {
+            for (i, s) in cfg.data.sources().iter().enumerate() {
+                let what = match cfg.data.sources.is_empty() {
+                    true => format!("data.root in {}", args.config),
+                    false => format!("data.sources[{i}].root in {}", args.config),
+                };
+                check_store_url(&what, &s.root)
+                    .context("pods share no disk; use object-store URLs or pass --data")?;
+            }
+        }
+    }
+    if let Some(data) = &args.data {
+        cfg.data.root = Some(data.clone());
+    }
 
     let backend = if args.cpu {
         Backend::Ring

@@ -161,7 +161,7 @@ fn gpu_run_has_an_indexed_job_with_gpus_and_a_probed_coordinator() {
     assert_eq!(svc_ports, [50051, 8080]);
 
     let cfg = run_config(&docs, "ferroclip");
-    assert_eq!(cfg.data.root, "s3://bucket/laion");
+    assert_eq!(cfg.data.root.as_deref(), Some("s3://bucket/laion"));
     assert_eq!(cfg.model.preset, "ViT-B-16");
     assert_eq!(cfg.cluster.backend, Backend::Nccl);
     assert_eq!(cfg.cluster.max_workers, 32);
@@ -186,7 +186,7 @@ fn cpu_run_asks_for_no_gpus_and_uses_the_ring() {
     let cfg = run_config(&docs, "ferroclip");
     assert_eq!(cfg.cluster.backend, Backend::Ring);
     assert_eq!(cfg.model.preset, "tiny");
-    assert_eq!(cfg.data.root, "s3://bucket/small");
+    assert_eq!(cfg.data.root.as_deref(), Some("s3://bucket/small"));
 }
 
 #[test]

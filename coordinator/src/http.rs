@@ -259,6 +259,10 @@ async fn status(
         "epochs": run.config.run.epochs,
         "epoch_progress": s.epoch_progress,
         "samples_per_s": run.throughput(),
+        // Per source of data.sources (one entry for data.root): samples used by committed steps.
+        "sources": run.source_samples().iter().zip(run.config.data.sources()).map(|((root, n), s)| {
+            serde_json::json!({"root": root, "weight": s.weight, "samples": n})
+        }).collect::<Vec<_>>(),
         "uptime_s": run.started.elapsed().as_secs_f64(),
         "last_checkpoint": s.last_checkpoint,
         "checkpoint_age_s": run.checkpoint_age_s(),

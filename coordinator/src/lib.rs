@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ferroclip_plan::{EpochPlan, Source};
 use ferroclip_proto::config::RunConfig;
 use ferroclip_proto::v1::coordinator_server::CoordinatorServer;
 use ferroclip_shards::store::Location;
@@ -131,22 +132,64 @@ impl Drop for Handle {
     }
 }
 
-pub async fn serve(opts: ServeOptions) -> Result<Handle> {
-    let cfg = opts.config.clone();
-    let dataset = Dataset::open(&cfg.data.root, &opts.store)
-        .await
-        .with_context(|| format!("opening the dataset {}", cfg.data.root))?;
-    let blocks = dataset
-        .blocks(&cfg.data.train_split)
-        .with_context(|| format!("dataset {} split {}", cfg.data.root, cfg.data.train_split))?;
-    if blocks.is_empty() {
-        bail!(
-            "dataset {} has no blocks in split {:?}",
-            cfg.data.root,
-            cfg.data.train_split
+/// Every source's train-split block sizes with its weight, in `data.sources` order.
+async fn open_sources(cfg: &RunConfig, store: &StoreOptions) -> Result<Vec<Source>> {
+    let split = &cfg.data.train_split;
+    let mut out = Vec::new();
+    for (i, src) in cfg.data.sources().into_iter().enumerate() {
+        let dataset = Dataset::open(&src.root, store)
+            .await
+            .with_context(|| format!("opening the dataset {} (data source {i})", src.root))?;
+        let blocks = dataset
+            .blocks(split)
+            .with_context(|| format!("dataset {} split {split}", src.root))?;
+        if blocks.is_empty() {
+            bail!("dataset {} has no blocks in split {split:?}", src.root);
+        }
+        out.push(Source {
+            block_rows: blocks.iter().map(|b| b.rows).collect(),
+            weight: src.weight,
+        });
+    }
+    Ok(out)
+}
+
+/// Says at start how a mixed plan's epochs end: when the sources' sizes are not in the ratio
+/// of their weights, the relatively smaller one runs out first and the tail holds the others.
+fn log_mix(run: &mut Run, sources: &[Source]) {
+    let roots = run.config.data.sources();
+    if roots.len() < 2 {
+        return;
+    }
+    let (seed, window) = (run.config.run.seed, run.config.data.shuffle_window_blocks);
+    let plan = EpochPlan::mixed(seed, 0, sources, window);
+    let (unmixed, len) = (plan.unmixed_rows(), plan.len().max(1));
+    let share = 100.0 * unmixed as f64 / len as f64;
+    let names: Vec<String> = roots
+        .iter()
+        .map(|s| format!("{} (weight {})", s.root, s.weight))
+        .collect();
+    if unmixed * 100 > len {
+        let message = format!(
+            "data.sources: the sources' sizes are not in the ratio of their weights: the last {unmixed} of {len} samples of each epoch ({share:.1} %) come from fewer than all of {}",
+            names.join(", ")
+        );
+        tracing::warn!(unmixed, epoch = len, "{message}");
+        run.event("data", message);
+    } else {
+        run.event(
+            "data",
+            format!(
+                "mixing {} over the whole epoch ({len} samples)",
+                names.join(", ")
+            ),
         );
     }
-    let block_rows: Vec<u32> = blocks.iter().map(|b| b.rows).collect();
+}
+
+pub async fn serve(opts: ServeOptions) -> Result<Handle> {
+    let cfg = opts.config.clone();
+    let sources = open_sources(&cfg, &opts.store).await?;
 
     let journal_url = opts
         .journal
@@ -160,7 +203,8 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
     let dir = Location::open(&journal_url, &store)
         .with_context(|| format!("journal location {journal_url}"))?;
     let mut journal = Journal::new(dir, budget);
-    let mut run = Run::new(cfg.clone(), block_rows);
+    let mut run = Run::mixed(cfg.clone(), sources.clone());
+    log_mix(&mut run, &sources);
     match journal.claim(opts.fresh).await? {
         Some(loaded) => {
             if let Some(why) = run.identity.mismatch(&loaded.snapshot.identity) {

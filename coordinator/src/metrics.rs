@@ -53,6 +53,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Samples consumed by committed steps.",
     ),
     (
+        "ferroclip_source_samples_total",
+        "counter",
+        "Samples of each data source (data.sources, or data.root) consumed by committed steps.",
+    ),
+    (
         "ferroclip_step_seconds",
         "gauge",
         "Wall time of the last committed step (mean over ranks).",
@@ -255,6 +260,13 @@ pub fn samples(run: &Run, service: Service) -> Vec<Sample> {
     p.put("ferroclip_epoch", &[], epoch as f64);
     p.put("ferroclip_epoch_progress", &[], progress);
     p.put("ferroclip_samples_per_second", &[], run.throughput());
+    for (source, n) in run.source_samples() {
+        p.put(
+            "ferroclip_source_samples_total",
+            &[("source", source)],
+            n as f64,
+        );
+    }
     if let Some(last) = run.history.back() {
         let m = &last.metrics;
         let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);

@@ -116,7 +116,7 @@ async fn committed_figures_become_metrics() {
     ]);
     ferroclip_shards::cli::run(synth.args).await.expect("synth");
     let mut cfg = RunConfig::default();
-    cfg.data.root = data;
+    cfg.data.root = Some(data);
     cfg.run.dir = tmp.path().join("run").to_string_lossy().to_string();
     cfg.run.steps = 10;
     cfg.optim.global_batch = 8;

@@ -43,7 +43,7 @@ async fn synth(dir: &std::path::Path) -> String {
 
 fn config(data: &str, run_dir: &std::path::Path) -> RunConfig {
     let mut c = RunConfig::default();
-    c.data.root = data.into();
+    c.data.root = Some(data.into());
     c.run.dir = run_dir.to_string_lossy().to_string();
     c.run.steps = 50;
     c.optim.global_batch = 8;

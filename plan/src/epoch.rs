@@ -2,11 +2,14 @@
 //! (seed, epoch, manifest) that does not depend on the world size, so a run can resume on
 //! another number of workers and still see every sample once per epoch.
 //!
-//! Blocks (Parquet row groups) are permuted; consecutive windows of `window` blocks form a
+//! Blocks (Parquet row groups) are permuted (with several sources, each source's and then merged
+//! by weight: `mix`); consecutive windows of `window` blocks form a
 //! *chunk*, the unit the coordinator leases to a rank; rows inside a chunk are shuffled
 //! together. A cursor is an offset into a chunk's sample order.
 
 use serde::{Deserialize, Serialize};
+
+use crate::mix::{merge, Source};
 
 /// One use of a sample: row `row` of block `block` (blocks numbered as
 /// `shards::Dataset::blocks`) in epoch `epoch`. The epoch is part of the identity because each
@@ -43,18 +46,34 @@ pub struct EpochPlan {
     block_rows: Vec<u32>,
     chunks: Vec<Chunk>,
     len: u64,
+    unmixed: u64,
 }
 
 impl EpochPlan {
     /// `block_rows[i]` is the row count of block `i`; `window` blocks are shuffled together.
     pub fn new(seed: u64, epoch: u32, block_rows: &[u32], window: u32) -> Self {
+        Self::mixed(seed, epoch, &Source::single(block_rows.to_vec()), window)
+    }
+
+    /// The plan of several sources (`mix`): blocks numbered globally, each source's permuted
+    /// on its own, merged by weight, then cut into chunks of `window` blocks. One source is
+    /// exactly the unmixed plan.
+    pub fn mixed(seed: u64, epoch: u32, sources: &[Source], window: u32) -> Self {
         let window = window.max(1) as usize;
-        let mut order: Vec<u32> = (0..block_rows.len() as u32).collect();
-        shuffle(
-            &mut order,
-            &mut SplitMix64::new(mix(&[seed, epoch as u64, 0xb10c])),
-        );
-        let chunks: Vec<Chunk> = order
+        let merged = merge(sources, |i, blocks| {
+            // Source 0 keeps the unmixed plan's key, so single-dataset plans never change.
+            let key = match i {
+                0 => mix(&[seed, epoch as u64, 0xb10c]),
+                i => mix(&[seed, epoch as u64, 0xb10c, i as u64]),
+            };
+            shuffle(blocks, &mut SplitMix64::new(key));
+        });
+        let block_rows: Vec<u32> = sources
+            .iter()
+            .flat_map(|s| s.block_rows.iter().copied())
+            .collect();
+        let chunks: Vec<Chunk> = merged
+            .order
             .chunks(window)
             .map(|blocks| Chunk {
                 blocks: blocks.to_vec(),
@@ -65,10 +84,16 @@ impl EpochPlan {
         Self {
             seed,
             epoch,
-            block_rows: block_rows.to_vec(),
+            block_rows,
             chunks,
             len,
+            unmixed: merged.unmixed_rows,
         }
+    }
+
+    /// Samples at the end of the epoch that come from fewer than all sources (one ran out).
+    pub fn unmixed_rows(&self) -> u64 {
+        self.unmixed
     }
 
     pub fn epoch(&self) -> u32 {
@@ -197,6 +222,21 @@ mod tests {
             "window shuffle should interleave blocks: {first:?}"
         );
         assert_eq!(plan.chunks().len(), 1);
+    }
+
+    #[test]
+    fn one_source_keeps_the_pre_mixing_block_order() {
+        // Journals and checkpoints of single-dataset runs hold positions in these plans.
+        let rows = [3u32; 17];
+        let plan = EpochPlan::new(11, 2, &rows, 4);
+        let mut order: Vec<u32> = (0..17).collect();
+        shuffle(&mut order, &mut SplitMix64::new(mix(&[11, 2, 0xb10c])));
+        let blocks: Vec<u32> = plan
+            .chunks()
+            .iter()
+            .flat_map(|c| c.blocks.clone())
+            .collect();
+        assert_eq!(blocks, order);
     }
 
     #[test]

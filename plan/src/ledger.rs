@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::epoch::{EpochPlan, SampleRef};
+use crate::mix::{Blocks, Source};
 
 /// A chunk of one epoch's plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -38,6 +39,9 @@ pub struct DataState {
     pub leases: BTreeMap<u32, Vec<ChunkId>>,
     /// Samples used by the steps up to this state.
     pub consumed: u64,
+    /// Of those, per source of a mixed plan (empty with one source: all are `consumed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_source: Vec<u64>,
     /// Set when every epoch of the run is used up.
     pub exhausted: bool,
 }
@@ -128,7 +132,8 @@ impl Bound {
 pub struct Ledger {
     seed: u64,
     window: u32,
-    block_rows: Vec<u32>,
+    sources: Vec<Source>,
+    blocks: Blocks,
     bound: Bound,
     plans: BTreeMap<u32, EpochPlan>,
     /// Shuffled sample orders of chunks in use: each NextStep reads a slice of one instead of
@@ -141,10 +146,16 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(seed: u64, window: u32, block_rows: Vec<u32>, bound: Bound) -> Self {
+        Self::mixed(seed, window, Source::single(block_rows), bound)
+    }
+
+    /// A ledger over the mixed plan of several sources (`mix`; one source = `new`).
+    pub fn mixed(seed: u64, window: u32, sources: Vec<Source>, bound: Bound) -> Self {
         Self {
             seed,
             window,
-            block_rows,
+            blocks: Blocks::of(&sources),
+            sources,
             bound,
             plans: BTreeMap::new(),
             orders: HashMap::new(),
@@ -240,10 +251,10 @@ impl Ledger {
             self.plans.pop_first();
         }
         let (seed, window) = (self.seed, self.window);
-        let rows = &self.block_rows;
+        let sources = &self.sources;
         self.plans
             .entry(epoch)
-            .or_insert_with(|| EpochPlan::new(seed, epoch, rows, window))
+            .or_insert_with(|| EpochPlan::mixed(seed, epoch, sources, window))
     }
 
     /// The samples of a span, in feed order.
@@ -312,6 +323,9 @@ impl Ledger {
             return None;
         }
         state.consumed += fed as u64;
+        if self.sources.len() > 1 {
+            self.count_sources(&mut state, &ranks);
+        }
         let assignment = StepAssignment {
             step,
             ranks,
@@ -320,6 +334,37 @@ impl Ledger {
         };
         self.pending.insert(step, assignment);
         self.pending.get(&step)
+    }
+
+    /// The global block numbering of the sources.
+    pub fn blocks(&self) -> &Blocks {
+        &self.blocks
+    }
+
+    /// Samples of each source used by the steps up to `state` (one source: `consumed`).
+    pub fn source_samples(&self, state: &DataState) -> Vec<u64> {
+        if self.sources.len() <= 1 {
+            return vec![state.consumed];
+        }
+        let mut counts = state.by_source.clone();
+        counts.resize(self.sources.len(), 0);
+        counts
+    }
+
+    /// Adds a step's samples to their sources' counts (read from the cached chunk orders that
+    /// NextStep answers from anyway).
+    fn count_sources(&mut self, state: &mut DataState, ranks: &[Vec<Span>]) {
+        state.by_source.resize(self.sources.len(), 0);
+        for span in ranks.iter().flatten() {
+            let order = self.chunk_order(span.chunk);
+            let to = (span.to as usize).min(order.len());
+            let from = (span.from as usize).min(to);
+            for s in &order[from..to] {
+                if let Some((source, _)) = self.blocks.locate(s.block) {
+                    state.by_source[source] += 1;
+                }
+            }
+        }
     }
 
     /// Whether another step can be assigned after the committed and pending ones (the step

@@ -1,13 +1,15 @@
 //! Which samples every optimizer step feeds: the epoch plan (a pure function of seed, epoch
-//! and the manifest's block sizes) and the ledger over it (assignments of steps to ranks,
+//! and the manifests' block sizes, several sources mixed by weight) and the ledger over it (assignments of steps to ranks,
 //! commits, regroups and rollbacks). No I/O and no clock, so the coordinator, the single-process
 //! trainer and the tests all run the very same rules.
 
 pub mod epoch;
 pub mod ledger;
+pub mod mix;
 
 pub use epoch::{Chunk, EpochPlan, SampleRef};
 pub use ledger::{Bound, ChunkId, DataState, Ledger, PendingStep, Span, StepAssignment};
+pub use mix::{Blocks, Source};
 
 /// Optimizer steps of a run. Step-limited (`steps > 0`): `steps`. Epoch-limited: every step
 /// feeds a full global batch, steps run across epoch boundaries, so the run takes

@@ -57,7 +57,7 @@ fn synth(dir: &Path) -> String {
 
 fn config(data: &str) -> RunConfig {
     let mut c = RunConfig::default();
-    c.data.root = data.to_string();
+    c.data.root = Some(data.to_string());
     let m = &mut c.model;
     m.preset = "custom".into();
     (m.embed_dim, m.image_size, m.patch_size) = (Some(32), Some(16), Some(4));

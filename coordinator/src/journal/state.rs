@@ -55,6 +55,38 @@ impl Identity {
         }
     }
 
+    /// The identity of a run over `sources` (root, weight) whose splits have these blocks. One
+    /// source is `new`'s identity (journals from before mixing resume); several name every root
+    /// and weight, and the hash also covers where each source's blocks end.
+    pub fn of_sources(
+        run_name: &str,
+        seed: u64,
+        sources: &[(String, f64)],
+        train_split: &str,
+        plan: &[ferroclip_plan::Source],
+    ) -> Self {
+        let rows: Vec<u32> = plan
+            .iter()
+            .flat_map(|s| s.block_rows.iter().copied())
+            .collect();
+        if let [(root, _)] = sources {
+            return Self::new(run_name, seed, root, train_split, &rows);
+        }
+        let data_root = sources
+            .iter()
+            .map(|(root, w)| format!("{} (weight {w})", root.trim_end_matches('/')))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let mut id = Self::new(run_name, seed, &data_root, train_split, &rows);
+        for s in plan {
+            for b in (s.block_rows.len() as u64).to_le_bytes() {
+                id.layout_hash ^= u64::from(b);
+                id.layout_hash = id.layout_hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        id
+    }
+
     /// Why `other` (a journal's) is not this run's, if it is not.
     pub fn mismatch(&self, other: &Identity) -> Option<String> {
         if self.run_name != other.run_name {

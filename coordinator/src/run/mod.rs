@@ -20,7 +20,7 @@ pub mod types;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use ferroclip_plan::{Bound, Ledger};
+use ferroclip_plan::{Bound, Ledger, Source};
 use ferroclip_proto::config::RunConfig;
 
 use crate::journal::{CheckpointRecord, Identity, Record, Snapshot, Summary};
@@ -63,6 +63,8 @@ pub struct Run {
     /// last of an epoch-limited run).
     total_steps: u64,
     pub block_count: u32,
+    /// The roots of `data.sources` in plan order (per-source counts are labelled by them).
+    source_roots: Vec<String>,
     /// Ctrl-C / SIGTERM of the launcher: end the run at the next step boundary.
     stop_requested: bool,
     /// Ranks of the current generation.
@@ -72,19 +74,31 @@ pub struct Run {
 }
 
 impl Run {
+    /// A run over one dataset with these block sizes (tests; `mixed` is the general case).
     pub fn new(config: RunConfig, block_rows: Vec<u32>) -> Self {
-        let identity = Identity::new(
+        Self::mixed(config, Source::single(block_rows))
+    }
+
+    /// A run over `config.data.sources()`, whose train splits have `sources`' block sizes.
+    pub fn mixed(config: RunConfig, sources: Vec<Source>) -> Self {
+        let named: Vec<(String, f64)> = config
+            .data
+            .sources()
+            .into_iter()
+            .map(|s| (s.root, s.weight))
+            .collect();
+        let identity = Identity::of_sources(
             &config.run.name,
             config.run.seed,
-            &config.data.root,
+            &named,
             &config.data.train_split,
-            &block_rows,
+            &sources,
         );
-        let block_count = block_rows.len() as u32;
-        let mut ledger = Ledger::new(
+        let block_count = sources.iter().map(|s| s.block_rows.len() as u32).sum();
+        let mut ledger = Ledger::mixed(
             config.run.seed,
             config.data.shuffle_window_blocks,
-            block_rows,
+            sources,
             Bound::of(config.run.steps, config.run.epochs),
         );
         let epoch_len = ledger.epoch_len();
@@ -113,6 +127,7 @@ impl Run {
             epoch_len,
             total_steps,
             block_count,
+            source_roots: named.into_iter().map(|(root, _)| root).collect(),
             stop_requested: false,
             generation_world: 0,
         }
@@ -201,6 +216,16 @@ impl Run {
             (state.consumed.saturating_sub(done_before)) as f64 / self.epoch_len as f64
         };
         (state.epoch, frac.min(1.0))
+    }
+
+    /// (root, samples of it used by committed steps) per source of `data.sources`.
+    pub fn source_samples(&self) -> Vec<(&str, u64)> {
+        let counts = self.ledger.source_samples(self.ledger.committed_state());
+        self.source_roots
+            .iter()
+            .map(String::as_str)
+            .zip(counts)
+            .collect()
     }
 
     /// Samples per second over the last steps.

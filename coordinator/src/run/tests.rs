@@ -491,3 +491,64 @@ fn a_join_abandoned_while_forming_is_forgotten() {
     assert!(sim.run.placement("a").is_none());
     assert_eq!(sim.place["b"].world_size, 2);
 }
+
+fn mixed_config(sources: &[(&str, f64)]) -> RunConfig {
+    let mut cfg = config(1, 10, 2);
+    cfg.data.sources = sources
+        .iter()
+        .map(|(root, weight)| ferroclip_proto::config::DataSource {
+            root: root.to_string(),
+            weight: *weight,
+        })
+        .collect();
+    cfg
+}
+
+fn mixed_sources(rows: &[(u32, usize, f64)]) -> Vec<ferroclip_plan::Source> {
+    rows.iter()
+        .map(|&(r, n, weight)| ferroclip_plan::Source {
+            block_rows: vec![r; n],
+            weight,
+        })
+        .collect()
+}
+
+#[test]
+fn a_mixed_run_counts_each_source_and_its_journal_names_the_sources() {
+    let cfg = mixed_config(&[("s3://b/big", 3.0), ("s3://b/small", 1.0)]);
+    let sources = mixed_sources(&[(10, 30, 3.0), (10, 10, 1.0)]);
+    let mut sim = Sim {
+        run: Run::mixed(cfg.clone(), sources.clone()),
+        now: Instant::now(),
+        place: HashMap::new(),
+        applied: HashMap::new(),
+        sizes: Vec::new(),
+    };
+    sim.form(&["a", "b"]);
+    sim.run_to_the_end();
+    assert!(sim.run.finished());
+    assert_eq!(
+        sim.run.source_samples(),
+        [("s3://b/big", 300), ("s3://b/small", 100)]
+    );
+    // A restart resumes the counts from the journal's snapshot.
+    let mut restarted = Run::mixed(cfg.clone(), sources.clone());
+    restarted.restore(sim.run.snapshot()).expect("restore");
+    assert_eq!(restarted.source_samples(), sim.run.source_samples());
+    // Other weights, another source or another order is another run.
+    for other in [
+        mixed_config(&[("s3://b/big", 2.0), ("s3://b/small", 1.0)]),
+        mixed_config(&[("s3://b/small", 1.0), ("s3://b/big", 3.0)]),
+        mixed_config(&[("s3://b/big", 3.0), ("s3://b/other", 1.0)]),
+    ] {
+        let run = Run::mixed(other, sources.clone());
+        let why = run.identity.mismatch(&sim.run.identity).expect("refused");
+        assert!(why.contains("s3://b/small (weight 1)"), "{why}");
+    }
+    // A single root keeps the identity it had before mixing existed.
+    let mut single = config(1, 10, 2);
+    single.data.root = Some("s3://b/big".into());
+    let run = Run::new(single, vec![10; 30]);
+    assert_eq!(run.identity.data_root, "s3://b/big");
+    assert_eq!(run.source_samples(), [("s3://b/big", 0)]);
+}

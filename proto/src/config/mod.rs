@@ -20,7 +20,7 @@ pub enum ConfigError {
     #[error("invalid config {path}: {field}: {message}")]
     Invalid {
         path: String,
-        field: &'static str,
+        field: String,
         message: String,
     },
 }
@@ -59,8 +59,14 @@ pub struct RunSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// Dataset root (holds manifest.json): a path or an object-store URL.
-    pub root: String,
+    /// Dataset root (holds manifest.json): a path or an object-store URL. Absent: `sources`,
+    /// or `DEFAULT_ROOT` when neither is set. Use `sources()` rather than this field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+    /// Several datasets mixed by weight in one epoch plan (excludes `root`): every sample of
+    /// every source once per epoch, the weights setting the interleave rate (`ferroclip_plan::mix`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<DataSource>,
     pub train_split: String,
     pub val_split: String,
     /// Blocks (row groups) whose samples are shuffled together in the epoch plan.
@@ -73,6 +79,49 @@ pub struct DataSection {
     pub crop_scale: [f64; 2],
     /// Tokenizer: "clip" (CLIP BPE) or a path to a Hugging Face tokenizer.json.
     pub tokenizer: String,
+}
+
+/// One dataset of `data.sources`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSource {
+    /// Dataset root (holds manifest.json).
+    pub root: String,
+    /// Relative rate at which its samples are interleaved (finite, > 0; default 1).
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl DataSection {
+    /// The dataset used when the config names none.
+    pub const DEFAULT_ROOT: &'static str = "data/synth";
+
+    /// The run's datasets in plan order: `sources`, else `root` as one source of weight 1.
+    pub fn sources(&self) -> Vec<DataSource> {
+        if !self.sources.is_empty() {
+            return self.sources.clone();
+        }
+        vec![DataSource {
+            root: self
+                .root
+                .clone()
+                .unwrap_or_else(|| Self::DEFAULT_ROOT.into()),
+            weight: 1.0,
+        }]
+    }
+
+    /// The data as logs and errors name it: the root, or the roots joined by " + ".
+    pub fn describe(&self) -> String {
+        self.sources()
+            .iter()
+            .map(|s| s.root.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,7 +368,8 @@ impl Default for RunSection {
 impl Default for DataSection {
     fn default() -> Self {
         Self {
-            root: "data/synth".into(),
+            root: None,
+            sources: Vec::new(),
             train_split: "train".into(),
             val_split: "val".into(),
             shuffle_window_blocks: 4,

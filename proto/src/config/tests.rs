@@ -123,3 +123,70 @@ fn itm_needs_a_fusion_encoder_and_no_micro_batches() {
         RunConfig::parse(ok, "a.toml").expect(ok);
     }
 }
+
+#[test]
+fn data_sources_mix_several_datasets() {
+    let cfg = RunConfig::parse(
+        "[data]\nsources = [{ root = \"a\", weight = 3.0 }, { root = \"s3://b/c\" }]\n",
+        "m.toml",
+    )
+    .expect("parse");
+    let s = cfg.data.sources();
+    assert_eq!((s[0].root.as_str(), s[0].weight), ("a", 3.0));
+    assert_eq!((s[1].root.as_str(), s[1].weight), ("s3://b/c", 1.0));
+    assert_eq!(cfg.data.describe(), "a + s3://b/c");
+    let back = RunConfig::parse(&cfg.to_toml(), "mem").expect("round trip");
+    assert_eq!(back, cfg);
+    // data.root alone is one source of weight 1; neither is the default dataset.
+    let one = RunConfig::parse("[data]\nroot = \"d\"\n", "r.toml").expect("parse");
+    assert_eq!(one.data.sources().len(), 1);
+    assert_eq!(one.data.sources()[0].weight, 1.0);
+    assert_eq!(
+        RunConfig::default().data.describe(),
+        DataSection::DEFAULT_ROOT
+    );
+}
+
+#[test]
+fn bad_data_sources_name_the_field() {
+    for (text, field) in [
+        (
+            "[data]\nroot = \"a\"\nsources = [{ root = \"b\" }]\n",
+            "data.sources",
+        ),
+        (
+            "[data]\nsources = [{ root = \"a\" }, { root = \"b\", weight = 0.0 }]\n",
+            "data.sources[1].weight",
+        ),
+        (
+            "[data]\nsources = [{ root = \"a\", weight = nan }]\n",
+            "data.sources[0].weight",
+        ),
+        (
+            "[data]\nsources = [{ root = \"a\", weight = -1.0 }]\n",
+            "data.sources[0].weight",
+        ),
+        (
+            "[data]\nsources = [{ root = \"a\", weight = inf }]\n",
+            "data.sources[0].weight",
+        ),
+        (
+            "[data]\nsources = [{ root = \"\" }]\n",
+            "data.sources[0].root",
+        ),
+        (
+            "[data]\nsources = [{ root = \"a\" }, { root = \"a/\" }]\n",
+            "data.sources[1].root",
+        ),
+    ] {
+        let err = RunConfig::parse(text, "m.toml").unwrap_err().to_string();
+        assert!(err.contains(&format!("{field}:")), "{text}: {err}");
+    }
+    let err = RunConfig::parse(
+        "[data]\nroot = \"a\"\nsources = [{ root = \"b\" }]\n",
+        "m.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("data.root"), "{err}");
+}

@@ -5,9 +5,9 @@ use super::{ConfigError, RunConfig};
 
 impl RunConfig {
     pub(super) fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let bad = |field: &'static str, message: String| ConfigError::Invalid {
+        let bad = |field: &str, message: String| ConfigError::Invalid {
             path: origin.to_string(),
-            field,
+            field: field.to_string(),
             message,
         };
         if self.optim.global_batch == 0 {
@@ -137,6 +137,7 @@ impl RunConfig {
                 ));
             }
         }
+        self.validate_sources(origin)?;
         let [lo, hi] = self.data.crop_scale;
         // Written so that NaN fails every comparison into the error.
         if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
@@ -144,6 +145,44 @@ impl RunConfig {
                 "data.crop_scale",
                 format!("{:?} is not 0 < lo <= hi <= 1", self.data.crop_scale),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_sources(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |field: String, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            field,
+            message,
+        };
+        let d = &self.data;
+        if d.root.is_some() && !d.sources.is_empty() {
+            return Err(bad(
+                "data.sources".into(),
+                "is set together with data.root: give one dataset as data.root or several as data.sources, not both".into(),
+            ));
+        }
+        for (i, s) in d.sources.iter().enumerate() {
+            if s.root.trim().is_empty() {
+                return Err(bad(format!("data.sources[{i}].root"), "is empty".into()));
+            }
+            // Written so that NaN fails the comparison into the error.
+            if !(s.weight > 0.0 && s.weight.is_finite()) {
+                return Err(bad(
+                    format!("data.sources[{i}].weight"),
+                    format!("must be a finite number > 0, got {}", s.weight),
+                ));
+            }
+            let root = s.root.trim_end_matches('/');
+            if let Some(j) = d.sources[..i]
+                .iter()
+                .position(|o| o.root.trim_end_matches('/') == root)
+            {
+                return Err(bad(
+                    format!("data.sources[{i}].root"),
+                    format!("{root} is also data.sources[{j}]: a dataset is one source"),
+                ));
+            }
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferroclip_plan::{Bound, DataState, Ledger};
+use ferroclip_plan::{Bound, DataState, EpochPlan, Ledger};
 use ferroclip_proto::config::RunConfig;
 use ferroclip_shards::{StoreArgs, StoreOptions};
 
@@ -118,19 +118,23 @@ fn spawn_batches(
 pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
     let store = pipeline::run_store(cfg, &args.store.options());
     let (loader, tok) = pipeline::train_loader(cfg, &store)?;
-    let block_rows = loader.block_rows().to_vec();
-    let per_epoch: u64 = block_rows.iter().map(|&r| r as u64).sum();
+    let sources = pipeline::plan_sources(cfg, &loader);
+    let per_epoch: u64 = sources.iter().map(|s| s.rows()).sum();
     if per_epoch == 0 {
         bail!(
             "{}: split {:?} has no samples",
-            cfg.data.root,
+            cfg.data.describe(),
             cfg.data.train_split
         );
     }
-    let mut ledger = Ledger::new(
+    pipeline::log_mix(
+        cfg,
+        &EpochPlan::mixed(cfg.run.seed, 0, &sources, cfg.data.shuffle_window_blocks),
+    );
+    let mut ledger = Ledger::mixed(
         cfg.run.seed,
         cfg.data.shuffle_window_blocks,
-        block_rows,
+        sources,
         Bound::of(cfg.run.steps, cfg.run.epochs),
     );
     let gb = cfg.optim.global_batch.max(1);
@@ -250,7 +254,7 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
                 let r = super::eval::evaluate(
                     &trainer.model,
                     tok.clone(),
-                    &cfg.data.root,
+                    &val.root,
                     &store,
                     &val.split,
                     cfg.eval.max_samples as usize,
@@ -286,26 +290,29 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
     Ok(summary)
 }
 
-/// The val split, when the dataset has one with samples (eval is skipped otherwise).
+/// The val split, when the dataset has one with samples (eval is skipped otherwise). With
+/// several sources, the first one's.
 struct ValSet {
+    root: String,
     split: String,
 }
 
 impl ValSet {
     fn check(cfg: &RunConfig, store: &StoreOptions) -> Option<ValSet> {
         let split = cfg.data.val_split.clone();
+        let root = cfg.data.sources().into_iter().next()?.root;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .ok()?;
         let ds = rt
-            .block_on(ferroclip_shards::Dataset::open(&cfg.data.root, store))
+            .block_on(ferroclip_shards::Dataset::open(&root, store))
             .ok()?;
         let rows: u64 = ds.blocks(&split).ok()?.iter().map(|b| b.rows as u64).sum();
         if rows == 0 {
-            tracing::info!("no {split:?} samples in {}: eval skipped", cfg.data.root);
+            tracing::info!("no {split:?} samples in {root}: eval skipped");
             return None;
         }
-        Some(ValSet { split })
+        Some(ValSet { root, split })
     }
 }

@@ -1,10 +1,14 @@
 //! Sample references → [`Batch`]: fetch the blocks (one ranged GET each, prefetched ahead on a
 //! small tokio runtime, kept in an LRU cache bounded by bytes), then decode/augment images and
 //! tokenise captions on a rayon pool, and collate in the order asked.
+//!
+//! A loader may read several datasets (`data.sources`): blocks are then numbered globally, as
+//! the epoch plan numbers them (`ferroclip_plan::Blocks`), and each maps back to its dataset.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use ferroclip_plan::Blocks;
 use ferroclip_shards::{Dataset, Sample, ShardsError, StoreOptions};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use rayon::prelude::*;
@@ -84,9 +88,15 @@ type Fetched = Result<Arc<Vec<Sample>>, Arc<ShardsError>>;
 type Fetch = Shared<BoxFuture<'static, Fetched>>;
 
 pub struct Loader {
-    dataset: Dataset,
+    /// The sources in plan order (one unless the run mixes datasets).
+    datasets: Vec<Dataset>,
     split: String,
+    /// Global block number → (source, its block).
+    blocks: Blocks,
+    /// Rows per global block.
     block_rows: Vec<u32>,
+    /// Rows per block of each source.
+    source_rows: Vec<Vec<u32>>,
     transform: ImageTransform,
     tokenizer: Arc<Tokenizer>,
     pool: rayon::ThreadPool,
@@ -120,7 +130,7 @@ impl Loader {
         options: &LoaderOptions,
     ) -> Result<Self, LoaderError> {
         let runtime = fetch_runtime()?;
-        Self::with_runtime(dataset, split, transform, tokenizer, options, runtime)
+        Self::with_runtime(vec![dataset], split, transform, tokenizer, options, runtime)
     }
 
     /// Opens the dataset at `url` and makes a loader over `split` (usable from sync or async code).
@@ -132,35 +142,65 @@ impl Loader {
         tokenizer: Arc<Tokenizer>,
         options: &LoaderOptions,
     ) -> Result<Self, LoaderError> {
+        Self::open_all(
+            &[url.to_string()],
+            store,
+            split,
+            transform,
+            tokenizer,
+            options,
+        )
+    }
+
+    /// Opens every dataset of `urls` (the sources of a mixed run, in plan order) and makes one
+    /// loader over their `split`, blocks numbered globally.
+    pub fn open_all(
+        urls: &[String],
+        store: &StoreOptions,
+        split: &str,
+        transform: ImageTransform,
+        tokenizer: Arc<Tokenizer>,
+        options: &LoaderOptions,
+    ) -> Result<Self, LoaderError> {
         let runtime = fetch_runtime()?;
-        let (url_owned, store) = (url.to_string(), store.clone());
-        let task = runtime.spawn(async move { Dataset::open(&url_owned, &store).await });
-        let dataset = futures::executor::block_on(task)
-            .map_err(|e| LoaderError::Fetch(e.to_string()))?
-            .map_err(|e| LoaderError::Dataset {
-                dataset: url.to_string(),
-                source: Arc::new(e),
-            })?;
-        Self::with_runtime(dataset, split, transform, tokenizer, options, runtime)
+        let mut datasets = Vec::with_capacity(urls.len());
+        for url in urls {
+            let (url_owned, store) = (url.clone(), store.clone());
+            let task = runtime.spawn(async move { Dataset::open(&url_owned, &store).await });
+            let dataset = futures::executor::block_on(task)
+                .map_err(|e| LoaderError::Fetch(e.to_string()))?
+                .map_err(|e| LoaderError::Dataset {
+                    dataset: url.clone(),
+                    source: Arc::new(e),
+                })?;
+            datasets.push(dataset);
+        }
+        Self::with_runtime(datasets, split, transform, tokenizer, options, runtime)
     }
 
     fn with_runtime(
-        dataset: Dataset,
+        datasets: Vec<Dataset>,
         split: &str,
         transform: ImageTransform,
         tokenizer: Arc<Tokenizer>,
         options: &LoaderOptions,
         runtime: tokio::runtime::Runtime,
     ) -> Result<Self, LoaderError> {
-        let block_rows = dataset
-            .blocks(split)
-            .map_err(|e| LoaderError::Dataset {
-                dataset: dataset.url(),
-                source: Arc::new(e),
-            })?
-            .iter()
-            .map(|b| b.rows)
-            .collect();
+        let mut source_rows = Vec::with_capacity(datasets.len());
+        for dataset in &datasets {
+            let rows: Vec<u32> = dataset
+                .blocks(split)
+                .map_err(|e| LoaderError::Dataset {
+                    dataset: dataset.url(),
+                    source: Arc::new(e),
+                })?
+                .iter()
+                .map(|b| b.rows)
+                .collect();
+            source_rows.push(rows);
+        }
+        let blocks = Blocks::new(source_rows.iter().map(Vec::len));
+        let block_rows = source_rows.iter().flatten().copied().collect();
         let threads = match options.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -174,9 +214,11 @@ impl Loader {
                 reason: e.to_string(),
             })?;
         Ok(Self {
-            dataset,
+            datasets,
             split: split.to_string(),
+            blocks,
             block_rows,
+            source_rows,
             transform,
             tokenizer,
             pool,
@@ -186,14 +228,31 @@ impl Loader {
         })
     }
 
-    /// The dataset this loader reads.
+    /// The dataset this loader reads (the first source of a mixed run).
     pub fn dataset(&self) -> &Dataset {
-        &self.dataset
+        &self.datasets[0]
     }
 
-    /// Rows per block of the split, indexed by block number.
+    /// Rows per block of the split, indexed by (global) block number.
     pub fn block_rows(&self) -> &[u32] {
         &self.block_rows
+    }
+
+    /// Rows per block of each source's split, in plan order (what the epoch plan mixes).
+    pub fn source_rows(&self) -> &[Vec<u32>] {
+        &self.source_rows
+    }
+
+    /// The dataset holding global block `block`, and the block's number in it.
+    fn locate(&self, block: u32) -> Option<(&Dataset, u32)> {
+        let (source, local) = self.blocks.locate(block)?;
+        Some((self.datasets.get(source)?, local))
+    }
+
+    /// The sources' URLs, as errors about the whole loader name them.
+    fn name(&self) -> String {
+        let urls: Vec<String> = self.datasets.iter().map(Dataset::url).collect();
+        urls.join(" + ")
     }
 
     /// Hint: these blocks will be needed soon; start fetching them now (returns at once).
@@ -224,7 +283,7 @@ impl Loader {
         for &b in &blocks {
             if b as usize >= self.block_rows.len() {
                 return Err(LoaderError::NoSuchBlock {
-                    dataset: self.dataset.url(),
+                    dataset: self.name(),
                     split: self.split.clone(),
                     block: b,
                     count: self.block_rows.len(),
@@ -238,26 +297,34 @@ impl Loader {
         let results = futures::executor::block_on(futures::future::join_all(fetches));
         let mut rows_of: HashMap<u32, Arc<Vec<Sample>>> = HashMap::with_capacity(blocks.len());
         for (&b, r) in blocks.iter().zip(results) {
-            let samples = r.map_err(|source| LoaderError::Block {
-                dataset: self.dataset.url(),
-                split: self.split.clone(),
-                block: b,
-                source,
+            let samples = r.map_err(|source| {
+                let (dataset, block) = self
+                    .locate(b)
+                    .map_or((self.name(), b), |(d, local)| (d.url(), local));
+                LoaderError::Block {
+                    dataset,
+                    split: self.split.clone(),
+                    block,
+                    source,
+                }
             })?;
             rows_of.insert(b, samples);
         }
         let mut samples: Vec<(&SampleRef, &Sample)> = Vec::with_capacity(refs.len());
         for r in refs {
             let rows = &rows_of[&r.block];
-            let s = rows
-                .get(r.row as usize)
-                .ok_or_else(|| LoaderError::NoSuchRow {
-                    dataset: self.dataset.url(),
+            let s = rows.get(r.row as usize).ok_or_else(|| {
+                let (dataset, block) = self
+                    .locate(r.block)
+                    .map_or((self.name(), r.block), |(d, local)| (d.url(), local));
+                LoaderError::NoSuchRow {
+                    dataset,
                     split: self.split.clone(),
-                    block: r.block,
+                    block,
                     row: r.row,
                     rows: rows.len(),
-                })?;
+                }
+            })?;
             samples.push((r, s));
         }
         self.collate(&samples)
@@ -280,11 +347,18 @@ impl Loader {
                             let sample = sample_seed(seed, r.epoch as u64, &s.key);
                             self.transform
                                 .apply_into(&s.image, sample, out)
-                                .map_err(|source| LoaderError::Image {
-                                    dataset: self.dataset.url(),
-                                    block: r.block,
-                                    key: s.key.clone(),
-                                    source,
+                                .map_err(|source| {
+                                    let (dataset, block) = self
+                                        .locate(r.block)
+                                        .map_or((self.name(), r.block), |(d, local)| {
+                                            (d.url(), local)
+                                        });
+                                    LoaderError::Image {
+                                        dataset,
+                                        block,
+                                        key: s.key.clone(),
+                                        source,
+                                    }
                                 })
                         })
                 },
@@ -314,12 +388,17 @@ impl Loader {
         if let Some(f) = cache.touch(block) {
             return f;
         }
-        let (dataset, split) = (self.dataset.clone(), self.split.clone());
+        // Callers check the block number first (`load`, `prefetch`).
+        let source = self.locate(block).map(|(d, local)| (d.clone(), local));
+        let split = self.split.clone();
         let (permits, weak_cache) = (self.permits.clone(), Arc::downgrade(&self.cache));
         let fut = async move {
             // The semaphore is never closed, so acquiring only waits.
             let _permit = permits.acquire_owned().await.ok();
-            let result = dataset.read_block(&split, block).await;
+            let result = match &source {
+                Some((dataset, local)) => dataset.read_block(&split, *local).await,
+                None => dataset_gone(block),
+            };
             let cache = weak_cache.upgrade();
             let mut cache = cache
                 .as_ref()
@@ -363,6 +442,13 @@ impl Drop for Loader {
             rt.shutdown_background();
         }
     }
+}
+
+/// A fetch of a block past every source (callers check first; kept an error, not a panic).
+fn dataset_gone(block: u32) -> Result<Vec<Sample>, ShardsError> {
+    Err(ShardsError::Config(format!(
+        "no source holds block {block}"
+    )))
 }
 
 fn block_bytes(samples: &[Sample]) -> usize {

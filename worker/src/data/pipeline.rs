@@ -19,7 +19,7 @@ pub fn run_store(cfg: &RunConfig, command_line: &StoreOptions) -> StoreOptions {
     }
 }
 
-/// The tokenizer and the train-split loader of `cfg`'s dataset.
+/// The tokenizer and the train-split loader of `cfg`'s datasets (every source of `data.sources`).
 pub fn train_loader(cfg: &RunConfig, store: &StoreOptions) -> Result<(Loader, Arc<Tokenizer>)> {
     let model = ModelConfig::from_section(&cfg.model)?;
     let tokenizer = Arc::new(Tokenizer::from_config(
@@ -28,8 +28,9 @@ pub fn train_loader(cfg: &RunConfig, store: &StoreOptions) -> Result<(Loader, Ar
     )?);
     let mut transform = ImageTransform::train(model.image_size, cfg.run.seed);
     transform.scale = (cfg.data.crop_scale[0], cfg.data.crop_scale[1]);
-    let loader = Loader::open(
-        &cfg.data.root,
+    let roots: Vec<String> = cfg.data.sources().into_iter().map(|s| s.root).collect();
+    let loader = Loader::open_all(
+        &roots,
         store,
         &cfg.data.train_split,
         transform,
@@ -40,6 +41,45 @@ pub fn train_loader(cfg: &RunConfig, store: &StoreOptions) -> Result<(Loader, Ar
             ..LoaderOptions::default()
         },
     )
-    .with_context(|| format!("opening the training data {}", cfg.data.root))?;
+    .with_context(|| format!("opening the training data {}", cfg.data.describe()))?;
     Ok((loader, tokenizer))
+}
+
+/// The epoch plan's sources: each dataset's block sizes (as the loader read them) with its
+/// `data.sources` weight.
+pub fn plan_sources(cfg: &RunConfig, loader: &Loader) -> Vec<ferroclip_plan::Source> {
+    cfg.data
+        .sources()
+        .iter()
+        .zip(loader.source_rows())
+        .map(|(s, rows)| ferroclip_plan::Source {
+            block_rows: rows.clone(),
+            weight: s.weight,
+        })
+        .collect()
+}
+
+/// Logs how a mixed plan's epoch ends: a source that runs out early leaves a tail of the
+/// epoch holding only the others (a warning past 1 % of the epoch).
+pub fn log_mix(cfg: &RunConfig, plan: &ferroclip_plan::EpochPlan) {
+    let sources = cfg.data.sources();
+    if sources.len() < 2 {
+        return;
+    }
+    let (unmixed, len) = (plan.unmixed_rows(), plan.len().max(1));
+    let share = 100.0 * unmixed as f64 / len as f64;
+    if unmixed * 100 > len {
+        tracing::warn!(
+            unmixed,
+            epoch = len,
+            "data.sources: the sources' sizes are not in the ratio of their weights; the last {unmixed} of {len} samples of each epoch ({share:.1} %) come from fewer than all sources"
+        );
+    } else {
+        tracing::info!(
+            unmixed,
+            epoch = len,
+            "data.sources: {} sources mixed by weight over the whole epoch",
+            sources.len()
+        );
+    }
 }
