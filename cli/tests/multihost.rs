@@ -90,6 +90,7 @@ fn hosts_are_separate_machines_on_one_network() {
         let mut s = b.connect(addr, Duration::from_secs(1))?;
         s.write_all(b"x")?;
         let (mut peer, _) = listener.accept()?;
+        peer.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut buf = [0u8; 1];
         peer.read_exact(&mut buf)?;
         std::io::Result::Ok(buf[0])
@@ -101,7 +102,20 @@ fn hosts_are_separate_machines_on_one_network() {
         .expect_err("connected through a cut cable");
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
     a.restore_link().expect("restore");
-    assert_eq!(ping().expect("beta reaches alpha again"), b'x');
+    // A link brought back up takes a moment to carry traffic again (carrier, bridge port
+    // state): retry for a while, as a real client would, instead of one 1 s connect.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let again = loop {
+        match ping() {
+            Ok(x) => break x,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("beta does not reach alpha yet: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("beta reaches alpha again: {e}"),
+        }
+    };
+    assert_eq!(again, b'x');
 
     // Power loss: every process of the host is gone, the grandchild included.
     let in_ns = |ns: &str| -> Vec<String> {
