@@ -310,6 +310,10 @@ impl Journal {
             .await
         {
             Ok(_) => {}
+            // An earlier attempt of this very write may have landed after its client gave up
+            // (a store that stalls, then catches up): that is ours, not another coordinator's.
+            Err(object_store::Error::AlreadyExists { .. })
+                if self.landed_earlier(seq, &entry).await? => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
                 return Err(JournalError::Fenced {
                     url: self.url(),
@@ -333,6 +337,18 @@ impl Journal {
             }
         }
         Ok(len)
+    }
+
+    /// Whether entry `seq` is `entry` as this owner wrote it in an earlier attempt (only its
+    /// time differs).
+    async fn landed_earlier(&self, seq: u64, entry: &Entry) -> Result<bool, JournalError> {
+        Ok(match self.read(seq).await? {
+            Ok(mut found) => {
+                found.written_unix_s = entry.written_unix_s;
+                found == *entry
+            }
+            Err(_) => false,
+        })
     }
 
     /// Deletes entries numbered below `seq` that this owner has not deleted yet, in a task

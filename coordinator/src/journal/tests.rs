@@ -80,6 +80,37 @@ async fn a_silent_owner_is_taken_over_and_then_fenced() {
 }
 
 #[tokio::test]
+async fn an_earlier_attempt_that_landed_late_is_ours_and_anything_else_fences() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut j = journal(dir.path());
+    assert!(j.claim(false).await.expect("claim").is_none());
+    j.save(&full(0)).await.expect("save");
+    let records = entry(None, vec![commit(1)]);
+    j.save(&records).await.expect("save");
+    // The write's answer was lost and it is retried: the store already holds it.
+    j.last_seq -= 1;
+    j.save(&records)
+        .await
+        .expect("the same entry again is ours");
+    assert_eq!(j.last_seq, 2);
+    // A different entry at a number already taken is another writer's: fenced.
+    j.last_seq -= 1;
+    let err = j.save(&entry(None, vec![commit(2)])).await.unwrap_err();
+    assert!(matches!(err, JournalError::Fenced { .. }), "{err}");
+    // So is the same content written by another owner.
+    let mut other = journal(dir.path());
+    other.last_seq = 1;
+    let err = other.save(&records).await.unwrap_err();
+    assert!(matches!(err, JournalError::Fenced { .. }), "{err}");
+    let loaded = journal(dir.path())
+        .load()
+        .await
+        .expect("load")
+        .expect("state");
+    assert_eq!(loaded.records, vec![commit(1)]);
+}
+
+#[tokio::test]
 async fn a_live_owner_keeps_its_journal_and_a_released_one_is_taken_at_once() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut owner = journal(dir.path());
