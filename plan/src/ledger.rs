@@ -165,11 +165,77 @@ impl Ledger {
         }
     }
 
-    /// Restores a journaled position.
-    pub fn restore(&mut self, committed_step: u64, state: DataState, pending: Vec<StepAssignment>) {
+    /// Restores a journaled position. Err (naming the field) when `state` cannot come from this
+    /// plan: a chunk it does not have, a cursor past a chunk's end, a lease on a chunk that is
+    /// not open or held twice. A journal or checkpoint from another dataset, or a damaged one,
+    /// must stop the run, not feed samples twice.
+    pub fn restore(
+        &mut self,
+        committed_step: u64,
+        state: DataState,
+        pending: Vec<StepAssignment>,
+    ) -> Result<(), String> {
+        self.check(&state)?;
         self.committed_step = committed_step;
         self.committed = state;
         self.pending = pending.into_iter().map(|a| (a.step, a)).collect();
+        Ok(())
+    }
+
+    fn check(&mut self, state: &DataState) -> Result<(), String> {
+        let chunks = self.plan(state.epoch).chunks().len() as u32;
+        if state.next_chunk > chunks {
+            return Err(format!(
+                "data.next_chunk {} is past epoch {}'s {chunks} chunks",
+                state.next_chunk, state.epoch
+            ));
+        }
+        for (&id, &cursor) in &state.open {
+            let opened =
+                id.epoch < state.epoch || (id.epoch == state.epoch && id.chunk < state.next_chunk);
+            if !opened {
+                return Err(format!(
+                    "data.open names chunk {} of epoch {}, which was never opened",
+                    id.chunk, id.epoch
+                ));
+            }
+            let rows = self
+                .plan(id.epoch)
+                .chunks()
+                .get(id.chunk as usize)
+                .map(|c| c.rows)
+                .ok_or_else(|| {
+                    format!(
+                        "data.open names chunk {} of epoch {}, which the plan does not have",
+                        id.chunk, id.epoch
+                    )
+                })?;
+            if cursor >= rows {
+                return Err(format!(
+                    "data.open puts chunk {} of epoch {} at sample {cursor} of {rows}",
+                    id.chunk, id.epoch
+                ));
+            }
+        }
+        let mut leased = HashSet::new();
+        for (rank, held) in &state.leases {
+            for id in held {
+                if !state.open.contains_key(id) || !leased.insert(*id) {
+                    return Err(format!(
+                        "data.leases gives rank {rank} chunk {} of epoch {}, which is not open or held twice",
+                        id.chunk, id.epoch
+                    ));
+                }
+            }
+        }
+        if !state.by_source.is_empty() && state.by_source.len() != self.sources.len() {
+            return Err(format!(
+                "data.by_source counts {} sources, the run has {}",
+                state.by_source.len(),
+                self.sources.len()
+            ));
+        }
+        Ok(())
     }
 
     /// Restores a journaled position whose pending steps are kept as keys: they are assigned
@@ -180,7 +246,7 @@ impl Ledger {
         state: DataState,
         pending: &[PendingStep],
     ) -> Result<(), String> {
-        self.restore(committed_step, state, Vec::new());
+        self.restore(committed_step, state, Vec::new())?;
         for p in pending {
             self.reassign(p)?;
         }

@@ -201,3 +201,57 @@ fn state_survives_json() {
     let back: StepAssignment = serde_json::from_str(&text).expect("de");
     assert_eq!(a, back);
 }
+
+#[test]
+fn a_restored_state_must_fit_the_plan() {
+    let mut l = Ledger::new(0, 2, vec![7; 5], Bound::Steps(1000));
+    for step in 1..=3 {
+        l.assign_next(2, 5).expect("assigns");
+        assert!(l.commit(step));
+    }
+    let good = l.committed_state().clone();
+    let chunks = l.plan(0).chunks().len() as u32;
+    let mut fresh = Ledger::new(0, 2, vec![7; 5], Bound::Steps(1000));
+    fresh
+        .restore(3, good.clone(), Vec::new())
+        .expect("its own state");
+    let id = *good.open.keys().next().expect("an open chunk");
+
+    let mut far = good.clone();
+    far.next_chunk = chunks + 5;
+    let mut past = good.clone();
+    let cursor = past.open.remove(&id).expect("open");
+    past.open.insert(
+        ChunkId {
+            epoch: 0,
+            chunk: chunks + 5,
+        },
+        cursor,
+    );
+    let mut beyond = good.clone();
+    beyond.open.insert(id, 1000);
+    let mut unopened = good.clone();
+    unopened
+        .leases
+        .insert(9, vec![ChunkId { epoch: 0, chunk: 0 }]);
+    unopened.open.remove(&ChunkId { epoch: 0, chunk: 0 });
+    let mut twice = good.clone();
+    twice.leases.insert(9, vec![id]);
+    twice.leases.insert(10, vec![id]);
+    let mut sources = good.clone();
+    sources.by_source = vec![1, 2, 3];
+    for (what, state, says) in [
+        ("next chunk", far, "data.next_chunk"),
+        ("chunk past the plan", past, "data.open"),
+        ("cursor past the chunk", beyond, "at sample 1000"),
+        ("lease of a closed chunk", unopened, "data.leases"),
+        ("lease held twice", twice, "held twice"),
+        ("source counts", sources, "data.by_source"),
+    ] {
+        let mut l = Ledger::new(0, 2, vec![7; 5], Bound::Steps(1000));
+        let err = l.restore(3, state, Vec::new()).expect_err(what);
+        assert!(err.contains(says), "{what}: {err}");
+        // Nothing of the refused state was taken.
+        assert_eq!(l.committed_step(), 0, "{what}");
+    }
+}

@@ -157,7 +157,9 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
                 bail!("{url} holds no data position (a checkpoint of a coordinated run: its position is in the coordinator's journal)");
             };
             tracing::info!(step = st.step, epoch = data.epoch, samples = data.consumed, "resumed from {url}");
-            ledger.restore(st.step, data, Vec::new());
+            ledger
+                .restore(st.step, data, Vec::new())
+                .map_err(|e| anyhow::anyhow!("{url} does not fit this dataset: {e}"))?;
         }
         (true, None) => tracing::info!("no checkpoint under {ckpt_root}: starting fresh"),
         (false, Some(url)) => bail!(
