@@ -216,6 +216,27 @@ fn itm_config() -> RunConfig {
     cfg
 }
 
+/// ITM's global batch of step `s`: captions all distinct at step 0; at step 1 rows 0-5 share
+/// row 0's caption and rows 8-11 row 8's (duplicates across both ranks' rows, which the hard
+/// negatives must skip); at step 2 every row has row 0's caption (no true negative at all: the
+/// positives alone).
+fn itm_batch(s: i64) -> (Tensor, Tensor) {
+    let (img, tok) = global_batch(s, Kind::Double);
+    let copy = |tok: &Tensor, rows: std::ops::RangeInclusive<i64>, from: i64| {
+        let t = tok.copy();
+        for r in rows {
+            t.get(r).copy_(&tok.get(from));
+        }
+        t
+    };
+    let tok = match s % 3 {
+        1 => copy(&copy(&tok, 0..=5, 0), 8..=11, 8),
+        2 => copy(&tok, 0..=15, 0),
+        _ => tok,
+    };
+    (img, tok)
+}
+
 /// `steps` steps on `split` + (16 − split) rows over the ring (one rank for split 16 with
 /// `Single`): each step's global-batch losses (each rank's local means weighted by its rows,
 /// summed) and the parameters after.
@@ -233,7 +254,7 @@ fn losses_and_params(cfg: &RunConfig, steps: i64, split: Option<i64>) -> (Vec<[f
         let mut t = trainer(cfg, Kind::Double);
         let losses = (0..steps)
             .map(|s| {
-                let (img, tok) = global_batch(s, Kind::Double);
+                let (img, tok) = itm_batch(s);
                 run(&mut t, &img, &tok, &mut Single)
             })
             .collect();
@@ -243,7 +264,7 @@ fn losses_and_params(cfg: &RunConfig, steps: i64, split: Option<i64>) -> (Vec<[f
         let mut t = trainer(cfg, Kind::Double);
         let losses: Vec<[f64; 6]> = (0..steps)
             .map(|s| {
-                let (img, tok) = global_batch(s, Kind::Double);
+                let (img, tok) = itm_batch(s);
                 let (from, len) = if rank == 0 {
                     (0, split)
                 } else {
@@ -275,7 +296,8 @@ fn losses_and_params(cfg: &RunConfig, steps: i64, split: Option<i64>) -> (Vec<[f
 #[test]
 fn two_ranks_of_8_equal_one_process_of_16_with_itm_and_every_objective() {
     // ITM's hard negatives are drawn per row of the global batch from the global similarities,
-    // the token sequences gathered with their gradients summed back: splitting the batch (evenly,
+    // the token sequences gathered with their gradients summed back, captions equal to the row's
+    // never drawn (`itm_batch`): splitting the batch (evenly,
     // unevenly, or leaving a rank empty) changes neither the losses nor the update. Besides
     // parameters, the losses (MLM's is a local token mean, so it is left out: its global figure
     // is not a row-weighted sum) agree to f64 rounding.

@@ -1,11 +1,19 @@
 //! ITM's hard-negative sampler: each row's negative is drawn from the softmax of its similarities
 //! to the global batch with its own pair excluded, from the row's RNG (run seed, step, global row
-//! index), so the picks are the same whichever rank holds the row.
+//! index), so the picks are the same whichever rank holds the row; a column holding the same
+//! caption as the row (the row's own included) is a match, never drawn as a negative.
 
-use ferroclip_worker::train::itm::{hard_negatives, sample_hard_negative, STREAM};
+use ferroclip_worker::train::itm::{
+    caption_keys, hard_negatives, sample_hard_negative, sample_hard_negative_among, STREAM,
+};
 use ferroclip_worker::train::row_rng;
 use rand::rngs::StdRng;
 use tch::{Device, Kind, Tensor};
+
+/// 16 distinct captions.
+fn distinct() -> Vec<Vec<i64>> {
+    (0..16).map(|j| vec![49406, 100 + j, 49407]).collect()
+}
 
 fn rngs(seed: u64, step: u64, rows: std::ops::Range<i64>) -> Vec<StdRng> {
     rows.map(|r| row_rng(seed, step, 0, STREAM, r)).collect()
@@ -23,7 +31,8 @@ fn sims(seed: i64) -> Tensor {
 fn never_the_positive_and_always_a_negative() {
     for step in 0..50 {
         let (i2t, t2i) = (sims(step), sims(1000 + step));
-        let picks = hard_negatives(&i2t, &t2i, 0, &mut rngs(3, step as u64, 0..16)).expect("picks");
+        let picks = hard_negatives(&i2t, &t2i, 0, &distinct(), &mut rngs(3, step as u64, 0..16))
+            .expect("picks");
         for (row, (text, image)) in picks.into_iter().enumerate() {
             let (text, image) = (text.expect("a text"), image.expect("an image"));
             assert_ne!(
@@ -45,8 +54,8 @@ fn never_the_positive_and_always_a_negative() {
 #[test]
 fn deterministic_and_the_same_for_one_rank_or_two() {
     let (i2t, t2i) = (sims(1), sims(2));
-    let whole = hard_negatives(&i2t, &t2i, 0, &mut rngs(7, 11, 0..16)).expect("picks");
-    let again = hard_negatives(&i2t, &t2i, 0, &mut rngs(7, 11, 0..16)).expect("picks");
+    let whole = hard_negatives(&i2t, &t2i, 0, &distinct(), &mut rngs(7, 11, 0..16)).expect("picks");
+    let again = hard_negatives(&i2t, &t2i, 0, &distinct(), &mut rngs(7, 11, 0..16)).expect("picks");
     assert_eq!(whole, again);
     // Rank 0 holds rows 0..8, rank 1 rows 8..16 (and unevenly, 0..5 and 5..16).
     for split in [8, 5] {
@@ -54,6 +63,7 @@ fn deterministic_and_the_same_for_one_rank_or_two() {
             &i2t.narrow(0, 0, split),
             &t2i.narrow(0, 0, split),
             0,
+            &distinct(),
             &mut rngs(7, 11, 0..split),
         )
         .expect("rank 0");
@@ -62,6 +72,7 @@ fn deterministic_and_the_same_for_one_rank_or_two() {
                 &i2t.narrow(0, split, 16 - split),
                 &t2i.narrow(0, split, 16 - split),
                 split,
+                &distinct(),
                 &mut rngs(7, 11, split..16),
             )
             .expect("rank 1"),
@@ -69,8 +80,96 @@ fn deterministic_and_the_same_for_one_rank_or_two() {
         assert_eq!(whole, halves, "split at {split}");
     }
     // Another step draws differently (the step is part of the seed).
-    let other = hard_negatives(&i2t, &t2i, 0, &mut rngs(7, 12, 0..16)).expect("picks");
+    let other = hard_negatives(&i2t, &t2i, 0, &distinct(), &mut rngs(7, 12, 0..16)).expect("picks");
     assert_ne!(whole, other);
+}
+
+#[test]
+fn duplicated_captions_are_never_drawn() {
+    // Captions in groups: rows 0-5 one caption ("a red circle"), 6-9 another, 10-11 a third,
+    // 12-15 each its own; the similarity matrix favours exactly the duplicates (as a trained
+    // model's would: identical captions, near-identical features).
+    let group = |j: i64| match j {
+        0..=5 => 0,
+        6..=9 => 1,
+        10..=11 => 2,
+        _ => j,
+    };
+    let captions: Vec<Vec<i64>> = (0..16)
+        .map(|j| vec![49406, 300 + group(j), 49407])
+        .collect();
+    let same = Tensor::from_slice(
+        &(0..256)
+            .map(|k| f64::from(u8::from(group(k / 16) == group(k % 16))))
+            .collect::<Vec<_>>(),
+    )
+    .view([16, 16]);
+    for step in 0..50 {
+        let (i2t, t2i) = (sims(step) + &same * 30.0, sims(1000 + step) + &same * 30.0);
+        let picks = hard_negatives(&i2t, &t2i, 0, &captions, &mut rngs(3, step as u64, 0..16))
+            .expect("picks");
+        for (row, (text, image)) in picks.into_iter().enumerate() {
+            let (text, image) = (text.expect("a text"), image.expect("an image"));
+            let row = row as i64;
+            assert_ne!(text, row, "step {step}: row {row} picked its own text");
+            assert_ne!(image, row, "step {step}: row {row} picked its own image");
+            assert_ne!(
+                group(text),
+                group(row),
+                "step {step}: row {row} picked text {text}, its own caption"
+            );
+            assert_ne!(
+                group(image),
+                group(row),
+                "step {step}: row {row} picked image {image}, whose caption is its own"
+            );
+        }
+        // The same picks whichever rank holds the rows (rows 0..8 and 8..16).
+        let whole = hard_negatives(&i2t, &t2i, 0, &captions, &mut rngs(3, step as u64, 0..16))
+            .expect("picks");
+        let mut halves = hard_negatives(
+            &i2t.narrow(0, 0, 8),
+            &t2i.narrow(0, 0, 8),
+            0,
+            &captions,
+            &mut rngs(3, step as u64, 0..8),
+        )
+        .expect("rank 0");
+        halves.extend(
+            hard_negatives(
+                &i2t.narrow(0, 8, 8),
+                &t2i.narrow(0, 8, 8),
+                8,
+                &captions,
+                &mut rngs(3, step as u64, 8..16),
+            )
+            .expect("rank 1"),
+        );
+        assert_eq!(whole, halves);
+    }
+    // Every caption the same: no negative at all, for any row.
+    let one: Vec<Vec<i64>> = vec![vec![49406, 300, 49407]; 16];
+    let picks = hard_negatives(&sims(1), &sims(2), 0, &one, &mut rngs(3, 0, 0..16)).expect("picks");
+    assert!(picks.iter().all(|&p| p == (None, None)), "{picks:?}");
+    // Among the allowed columns only; none allowed → none.
+    let mut rng = row_rng(0, 0, 0, STREAM, 0);
+    assert_eq!(
+        sample_hard_negative_among(&[1.0, 9.0, 2.0], |j| j == 2, &mut rng),
+        Some(2)
+    );
+    assert_eq!(
+        sample_hard_negative_among(&[1.0, 9.0, 2.0], |_| false, &mut rng),
+        None
+    );
+    // Caption keys stop at the end of text: what follows it (padding) does not count.
+    let tokens = Tensor::from_slice(&[
+        49406i64, 5, 49407, 0, 49406, 5, 49407, 7, 49406, 6, 49407, 0,
+    ])
+    .view([3, 4]);
+    let keys = caption_keys(&tokens, &Tensor::from_slice(&[2i64, 2, 2])).expect("keys");
+    assert_eq!(keys[0], keys[1]);
+    assert_ne!(keys[0], keys[2]);
+    assert_eq!(keys[0], vec![49406, 5, 49407]);
 }
 
 #[test]
