@@ -526,7 +526,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::CommitStepResponse>, Status> {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
-        let committed = self
+        let (committed, next) = self
             .pruning(
                 |run| {
                     let report = StepReport {
@@ -538,13 +538,24 @@ impl Coordinator for CoordinatorService {
                             .map(|m| (m.name.clone(), m.value))
                             .collect(),
                     };
-                    run.commit_step(&r.worker_id, r.generation, report, Instant::now())
+                    let now = Instant::now();
+                    let committed = run.commit_step(&r.worker_id, r.generation, report, now)?;
+                    // The next step rides on the commit (journaled with it). A refusal is not
+                    // this call's: the worker asks NextStep and hears it there.
+                    let next = (r.next_step > 0)
+                        .then(|| {
+                            run.next_step(&r.worker_id, r.generation, r.next_step, now)
+                                .ok()
+                        })
+                        .flatten();
+                    Ok((committed, next))
                 },
-                |c| *c == Committed::Step,
+                |(c, _)| *c == Committed::Step,
             )
             .await?;
         Ok(Response::new(v1::CommitStepResponse {
             committed: committed == Committed::Step,
+            next: next.map(|plan| wire::next_step_response(r.next_step, plan)),
         }))
     }
 

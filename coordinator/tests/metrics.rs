@@ -166,6 +166,7 @@ async fn committed_figures_become_metrics() {
                 metric("allreduce/busbw_bytes_per_s", 4e6),
                 metric("grad_norm", 3.0),
             ],
+            next_step: 0,
         }))
         .await
         .expect("commit");
@@ -237,6 +238,7 @@ async fn committed_figures_become_metrics() {
             step: 2,
             samples: 4,
             metrics: vec![metric("loss/total", 1.0)],
+            next_step: 0,
         }))
         .await
         .expect("commit 2");

@@ -196,6 +196,7 @@ async fn rejects_bad_calls_and_commits_good_steps() {
                         name: "loss/total".into(),
                         value: 1.0 / step as f64,
                     }],
+                    next_step: 0,
                 },
                 Some(TOKEN),
             ))
@@ -214,6 +215,7 @@ async fn rejects_bad_calls_and_commits_good_steps() {
                 step,
                 samples: 8,
                 metrics: vec![],
+                next_step: 0,
             },
             Some(TOKEN),
         )
@@ -238,6 +240,61 @@ async fn rejects_bad_calls_and_commits_good_steps() {
         .await
         .contains("token required"));
     assert!(http_get(http, "/healthz", None).await.contains("ok"));
+
+    // A commit may carry the next step's NextStep: the same answer NextStep gives, journaled
+    // with the commit. A step that cannot be assigned (too far ahead, or committed) rides
+    // along as nothing, and the commit still counts.
+    let commit_then = |step, next_step| {
+        authed(
+            v1::CommitStepRequest {
+                worker_id: "a".into(),
+                generation: 1,
+                step,
+                samples: 8,
+                metrics: vec![],
+                next_step,
+            },
+            Some(TOKEN),
+        )
+    };
+    let r = c
+        .commit_step(commit_then(3, 4))
+        .await
+        .expect("commit with next")
+        .into_inner();
+    let next = r.next.expect("step 4 rides on the commit");
+    assert_eq!(
+        (next.step, next.samples.len(), next.global_batch),
+        (4, 8, 8)
+    );
+    for s in &next.samples {
+        assert!(seen.insert((s.epoch, s.block, s.row)), "sample repeated");
+    }
+    let asked = c
+        .next_step(authed(
+            v1::NextStepRequest {
+                worker_id: "a".into(),
+                generation: 1,
+                step: 4,
+            },
+            Some(TOKEN),
+        ))
+        .await
+        .expect("next step 4")
+        .into_inner();
+    assert_eq!(asked.samples, next.samples, "NextStep answers the same");
+    let far = c
+        .commit_step(commit_then(4, 9))
+        .await
+        .expect("commit 4")
+        .into_inner();
+    assert!(far.committed && far.next.is_none(), "{far:?}");
+    let done = c
+        .commit_step(commit_then(4, 4))
+        .await
+        .expect("commit 4 again")
+        .into_inner();
+    assert!(done.committed && done.next.is_none(), "{done:?}");
     h.shutdown().await;
 }
 
@@ -272,6 +329,7 @@ async fn a_restarted_coordinator_resumes_from_its_journal() {
                 step,
                 samples: 8,
                 metrics: vec![],
+                next_step: 0,
             },
             Some(TOKEN),
         ))

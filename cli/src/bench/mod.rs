@@ -45,6 +45,14 @@ pub struct CoordinatorBench {
     /// Heartbeats per second per worker.
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat_hz: f64,
+    /// Send every heartbeat, even right after a step call was answered (the protocol before
+    /// workers let step calls stand in for heartbeats): the baseline of that change.
+    #[arg(long)]
+    pub heartbeat_always: bool,
+    /// Ask NextStep in a call of its own every step instead of with the previous CommitStep
+    /// (the protocol before commits carried the next step): the baseline of that change.
+    #[arg(long)]
+    pub separate_next: bool,
     /// `cluster.heartbeat_timeout_s` of the run.
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_timeout_s: f64,
@@ -174,6 +182,7 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
                 if crashed.is_some() || b.crash_at.is_none_or(|s| gate.committed() < s) {
                     continue;
                 }
+                lat.disturbed();
                 let r = crash::crash(&world, b, &mut coord, starts, gate.committed()).await?;
                 starts += 1;
                 pid = coord.pid();

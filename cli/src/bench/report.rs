@@ -1,5 +1,6 @@
 //! RPC latency histograms and the benchmark's report (a table, or one JSON object).
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -73,22 +74,48 @@ impl Histogram {
     }
 }
 
+/// Every call, and separately the calls made in the steady state: after the first committed
+/// step and before any simulated death (formation's Join and NextStep bursts excluded).
 #[derive(Default)]
 pub struct Latencies {
     by_rpc: [Mutex<Histogram>; 5],
+    steady_by_rpc: [Mutex<Histogram>; 5],
+    /// 0 before the first commit, 1 steady, 2 after a death.
+    phase: AtomicU8,
 }
 
 impl Latencies {
-    pub fn record(&self, rpc: Rpc, d: Duration) {
-        let i = rpc as usize;
-        self.by_rpc[i]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .add(d);
+    /// Whether a call starting now is a steady-state call (pass it to `record`).
+    pub fn steady(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) == 1
     }
 
-    fn get(&self, rpc: Rpc) -> Histogram {
-        self.by_rpc[rpc as usize]
+    pub fn first_commit(&self) {
+        let _ = self
+            .phase
+            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn disturbed(&self) {
+        self.phase.store(2, Ordering::Relaxed);
+    }
+
+    pub fn record(&self, rpc: Rpc, d: Duration, steady: bool) {
+        let i = rpc as usize;
+        let add = |h: &Mutex<Histogram>| h.lock().unwrap_or_else(|p| p.into_inner()).add(d);
+        add(&self.by_rpc[i]);
+        if steady {
+            add(&self.steady_by_rpc[i]);
+        }
+    }
+
+    fn get(&self, rpc: Rpc, steady: bool) -> Histogram {
+        let set = if steady {
+            &self.steady_by_rpc
+        } else {
+            &self.by_rpc
+        };
+        set[rpc as usize]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -108,6 +135,8 @@ pub struct Report {
     pub workers: u32,
     pub steps: u64,
     pub rpc: Vec<(&'static str, RpcFigures)>,
+    /// The same for the steady state only (`Latencies`).
+    pub rpc_steady: Vec<(&'static str, RpcFigures)>,
     pub steps_per_s: f64,
     pub wall_s: f64,
     pub coordinator_cpu_s: f64,
@@ -138,23 +167,25 @@ impl Report {
         journal: JournalIo,
     ) -> Self {
         let steps = gate.committed();
-        let rpc = RPCS
-            .iter()
-            .map(|&(r, name)| {
-                let h = lat.get(r);
-                let f = RpcFigures {
-                    p50_ms: h.quantile_ms(0.5),
-                    p99_ms: h.quantile_ms(0.99),
-                    max_ms: h.max_us / 1000.0,
-                    calls: h.n,
-                };
-                (name, f)
-            })
-            .collect();
+        let figures = |steady: bool| {
+            RPCS.iter()
+                .map(|&(r, name)| {
+                    let h = lat.get(r, steady);
+                    let f = RpcFigures {
+                        p50_ms: h.quantile_ms(0.5),
+                        p99_ms: h.quantile_ms(0.99),
+                        max_ms: h.max_us / 1000.0,
+                        calls: h.n,
+                    };
+                    (name, f)
+                })
+                .collect()
+        };
         Self {
             workers: b.workers,
             steps,
-            rpc,
+            rpc: figures(false),
+            rpc_steady: figures(true),
             steps_per_s: gate.steps_per_s(),
             wall_s,
             coordinator_cpu_s: cpu_s,
@@ -186,18 +217,20 @@ impl Report {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        let rpc: serde_json::Map<String, serde_json::Value> = self
-            .rpc
-            .iter()
-            .map(|(name, f)| {
-                let v = json!({"p50_ms": f.p50_ms, "p99_ms": f.p99_ms, "max_ms": f.max_ms, "calls": f.calls});
-                (name.to_string(), v)
-            })
-            .collect();
+        let rpc = |figures: &[(&str, RpcFigures)]| -> serde_json::Map<String, serde_json::Value> {
+            figures
+                .iter()
+                .map(|(name, f)| {
+                    let v = json!({"p50_ms": f.p50_ms, "p99_ms": f.p99_ms, "max_ms": f.max_ms, "calls": f.calls});
+                    (name.to_string(), v)
+                })
+                .collect()
+        };
         json!({
             "workers": self.workers,
             "steps": self.steps,
-            "rpc": rpc,
+            "rpc": rpc(&self.rpc),
+            "rpc_steady": rpc(&self.rpc_steady),
             "steps_per_s": self.steps_per_s,
             "wall_s": self.wall_s,
             "coordinator_cpu_s_per_step": self.coordinator_cpu_s_per_step,
@@ -233,6 +266,12 @@ impl Report {
         for (name, f) in &self.rpc {
             out += &format!(
                 "| {name} | {} | {:.2} | {:.2} | {:.1} |\n",
+                f.calls, f.p50_ms, f.p99_ms, f.max_ms
+            );
+        }
+        for (name, f) in &self.rpc_steady {
+            out += &format!(
+                "| {name}, steady | {} | {:.2} | {:.2} | {:.1} |\n",
                 f.calls, f.p50_ms, f.p99_ms, f.max_ms
             );
         }

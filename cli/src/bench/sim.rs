@@ -1,11 +1,14 @@
 //! One simulated worker: the real protocol of `ferroclip-worker join` without the training.
-//! Join (with its ring address), heartbeats at the configured rate, NextStep → the step's
-//! barrier (where the all-reduce would be) → CommitStep with the worker's metric payload,
-//! rank 0's checkpoint commits, a collective failure reported and re-joined, and the end of the
-//! run (final checkpoint, heartbeats until `stop`, Leave).
+//! Join (with its ring address), heartbeats at the configured rate (skipped, as the worker
+//! skips them, when a step call was answered within the period), NextStep → the step's
+//! barrier (where the all-reduce would be) → CommitStep with the worker's metric payload and
+//! the next step's NextStep riding on it, rank 0's checkpoint commits, a collective failure
+//! reported and re-joined, and the end of the run (final checkpoint, heartbeats until `stop`,
+//! Leave).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -25,6 +28,8 @@ pub struct SimConfig {
     checkpoints: String,
     step_period: Option<Duration>,
     heartbeat_period: Duration,
+    heartbeat_always: bool,
+    separate_next: bool,
     jitter: Duration,
     checkpoint_every: u64,
     verify: bool,
@@ -37,6 +42,8 @@ impl SimConfig {
             checkpoints: ferroclip_shards::checkpoints::root_url(&run_dir),
             step_period: (b.step_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / b.step_hz)),
             heartbeat_period: Duration::from_secs_f64(1.0 / b.heartbeat_hz.max(0.01)),
+            heartbeat_always: b.heartbeat_always,
+            separate_next: b.separate_next,
             jitter: Duration::from_secs_f64(b.jitter_ms.max(0.0) / 1000.0),
             checkpoint_every: b.checkpoint_every,
             verify: b.verify,
@@ -45,6 +52,27 @@ impl SimConfig {
 }
 
 type Client = CoordinatorClient<Channel>;
+
+/// When a worker's last step call was answered (µs since the first use), which its heartbeat
+/// task reads as the real worker's `Client::answered_within` does.
+#[derive(Default)]
+struct Answered(AtomicU64);
+
+impl Answered {
+    fn micros() -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
+    }
+
+    fn now(&self) {
+        self.0.store(Self::micros(), Ordering::Relaxed);
+    }
+
+    fn within(&self, period: Duration) -> bool {
+        let at = self.0.load(Ordering::Relaxed);
+        at > 0 && Self::micros().saturating_sub(at) < period.as_micros() as u64
+    }
+}
 
 /// A request with the worker token and, once joined, the member's session secret (as the
 /// real worker sends them).
@@ -67,9 +95,9 @@ where
 {
     let mut tries = 0u32;
     loop {
-        let t = Instant::now();
+        let (t, steady) = (Instant::now(), lat.steady());
         let r = f(client.clone()).await;
-        lat.record(rpc, t.elapsed());
+        lat.record(rpc, t.elapsed(), steady);
         match r {
             Ok(resp) => return Ok(resp.into_inner()),
             Err(s) if retryable(&s) && tries < 2000 => {
@@ -111,6 +139,7 @@ pub async fn worker(
     let id = format!("sim-{i:05}");
     let (mut last_generation, mut last_applied) = (0, 0);
     let mut session = String::new();
+    let answered = Arc::new(Answered::default());
     loop {
         let join = v1::JoinRequest {
             worker_id: id.clone(),
@@ -135,12 +164,17 @@ pub async fn worker(
         }
         last_generation = p.generation;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let beat = v1::HeartbeatRequest {
+            worker_id: id.clone(),
+            generation: p.generation,
+            store_wait_s: 0.0,
+        };
         let beats = tokio::spawn(heartbeats(
             client.clone(),
-            id.clone(),
+            beat,
             session.clone(),
-            p.generation,
             cfg.heartbeat_period,
+            (!cfg.heartbeat_always).then(|| answered.clone()),
             lat.clone(),
             stop_rx,
         ));
@@ -152,6 +186,7 @@ pub async fn worker(
             lat: &lat,
             gate: &gate,
             last_applied: &mut last_applied,
+            answered: &answered,
         };
         match at.steps().await? {
             Next::Rejoin => {
@@ -182,10 +217,10 @@ pub async fn worker(
 
 async fn heartbeats(
     mut client: Client,
-    worker_id: String,
+    beat: v1::HeartbeatRequest,
     session: String,
-    generation: u64,
     period: Duration,
+    answered: Option<Arc<Answered>>,
     lat: Arc<Latencies>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -197,14 +232,12 @@ async fn heartbeats(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let hb = v1::HeartbeatRequest {
-            worker_id: worker_id.clone(),
-            generation,
-            store_wait_s: 0.0,
-        };
-        let t = Instant::now();
-        let r = client.heartbeat(req(hb, &session)).await;
-        lat.record(Rpc::Heartbeat, t.elapsed());
+        if answered.as_ref().is_some_and(|a| a.within(period)) {
+            continue;
+        }
+        let (t, steady) = (Instant::now(), lat.steady());
+        let r = client.heartbeat(req(beat.clone(), &session)).await;
+        lat.record(Rpc::Heartbeat, t.elapsed(), steady);
         if r.is_ok_and(|r| r.into_inner().stop) {
             return;
         }
@@ -220,6 +253,7 @@ struct Member<'a> {
     lat: &'a Latencies,
     gate: &'a Gate,
     last_applied: &'a mut u64,
+    answered: &'a Answered,
 }
 
 impl Member<'_> {
@@ -228,21 +262,29 @@ impl Member<'_> {
         let start = tokio::time::Instant::now();
         let first = self.p.next_step;
         let mut step = first;
+        // This step's samples as the previous commit answered them.
+        let mut answered: Option<v1::NextStepResponse> = None;
         loop {
             let ask = v1::NextStepRequest {
                 worker_id: self.id.to_string(),
                 generation,
                 step,
             };
-            let plan = match call(self.lat, Rpc::NextStep, &self.client, |mut c| {
-                let r = req(ask.clone(), &self.p.session);
-                async move { c.next_step(r).await }
-            })
-            .await
-            {
-                Ok(plan) => plan,
-                Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
-                Err(s) => bail!("NextStep {step}: {s}"),
+            let plan = match answered.take() {
+                Some(plan) if plan.step == step => plan,
+                _ => match call(self.lat, Rpc::NextStep, &self.client, |mut c| {
+                    let r = req(ask.clone(), &self.p.session);
+                    async move { c.next_step(r).await }
+                })
+                .await
+                {
+                    Ok(plan) => {
+                        self.answered.now();
+                        plan
+                    }
+                    Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
+                    Err(s) => bail!("NextStep {step}: {s}"),
+                },
             };
             if plan.regroup {
                 return Ok(self.leave_ring());
@@ -256,6 +298,7 @@ impl Member<'_> {
                 self.gate.fed(generation, world, step, rank, plan.samples);
             }
             if self.gate.dies(generation, rank, world, step) {
+                self.lat.disturbed();
                 return Ok(Next::Died);
             }
             match self.gate.barrier(generation, step, world).await {
@@ -274,6 +317,8 @@ impl Member<'_> {
                 step,
                 samples,
                 metrics: payload(world),
+                // The next step rides on the commit, as the worker asks for its step after next.
+                next_step: if self.cfg.separate_next { 0 } else { step + 1 },
             };
             match call(self.lat, Rpc::CommitStep, &self.client, |mut c| {
                 let r = req(commit.clone(), &self.p.session);
@@ -281,8 +326,14 @@ impl Member<'_> {
             })
             .await
             {
-                Ok(r) if r.committed => self.gate.committed_step(step),
-                Ok(_) => {}
+                Ok(r) => {
+                    self.answered.now();
+                    if r.committed {
+                        self.gate.committed_step(step);
+                        self.lat.first_commit();
+                    }
+                    answered = r.next;
+                }
                 Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
                 Err(s) => bail!("CommitStep {step}: {s}"),
             }

@@ -168,10 +168,11 @@ impl Run {
         if !self.reports.entry(step).or_default().insert(rank) {
             return Ok(Committed::Waiting);
         }
-        self.worker_stats
-            .entry(worker_id.to_string())
-            .or_default()
-            .take_metrics(step, &report.metrics);
+        let stats = self.worker_stats.entry(worker_id.to_string()).or_default();
+        stats.take_metrics(step, &report.metrics);
+        // A rank that applies steps is not waiting on its store (its heartbeats, which report
+        // the wait, pause while it makes step calls).
+        stats.store_wait_s = 0.0;
         self.rank_metrics
             .entry(step)
             .or_default()

@@ -552,3 +552,41 @@ fn a_mixed_run_counts_each_source_and_its_journal_names_the_sources() {
     assert_eq!(run.identity.data_root, "s3://b/big");
     assert_eq!(run.source_samples(), [("s3://b/big", 0)]);
 }
+
+#[test]
+fn step_calls_stand_in_for_heartbeats_and_clear_a_store_wait() {
+    let mut sim = Sim::new(config(1, 4, 2), vec![8; 4]);
+    sim.form(&["a", "b"]);
+    let g = sim.place["a"].generation;
+    let waited = |sim: &Sim, id: &str| {
+        let s = sim.run.status();
+        let w = s
+            .workers
+            .iter()
+            .find(|w| w.worker_id == id)
+            .expect("member");
+        w.store_wait_s
+    };
+    sim.run.heartbeat("a", g, 30.0, sim.now).expect("beat");
+    assert_eq!(waited(&sim, "a"), 30.0);
+    // Only step calls, 4 s apart, for longer than the heartbeat timeout (10 s): nobody is
+    // declared dead.
+    for step in 1..=4 {
+        sim.later(4.0);
+        sim.step_all(step).expect("a step");
+        sim.run.tick(sim.now);
+        assert_eq!(
+            sim.run.counters.worker_deaths, 0,
+            "a member counted as silent at step {step}"
+        );
+    }
+    assert_eq!(
+        waited(&sim, "a"),
+        0.0,
+        "a rank that commits steps is not waiting on its store"
+    );
+    // Silence is still noticed.
+    sim.later(11.0);
+    sim.run.tick(sim.now);
+    assert_eq!(sim.run.counters.worker_deaths, 1);
+}

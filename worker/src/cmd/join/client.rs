@@ -44,6 +44,9 @@ pub struct Client {
     joiner: CoordinatorClient<Channel>,
     /// How long to keep retrying an unreachable coordinator.
     patience: Duration,
+    /// When a step call (NextStep, CommitStep) was last answered: the coordinator counts it as
+    /// a heartbeat, so the heartbeat task skips a beat that would follow one.
+    answered: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Client {
@@ -74,6 +77,7 @@ impl Client {
             inner: CoordinatorClient::new(endpoint.clone().timeout(RPC_DEADLINE).connect_lazy()),
             joiner: CoordinatorClient::new(endpoint.connect_lazy()),
             patience,
+            answered: Default::default(),
         })
     }
 
@@ -184,6 +188,16 @@ impl Client {
         Ok(r)
     }
 
+    /// Whether a step call was answered within `period` (a heartbeat would add nothing).
+    pub fn answered_within(&self, period: Duration) -> bool {
+        let at = *self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        at.is_some_and(|t| t.elapsed() < period)
+    }
+
+    fn answered_now(&self) {
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+
     pub async fn heartbeat(
         &self,
         msg: v1::HeartbeatRequest,
@@ -196,16 +210,22 @@ impl Client {
         &self,
         msg: v1::NextStepRequest,
     ) -> Result<v1::NextStepResponse, CallError> {
-        self.retry(msg, |mut c, r| async move { c.next_step(r).await })
-            .await
+        let r = self
+            .retry(msg, |mut c, r| async move { c.next_step(r).await })
+            .await?;
+        self.answered_now();
+        Ok(r)
     }
 
     pub async fn commit_step(
         &self,
         msg: v1::CommitStepRequest,
     ) -> Result<v1::CommitStepResponse, CallError> {
-        self.retry(msg, |mut c, r| async move { c.commit_step(r).await })
-            .await
+        let r = self
+            .retry(msg, |mut c, r| async move { c.commit_step(r).await })
+            .await?;
+        self.answered_now();
+        Ok(r)
     }
 
     pub async fn report_failure(&self, msg: v1::ReportFailureRequest) -> Result<(), CallError> {

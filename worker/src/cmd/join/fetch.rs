@@ -1,6 +1,7 @@
-//! Getting a step's batch: ask the coordinator for this rank's samples (NextStep), start the
-//! hinted blocks, load and collate. Runs on the step loop, or one step ahead on a lookahead
-//! thread so the next batch is ready when the current step ends.
+//! Getting a step's batch: ask the coordinator for this rank's samples (NextStep, or the answer
+//! that came with the previous CommitStep), start the hinted blocks, load and collate. Runs on
+//! the step loop, or one step ahead on a lookahead thread so the next batch is ready when the
+//! current step ends.
 
 use std::sync::Arc;
 
@@ -42,11 +43,15 @@ impl Fetcher {
             generation: self.generation,
             step,
         };
-        let resp = match self.rt.block_on(self.client.next_step(req)) {
-            Ok(r) => r,
-            Err(CallError::Stale(_)) => return Ok(Next::Regroup),
-            Err(e) => return Err(e.into()),
-        };
+        match self.rt.block_on(self.client.next_step(req)) {
+            Ok(resp) => self.load(resp),
+            Err(CallError::Stale(_)) => Ok(Next::Regroup),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Loads the batch of a NextStep answer (asked here, or carried by a CommitStep answer).
+    pub fn load(&self, resp: v1::NextStepResponse) -> Result<Next> {
         if resp.regroup {
             return Ok(Next::Regroup);
         }
@@ -81,9 +86,13 @@ impl Ahead {
         Ahead(None)
     }
 
-    /// Starts fetching `step` on a thread.
-    pub fn start(fetcher: Fetcher, step: u64) -> Self {
-        Ahead(Some(std::thread::spawn(move || fetcher.fetch(step))))
+    /// Starts fetching `step` on a thread: loading the answer the coordinator already gave
+    /// (with the previous commit), or asking for it.
+    pub fn start(fetcher: Fetcher, step: u64, answered: Option<v1::NextStepResponse>) -> Self {
+        Ahead(Some(std::thread::spawn(move || match answered {
+            Some(resp) if resp.step == step => fetcher.load(resp),
+            _ => fetcher.fetch(step),
+        })))
     }
 
     /// The fetched step, or None when there was no lookahead or it failed (then the caller

@@ -292,7 +292,11 @@ impl Worker {
     }
 
     /// Heartbeats on the runtime: a stale answer ends the generation for the step loop, a
-    /// finished run ends it for good. They carry how long this worker waits on its store.
+    /// finished run ends it for good. They carry how long this worker waits on its store. A
+    /// beat is skipped when a step call was answered within the period: the coordinator took
+    /// that as a sign of life, and at thousands of workers heartbeats would be a third of its
+    /// RPCs (bench/README-coordinator.md). A worker stuck on its store makes no step calls, so
+    /// its beats (and its store wait) go out.
     fn spawn_heartbeats(
         &self,
         generation: u64,
@@ -303,6 +307,10 @@ impl Worker {
         let id = self.opts.worker_id.clone();
         self.rt.spawn(async move {
             loop {
+                if client.answered_within(every) {
+                    tokio::time::sleep(every).await;
+                    continue;
+                }
                 let req = v1::HeartbeatRequest {
                     worker_id: id.clone(),
                     generation,
@@ -333,6 +341,8 @@ impl Worker {
         let (gen, rank) = (place.generation, place.rank);
         let mut step = place.next_step;
         let mut ahead = Ahead::none();
+        // Step + 1's samples as the commit of step - 1 answered them.
+        let mut answered: Option<v1::NextStepResponse> = None;
         loop {
             if beat.over.load(Ordering::Relaxed) || beat.finished.load(Ordering::Relaxed) {
                 return Ok(Exit::Regroup);
@@ -362,7 +372,7 @@ impl Worker {
             };
             // The coordinator assigns steps ahead of the committed one: step + 1's samples are
             // fetched, decoded and copied to the device while this step computes.
-            ahead = Ahead::start(fetcher, step + 1);
+            ahead = Ahead::start(fetcher, step + 1, answered.take());
             let data_wait_s = started.elapsed().as_secs_f64();
             drop(data_span);
             let at = StepInfo {
@@ -376,7 +386,12 @@ impl Worker {
             };
             let s = self.session.as_mut().context("session")?;
             let req = match s.train_step(&at, global_batch, &refs, &batch, coll)? {
-                Outcome::Applied(req) => req,
+                // The step after next rides on the commit: one call per step, not two
+                // (at thousands of ranks the coordinator's core is the limit).
+                Outcome::Applied(req) => v1::CommitStepRequest {
+                    next_step: step + 2,
+                    ..req
+                },
                 Outcome::Abandoned(ce) => {
                     tracing::warn!(step, "step abandoned: {ce}");
                     self.report(place, &ce);
@@ -387,7 +402,9 @@ impl Worker {
             let committed = tracing::info_span!("commit")
                 .in_scope(|| self.rt.block_on(self.client.commit_step(req)));
             match committed {
-                Ok(_) => {}
+                // Membership changes after step + 1, which the others will not run: leave now.
+                Ok(r) if r.next.as_ref().is_some_and(|n| n.regroup) => return Ok(Exit::Regroup),
+                Ok(r) => answered = r.next,
                 Err(CallError::Stale(_)) => return Ok(Exit::Regroup),
                 Err(e) => return Err(e.into()),
             }

@@ -138,6 +138,8 @@ impl Session {
                 .into_iter()
                 .map(|(name, value)| v1::Metric { name, value })
                 .collect(),
+            // The step loop asks for the step after next with the commit.
+            next_step: 0,
         }))
     }
 
