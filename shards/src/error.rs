@@ -90,18 +90,35 @@ fn store_message(url: &str, e: &object_store::Error) -> String {
         ),
         _ => {
             let text = e.to_string();
-            if text.contains("403")
+            // A request that never got an answer has no status: checked first, since its text
+            // holds timings ("in 365.440349ms") that may contain "403".
+            if text.contains("error sending request") || text.contains("onnect") {
+                format!("{url}: endpoint unreachable (check --s3-endpoint / network): {text}")
+            } else if has_number(&text, "403")
                 || text.contains("SignatureDoesNotMatch")
                 || text.contains("InvalidAccessKeyId")
             {
                 format!("{url}: access denied, check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY): {text}")
-            } else if text.contains("error sending request") || text.contains("onnect") {
-                format!("{url}: endpoint unreachable (check --s3-endpoint / network): {text}")
             } else {
                 format!("{url}: {text}")
             }
         }
     }
+}
+
+/// Whether `text` holds `number` as a number of its own (an HTTP status), not inside another
+/// one such as a duration.
+fn has_number(text: &str, number: &str) -> bool {
+    text.match_indices(number).any(|(i, m)| {
+        let before = text[..i].chars().next_back();
+        let mut after = text[i + m.len()..].chars();
+        let (next, then) = (after.next(), after.next());
+        // "1.403" and "14035" are other numbers; "403." ends a sentence.
+        let digits_before = before.is_some_and(|c| c.is_ascii_digit() || c == '.');
+        let digits_after = next.is_some_and(|c| c.is_ascii_digit())
+            || (next == Some('.') && then.is_some_and(|c| c.is_ascii_digit()));
+        !digits_before && !digits_after
+    })
 }
 
 impl ShardsError {
@@ -128,3 +145,38 @@ impl ShardsError {
 }
 
 pub type Result<T, E = ShardsError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(text: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: text.into(),
+        }
+    }
+
+    #[test]
+    fn a_refused_connection_is_unreachable_whatever_its_timings_say() {
+        // CI saw this one called "access denied": "365.440349ms" holds "403".
+        let e = generic(
+            "Error performing GET http://127.0.0.1:35799/bucket/ds/manifest.json in \
+             365.440349ms, after 3 retries - HTTP error: error sending request",
+        );
+        let m = store_message("s3://bucket/ds/manifest.json", &e);
+        assert!(m.contains("endpoint unreachable"), "{m}");
+        let e = generic("Error performing GET http://h/b/k in 1.403s - server returned 500");
+        assert!(!store_message("s3://b/k", &e).contains("access denied"));
+    }
+
+    #[test]
+    fn a_403_status_is_access_denied() {
+        let e = generic("Client error with status 403 Forbidden: <Error><Code>AccessDenied</Code>");
+        let m = store_message("s3://b/k", &e);
+        assert!(m.contains("access denied, check the credentials"), "{m}");
+        assert!(has_number("status 403.", "403") && has_number("(403)", "403"));
+        assert!(!has_number("in 14035ms", "403") && !has_number("1.403s", "403"));
+        assert!(!has_number("403.5 ms", "403"));
+    }
+}
