@@ -203,13 +203,24 @@ struct ItmTokens {
 }
 
 /// Above every dual-encoder similarity (cosines, in [-1, 1]): re-scored candidates rank first.
-/// ITM log-odds are far below it, and f64 keeps 1e-10 of resolution at this size.
+/// ITM log-odds and contrastive logits (at most 100) are far below it, and f64 keeps 1e-10 of
+/// resolution at this size.
 const RERANKED: f64 = 1e6;
 
 /// Score matrices [images, texts] (f64) for image→text and for text→image recall: each image's
 /// top `k` texts (first) and each text's top `k` images (second) by `sims` re-scored as
-/// `RERANKED` + ITM log-odds + similarity (BLIP's re-ranking score); other entries keep `sims`.
+/// `RERANKED` + ITM log-odds + the contrastive logit (logit scale × cosine); other entries keep
+/// `sims`. Both terms are log-odds, so their sum weighs the two models as a product of
+/// experts: an undecided ITM head leaves the dual encoder's order, a confident one overrides
+/// it. (BLIP adds the bare cosine, which any ITM noise outweighs: with a weak head that made
+/// R@1 worse than the dual encoder's, bench/README-itm.md.)
 fn rerank(model: &Clip, sims: &Tensor, t: &ItmTokens, k: i64) -> Result<(Tensor, Tensor)> {
+    let scale = model
+        .logit_scale
+        .detach()
+        .exp()
+        .to_kind(Kind::Double)
+        .double_value(&[]);
     let sims = sims.to_kind(Kind::Double);
     let (n_img, n_txt) = (sims.size()[0], sims.size()[1]);
     let i2t = sims.copy();
@@ -224,7 +235,7 @@ fn rerank(model: &Clip, sims: &Tensor, t: &ItmTokens, k: i64) -> Result<(Tensor,
         .collect();
     let scores = itm_log_odds(model, t, &pairs)?;
     for (&(i, j), s) in pairs.iter().zip(scores) {
-        let v = RERANKED + s + sims.double_value(&[i, j]);
+        let v = RERANKED + s + scale * sims.double_value(&[i, j]);
         let _ = i2t.get(i).get(j).fill_(v);
     }
     // Text → image: column j's best images.
@@ -237,7 +248,7 @@ fn rerank(model: &Clip, sims: &Tensor, t: &ItmTokens, k: i64) -> Result<(Tensor,
         .collect();
     let scores = itm_log_odds(model, t, &pairs)?;
     for (&(i, j), s) in pairs.iter().zip(scores) {
-        let v = RERANKED + s + sims.double_value(&[i, j]);
+        let v = RERANKED + s + scale * sims.double_value(&[i, j]);
         let _ = t2i.get(i).get(j).fill_(v);
     }
     Ok((i2t, t2i))
