@@ -1,6 +1,7 @@
 //! `ferroclip bench coordinator`: the coordinator at cluster scale. Starts a real
 //! `ferroclip coordinator` process (pinned to one core when `taskset` exists) on a synthetic
-//! manifest, then N simulated workers as async gRPC clients over loopback that follow the real
+//! manifest, then N simulated workers (on the other cores) as async gRPC clients over loopback
+//! that follow the real
 //! protocol (Join with peers, heartbeats, NextStep/CommitStep with the worker's metric payload,
 //! checkpoint commits), and reports RPC latencies, steps per second, the coordinator's CPU and
 //! memory, the journal's writes and the time to form a generation.
@@ -53,6 +54,10 @@ pub struct CoordinatorBench {
     /// (the protocol before commits carried the next step): the baseline of that change.
     #[arg(long)]
     pub separate_next: bool,
+    /// Send every step's report the instant the step ends, instead of after the rank's delay
+    /// (`ferroclip_proto::stagger`, as workers do): the baseline of that change.
+    #[arg(long)]
+    pub burst: bool,
     /// `cluster.heartbeat_timeout_s` of the run.
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_timeout_s: f64,
@@ -147,6 +152,8 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
     let endpoint = coord.endpoint.clone();
     coord.wait_ready(Duration::from_secs(60)).await?;
     let mut pid = coord.pid();
+    // The simulated workers move to the other cores: the coordinator's core is its own.
+    let load_cores = setup::keep_off_core(&b.coordinator_core);
     let mut starts = 1;
     let mut crashed = None;
     let mut crash_poll = tokio::time::interval(Duration::from_millis(5));
@@ -207,6 +214,7 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
     let io = probe::journal_io(coord.http).await.unwrap_or_default();
     let mut report = Report::new(b, &lat, &gate, wall, cpu, rss, rss_samples, io.since(&io0));
     report.crash = crashed;
+    report.load_generator_cores = load_cores;
     if b.resume_check {
         coord.kill();
         let t = Instant::now();

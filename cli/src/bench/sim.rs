@@ -2,9 +2,10 @@
 //! Join (with its ring address), heartbeats at the configured rate (skipped, as the worker
 //! skips them, when a step call was answered within the period), NextStep → the step's
 //! barrier (where the all-reduce would be) → CommitStep with the worker's metric payload and
-//! the next step's NextStep riding on it, rank 0's checkpoint commits, a collective failure
-//! reported and re-joined, and the end of the run (final checkpoint, heartbeats until `stop`,
-//! Leave).
+//! the step after next's NextStep riding on it, sent off the step loop after the rank's delay
+//! (`ferroclip_proto::stagger`) and answered during the next step, rank 0's checkpoint commits,
+//! a collective failure reported and re-joined, and the end of the run (final checkpoint,
+//! heartbeats until `stop`, Leave).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use ferroclip_proto::metrics as m;
+use ferroclip_proto::stagger;
 use ferroclip_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
@@ -30,6 +32,7 @@ pub struct SimConfig {
     heartbeat_period: Duration,
     heartbeat_always: bool,
     separate_next: bool,
+    burst: bool,
     jitter: Duration,
     checkpoint_every: u64,
     verify: bool,
@@ -44,6 +47,7 @@ impl SimConfig {
             heartbeat_period: Duration::from_secs_f64(1.0 / b.heartbeat_hz.max(0.01)),
             heartbeat_always: b.heartbeat_always,
             separate_next: b.separate_next,
+            burst: b.burst,
             jitter: Duration::from_secs_f64(b.jitter_ms.max(0.0) / 1000.0),
             checkpoint_every: b.checkpoint_every,
             verify: b.verify,
@@ -159,6 +163,8 @@ pub async fn worker(
             return Ok(()); // the run is finished
         }
         gate.joined(p.generation, sent, Instant::now());
+        // The worker counts a Join's answer as a step call's (members are seen at formation).
+        answered.now();
         if !p.session.is_empty() {
             session = p.session.clone();
         }
@@ -244,16 +250,19 @@ async fn heartbeats(
     }
 }
 
+/// A step's CommitStep on its way.
+type Report = tokio::task::JoinHandle<Result<v1::CommitStepResponse, Status>>;
+
 /// A worker inside one generation.
 struct Member<'a> {
     client: Client,
     id: &'a str,
     p: &'a v1::JoinResponse,
     cfg: &'a SimConfig,
-    lat: &'a Latencies,
-    gate: &'a Gate,
+    lat: &'a Arc<Latencies>,
+    gate: &'a Arc<Gate>,
     last_applied: &'a mut u64,
-    answered: &'a Answered,
+    answered: &'a Arc<Answered>,
 }
 
 impl Member<'_> {
@@ -262,9 +271,12 @@ impl Member<'_> {
         let start = tokio::time::Instant::now();
         let first = self.p.next_step;
         let mut step = first;
-        // This step's samples as the previous commit answered them.
+        // This step's samples as the report of step - 2 answered them.
         let mut answered: Option<v1::NextStepResponse> = None;
+        // The previous step's report, in flight (sent off the step loop, as the worker does).
+        let mut report: Option<Report> = None;
         loop {
+            let started = Instant::now();
             let ask = v1::NextStepRequest {
                 worker_id: self.id.to_string(),
                 generation,
@@ -282,14 +294,20 @@ impl Member<'_> {
                         self.answered.now();
                         plan
                     }
-                    Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
+                    Err(s) if s.code() == Code::FailedPrecondition => {
+                        self.settle(report.take()).await;
+                        return Ok(self.leave_ring());
+                    }
                     Err(s) => bail!("NextStep {step}: {s}"),
                 },
             };
+            // A regroup or the end answered for this step: every rank ran the steps before it.
             if plan.regroup {
+                self.settle(report.take()).await;
                 return Ok(self.leave_ring());
             }
             if plan.end_of_run {
+                self.settle(report.take()).await;
                 self.final_checkpoint(step.saturating_sub(1)).await?;
                 return Ok(Next::Finished);
             }
@@ -311,6 +329,15 @@ impl Member<'_> {
                 let due = start + period * (step - first + 1) as u32 + jitter;
                 tokio::time::sleep_until(due).await;
             }
+            *self.last_applied = step;
+            // The previous report had this step's time; its answer carries the next step.
+            if let Some(prev) = report.take() {
+                match self.answer(prev).await {
+                    Ok(next) => answered = next,
+                    Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
+                    Err(s) => bail!("CommitStep {}: {s}", step - 1),
+                }
+            }
             let commit = v1::CommitStepRequest {
                 worker_id: self.id.to_string(),
                 generation,
@@ -318,26 +345,14 @@ impl Member<'_> {
                 samples,
                 metrics: payload(world),
                 // The next step rides on the commit, as the worker asks for its step after next.
-                next_step: if self.cfg.separate_next { 0 } else { step + 1 },
+                next_step: if self.cfg.separate_next { 0 } else { step + 2 },
             };
-            match call(self.lat, Rpc::CommitStep, &self.client, |mut c| {
-                let r = req(commit.clone(), &self.p.session);
-                async move { c.commit_step(r).await }
-            })
-            .await
-            {
-                Ok(r) => {
-                    self.answered.now();
-                    if r.committed {
-                        self.gate.committed_step(step);
-                        self.lat.first_commit();
-                    }
-                    answered = r.next;
-                }
-                Err(s) if s.code() == Code::FailedPrecondition => return Ok(self.leave_ring()),
-                Err(s) => bail!("CommitStep {step}: {s}"),
-            }
-            *self.last_applied = step;
+            let delay = if self.cfg.burst {
+                Duration::ZERO
+            } else {
+                stagger::report_delay(rank, world, started.elapsed())
+            };
+            report = Some(self.send(commit, delay));
             if rank == 0
                 && self.cfg.checkpoint_every > 0
                 && step.is_multiple_of(self.cfg.checkpoint_every)
@@ -345,6 +360,47 @@ impl Member<'_> {
                 self.checkpoint(step).await?;
             }
             step += 1;
+        }
+    }
+
+    /// Sends a step's report after `delay`, off the step loop.
+    fn send(&self, commit: v1::CommitStepRequest, delay: Duration) -> Report {
+        let (client, lat, gate, answered, session) = (
+            self.client.clone(),
+            self.lat.clone(),
+            self.gate.clone(),
+            self.answered.clone(),
+            self.p.session.clone(),
+        );
+        let step = commit.step;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let r = call(&lat, Rpc::CommitStep, &client, |mut c| {
+                let r = req(commit.clone(), &session);
+                async move { c.commit_step(r).await }
+            })
+            .await?;
+            answered.now();
+            if r.committed {
+                gate.committed_step(step);
+                lat.first_commit();
+            }
+            Ok(r)
+        })
+    }
+
+    /// A report's answer: the next step's samples when it carried them.
+    async fn answer(&self, report: Report) -> Result<Option<v1::NextStepResponse>, Status> {
+        let r = report
+            .await
+            .map_err(|e| Status::cancelled(format!("CommitStep task: {e}")))??;
+        Ok(r.next)
+    }
+
+    /// The report in flight when the generation ends: answered (or refused as stale) first.
+    async fn settle(&self, report: Option<Report>) {
+        if let Some(r) = report {
+            let _ = self.answer(r).await;
         }
     }
 

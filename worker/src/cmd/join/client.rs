@@ -44,8 +44,8 @@ pub struct Client {
     joiner: CoordinatorClient<Channel>,
     /// How long to keep retrying an unreachable coordinator.
     patience: Duration,
-    /// When a step call (NextStep, CommitStep) was last answered: the coordinator counts it as
-    /// a heartbeat, so the heartbeat task skips a beat that would follow one.
+    /// When a step call (NextStep, CommitStep) or a Join was last answered: the coordinator
+    /// counts it as a heartbeat, so the heartbeat task skips a beat that would follow one.
     answered: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
@@ -185,6 +185,9 @@ impl Client {
         if !r.session.is_empty() {
             *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.session.clone());
         }
+        // A generation's members are seen when it forms: the first beat would tell nothing,
+        // and at thousands of ranks it would land on formation's burst of first steps.
+        self.answered_now();
         Ok(r)
     }
 

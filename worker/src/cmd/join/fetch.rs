@@ -1,5 +1,5 @@
 //! Getting a step's batch: ask the coordinator for this rank's samples (NextStep, or the answer
-//! that came with the previous CommitStep), start the hinted blocks, load and collate. Runs on
+//! that comes with the previous CommitStep), start the hinted blocks, load and collate. Runs on
 //! the step loop, or one step ahead on a lookahead thread so the next batch is ready when the
 //! current step ends.
 
@@ -10,6 +10,7 @@ use ferroclip_proto::v1;
 use tch::Device;
 
 use super::client::{CallError, Client};
+use super::commit::Commit;
 use crate::data::{Batch, Loader, SampleRef};
 use crate::fault;
 
@@ -86,12 +87,19 @@ impl Ahead {
         Ahead(None)
     }
 
-    /// Starts fetching `step` on a thread: loading the answer the coordinator already gave
-    /// (with the previous commit), or asking for it.
-    pub fn start(fetcher: Fetcher, step: u64, answered: Option<v1::NextStepResponse>) -> Self {
-        Ahead(Some(std::thread::spawn(move || match answered {
-            Some(resp) if resp.step == step => fetcher.load(resp),
-            _ => fetcher.fetch(step),
+    /// Starts fetching `step` on a thread: loading what the coordinator answers to the report
+    /// in flight (which asks for `step`), or asking for it. A report refused as stale ends the
+    /// generation here; its other errors are the step loop's to raise (this asks again).
+    pub fn start(fetcher: Fetcher, step: u64, report: Option<Commit>) -> Self {
+        Ahead(Some(std::thread::spawn(move || {
+            let answered = report.map(|c| c.wait(&fetcher.rt));
+            match answered.as_deref() {
+                Some(Err(CallError::Stale(_))) => Ok(Next::Regroup),
+                Some(Ok(v1::CommitStepResponse {
+                    next: Some(resp), ..
+                })) if resp.step == step => fetcher.load(resp.clone()),
+                _ => fetcher.fetch(step),
+            }
         })))
     }
 

@@ -1,18 +1,19 @@
 //! Distributed training: `ferroclip-worker join`. Joins the coordinator, forms the ring with its
 //! peers, and loops over steps: samples from the coordinator → batch → gradients over the global
-//! batch → optimizer → CommitStep. On a collective failure or a generation change it abandons
-//! the uncommitted step (no update happened) and re-joins keeping its in-memory state. When the
-//! run's steps are done, rank 0 writes the final checkpoint and every rank waits until the
-//! coordinator has recorded it (or a death ends the generation and the remaining steps run in a
-//! new one), then leaves.
+//! batch → optimizer → CommitStep (sent off the loop while the next step computes). On a
+//! collective failure or a generation change it abandons the uncommitted step (no update
+//! happened) and re-joins keeping its in-memory state. When the run's steps are done, rank 0
+//! writes the final checkpoint and every rank waits until the coordinator has recorded it (or a
+//! death ends the generation and the remaining steps run in a new one), then leaves.
 //!
-//! `fetch` gets a step's batch, `step` trains it, `state` moves the trainer's state (broadcast,
-//! checkpoints), `finish` ends the run (checkpoints recorded, the final wait, Leave), `client`
-//! speaks to the coordinator.
+//! `fetch` gets a step's batch, `step` trains it, `commit` reports it, `state` moves the
+//! trainer's state (broadcast, checkpoints), `finish` ends the run (checkpoints recorded, the
+//! final wait, Leave), `client` speaks to the coordinator.
 
 pub mod audit;
 pub mod cli;
 pub mod client;
+mod commit;
 mod fetch;
 mod finish;
 pub mod gpu;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferroclip_proto::config::RunConfig;
-use ferroclip_proto::v1;
+use ferroclip_proto::{stagger, v1};
 use ferroclip_shards::StoreOptions;
 use tch::Device;
 
@@ -37,6 +38,7 @@ use crate::data::{pipeline, Loader};
 use crate::train::Trainer;
 use audit::Audit;
 use client::{CallError, Client};
+use commit::Commit;
 use fetch::{Ahead, Fetcher, Next};
 use step::{Outcome, StepInfo};
 
@@ -341,13 +343,14 @@ impl Worker {
         let (gen, rank) = (place.generation, place.rank);
         let mut step = place.next_step;
         let mut ahead = Ahead::none();
-        // Step + 1's samples as the commit of step - 1 answered them.
-        let mut answered: Option<v1::NextStepResponse> = None;
+        // The previous step's report, in flight: its answer carries step + 1's samples.
+        let mut report: Option<Commit> = None;
         loop {
             if beat.over.load(Ordering::Relaxed) || beat.finished.load(Ordering::Relaxed) {
                 return Ok(Exit::Regroup);
             }
             if self.opts.stop.load(Ordering::Relaxed) {
+                self.settle(report.take());
                 self.leave("SIGTERM")?;
                 return Ok(Exit::Done);
             }
@@ -362,8 +365,16 @@ impl Worker {
                 None => fetcher.fetch(step)?,
             };
             let (global_batch, refs, batch) = match next {
-                Next::Regroup => return Ok(Exit::Regroup),
-                Next::End => return self.finish(place, step - 1, beat),
+                // A regroup or the end answered for this step: every rank ran the steps
+                // before it (they were assigned), none runs this one.
+                Next::Regroup => {
+                    self.settle(report.take());
+                    return Ok(Exit::Regroup);
+                }
+                Next::End => {
+                    self.settle(report.take());
+                    return self.finish(place, step - 1, beat);
+                }
                 Next::Batch {
                     global_batch,
                     refs,
@@ -371,8 +382,9 @@ impl Worker {
                 } => (global_batch, refs, batch),
             };
             // The coordinator assigns steps ahead of the committed one: step + 1's samples are
-            // fetched, decoded and copied to the device while this step computes.
-            ahead = Ahead::start(fetcher, step + 1, answered.take());
+            // fetched, decoded and copied to the device while this step computes, as soon as
+            // the previous step's report is answered.
+            ahead = Ahead::start(fetcher, step + 1, report.clone());
             let data_wait_s = started.elapsed().as_secs_f64();
             drop(data_span);
             let at = StepInfo {
@@ -386,7 +398,7 @@ impl Worker {
             };
             let s = self.session.as_mut().context("session")?;
             let req = match s.train_step(&at, global_batch, &refs, &batch, coll)? {
-                // The step after next rides on the commit: one call per step, not two
+                // The step after next rides on the report: one call per step, not two
                 // (at thousands of ranks the coordinator's core is the limit).
                 Outcome::Applied(req) => v1::CommitStepRequest {
                     next_step: step + 2,
@@ -399,15 +411,23 @@ impl Worker {
                 }
             };
             self.last_applied = step;
-            let committed = tracing::info_span!("commit")
-                .in_scope(|| self.rt.block_on(self.client.commit_step(req)));
-            match committed {
-                // Membership changes after step + 1, which the others will not run: leave now.
-                Ok(r) if r.next.as_ref().is_some_and(|n| n.regroup) => return Ok(Exit::Regroup),
-                Ok(r) => answered = r.next,
-                Err(CallError::Stale(_)) => return Ok(Exit::Regroup),
-                Err(e) => return Err(e.into()),
+            // The previous report is answered by now (it had this step's time); reports go
+            // in step order. A stale one: the generation is over (this step is applied, and
+            // the next Join says so).
+            if let Some(prev) = report.take() {
+                match &*prev.wait(self.rt.handle()) {
+                    Ok(_) => {}
+                    Err(CallError::Stale(_)) => return Ok(Exit::Regroup),
+                    Err(e) => anyhow::bail!("reporting step {}: {e}", step - 1),
+                }
             }
+            let delay = stagger::report_delay(rank, place.world_size, started.elapsed());
+            report = Some(Commit::send(
+                self.rt.handle(),
+                self.client.clone(),
+                req,
+                delay,
+            ));
             let every = self
                 .session
                 .as_ref()
@@ -416,6 +436,16 @@ impl Worker {
                 self.checkpoint(gen, step)?;
             }
             step += 1;
+        }
+    }
+
+    /// Waits for the report in flight when the step loop ends: the coordinator hears of every
+    /// step applied (a stale answer changes nothing: the next Join carries the step).
+    fn settle(&self, report: Option<Commit>) {
+        if let Some(r) = report {
+            if let Err(e) = &*r.wait(self.rt.handle()) {
+                tracing::debug!("the last step report was not taken: {e}");
+            }
         }
     }
 
