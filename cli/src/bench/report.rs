@@ -151,6 +151,8 @@ pub struct Report {
     pub resume_load_s: Option<f64>,
     pub resume_step: Option<u64>,
     pub crash: Option<super::crash::CrashReport>,
+    /// The cores the simulated workers ran on (None: not kept off the coordinator's core).
+    pub load_generator_cores: Option<String>,
     pub problem: Option<String>,
 }
 
@@ -199,6 +201,7 @@ impl Report {
             resume_load_s: None,
             resume_step: None,
             crash: None,
+            load_generator_cores: None,
             problem: None,
         }
     }
@@ -253,6 +256,7 @@ impl Report {
                 "acked_step": c.acked_step, "resumed_step": c.resumed_step,
                 "resume_s": c.resume_s, "load_s": c.load_s,
             })),
+            "load_generator_cores": self.load_generator_cores,
             "problem": self.problem,
         })
     }

@@ -214,6 +214,48 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Moves every thread of this process (the simulated workers) to the cores the coordinator is
+/// not pinned to, so it has its core to itself and the load generator's threads do not queue
+/// its calls. The cores left, as a taskset list; None when none are left or there is no taskset.
+pub fn keep_off_core(core: &str) -> Option<String> {
+    let core: u32 = core.parse().ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    let others: Vec<String> = cpu_list(allowed.trim())
+        .into_iter()
+        .filter(|&c| c != core)
+        .map(|c| c.to_string())
+        .collect();
+    if others.is_empty() || !has_taskset() {
+        return None;
+    }
+    let list = others.join(",");
+    let pid = std::process::id().to_string();
+    let ok = Command::new("taskset")
+        .args(["-a", "-c", "-p", &list, &pid])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(list)
+}
+
+/// `0-3,6` → [0, 1, 2, 3, 6] (the kernel's CPU list format); malformed parts are skipped.
+fn cpu_list(s: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let bounds: Vec<Option<u32>> = part.split('-').map(|n| n.trim().parse().ok()).collect();
+        match bounds.as_slice() {
+            [Some(a)] => out.push(*a),
+            [Some(a), Some(b)] if a <= b && b - a < 4096 => out.extend(*a..=*b),
+            _ => {}
+        }
+    }
+    out
+}
+
 fn has_taskset() -> bool {
     Command::new("taskset")
         .arg("-V")
@@ -221,4 +263,14 @@ fn has_taskset() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_lists_read_as_the_kernel_writes_them() {
+        assert_eq!(super::cpu_list("0-3,6"), vec![0, 1, 2, 3, 6]);
+        assert_eq!(super::cpu_list("1"), vec![1]);
+        assert_eq!(super::cpu_list("x,2-1,5"), vec![5]);
+    }
 }
