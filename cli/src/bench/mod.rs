@@ -158,6 +158,8 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
     let mut crashed = None;
     let mut crash_poll = tokio::time::interval(Duration::from_millis(5));
     let cpu0 = probe::cpu_seconds(pid).unwrap_or(0.0);
+    let me = std::process::id();
+    let load_cpu0 = probe::cpu_seconds(me).unwrap_or(0.0);
     let io0 = probe::journal_io(coord.http).await.unwrap_or_default();
 
     let lat = Arc::new(Latencies::default());
@@ -210,11 +212,14 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = probe::cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    let load_cpu = probe::cpu_seconds(me).unwrap_or(0.0) - load_cpu0;
     let rss = probe::rss_mb(pid).unwrap_or(0.0);
     let io = probe::journal_io(coord.http).await.unwrap_or_default();
     let mut report = Report::new(b, &lat, &gate, wall, cpu, rss, rss_samples, io.since(&io0));
     report.crash = crashed;
     report.load_generator_cores = load_cores;
+    // Latencies are measured by the load generator: past ~one core's worth it queues them too.
+    report.load_generator_cpu_share = load_cpu / wall.max(1e-9);
     if b.resume_check {
         coord.kill();
         let t = Instant::now();

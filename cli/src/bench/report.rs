@@ -153,6 +153,8 @@ pub struct Report {
     pub crash: Option<super::crash::CrashReport>,
     /// The cores the simulated workers ran on (None: not kept off the coordinator's core).
     pub load_generator_cores: Option<String>,
+    /// The load generator's CPU over the run, in cores.
+    pub load_generator_cpu_share: f64,
     pub problem: Option<String>,
 }
 
@@ -202,6 +204,7 @@ impl Report {
             resume_step: None,
             crash: None,
             load_generator_cores: None,
+            load_generator_cpu_share: 0.0,
             problem: None,
         }
     }
@@ -257,6 +260,7 @@ impl Report {
                 "resume_s": c.resume_s, "load_s": c.load_s,
             })),
             "load_generator_cores": self.load_generator_cores,
+            "load_generator_cpu_share": self.load_generator_cpu_share,
             "problem": self.problem,
         })
     }
