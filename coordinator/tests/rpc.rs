@@ -207,7 +207,8 @@ async fn rejects_bad_calls_and_commits_good_steps() {
     }
     // Committing an old step again (a retry after a lost answer) says it is committed and
     // changes nothing; a step never assigned is refused. The run goes on.
-    let commit = |step| {
+    // A commit of `step` asking for `next_step` with it (0: none).
+    let commit = |step, next_step| {
         authed(
             v1::CommitStepRequest {
                 worker_id: "a".into(),
@@ -215,14 +216,14 @@ async fn rejects_bad_calls_and_commits_good_steps() {
                 step,
                 samples: 8,
                 metrics: vec![],
-                next_step: 0,
+                next_step,
             },
             Some(TOKEN),
         )
     };
-    let again = c.commit_step(commit(2)).await.expect("retried commit");
+    let again = c.commit_step(commit(2, 0)).await.expect("retried commit");
     assert!(again.into_inner().committed);
-    let e = c.commit_step(commit(9)).await.unwrap_err();
+    let e = c.commit_step(commit(9, 0)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let s = c
         .status(authed(v1::StatusRequest {}, Some(TOKEN)))
@@ -244,21 +245,8 @@ async fn rejects_bad_calls_and_commits_good_steps() {
     // A commit may carry the next step's NextStep: the same answer NextStep gives, journaled
     // with the commit. A step that cannot be assigned (too far ahead, or committed) rides
     // along as nothing, and the commit still counts.
-    let commit_then = |step, next_step| {
-        authed(
-            v1::CommitStepRequest {
-                worker_id: "a".into(),
-                generation: 1,
-                step,
-                samples: 8,
-                metrics: vec![],
-                next_step,
-            },
-            Some(TOKEN),
-        )
-    };
     let r = c
-        .commit_step(commit_then(3, 4))
+        .commit_step(commit(3, 4))
         .await
         .expect("commit with next")
         .into_inner();
@@ -284,13 +272,13 @@ async fn rejects_bad_calls_and_commits_good_steps() {
         .into_inner();
     assert_eq!(asked.samples, next.samples, "NextStep answers the same");
     let far = c
-        .commit_step(commit_then(4, 9))
+        .commit_step(commit(4, 9))
         .await
         .expect("commit 4")
         .into_inner();
     assert!(far.committed && far.next.is_none(), "{far:?}");
     let done = c
-        .commit_step(commit_then(4, 4))
+        .commit_step(commit(4, 4))
         .await
         .expect("commit 4 again")
         .into_inner();

@@ -46,12 +46,12 @@ impl Commit {
         Self { rx }
     }
 
-    /// The coordinator's answer (or the call's error), once it came.
-    pub async fn answer(&self) -> Answer {
+    /// The coordinator's answer (or the call's error), once it came; called from threads
+    /// outside the runtime (the step loop, the lookahead).
+    pub fn wait(&self, rt: &tokio::runtime::Handle) -> Answer {
         let mut rx = self.rx.clone();
-        let answered = rx
-            .wait_for(Option::is_some)
-            .await
+        let answered = rt
+            .block_on(rx.wait_for(Option::is_some))
             .ok()
             .and_then(|a| a.clone());
         answered.unwrap_or_else(|| {
@@ -60,10 +60,5 @@ impl Commit {
                 "the CommitStep task was cancelled",
             ))))
         })
-    }
-
-    /// The answer, from a thread outside the runtime.
-    pub fn wait(&self, rt: &tokio::runtime::Handle) -> Answer {
-        rt.block_on(self.answer())
     }
 }

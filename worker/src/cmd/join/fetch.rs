@@ -88,13 +88,15 @@ impl Ahead {
     }
 
     /// Starts fetching `step` on a thread: loading what the coordinator answers to the report
-    /// in flight (which asks for `step`), or asking for it. A report refused as stale ends the
-    /// generation here; its other errors are the step loop's to raise (this asks again).
+    /// in flight (which asks for `step`), or asking for it when the answer could not carry it.
+    /// A report refused as stale ends the generation here; its other errors are the step
+    /// loop's to raise (this does not ask a coordinator that just failed a call again).
     pub fn start(fetcher: Fetcher, step: u64, report: Option<Commit>) -> Self {
         Ahead(Some(std::thread::spawn(move || {
             let answered = report.map(|c| c.wait(&fetcher.rt));
             match answered.as_deref() {
                 Some(Err(CallError::Stale(_))) => Ok(Next::Regroup),
+                Some(Err(e)) => anyhow::bail!("the report carrying step {step} failed: {e}"),
                 Some(Ok(v1::CommitStepResponse {
                     next: Some(resp), ..
                 })) if resp.step == step => fetcher.load(resp.clone()),
