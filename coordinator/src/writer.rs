@@ -136,6 +136,27 @@ fn entry_of(batches: &[(u64, Batch)], summary: &Summary) -> Entry {
     }
 }
 
+/// The entry being written and the batches it holds. A failed write is retried with this very
+/// entry: an earlier attempt may still land (a store that stalls, then catches up), and the
+/// journal knows it for its own only if the content is the same. Batches queued meanwhile wait
+/// for the next entry.
+struct Attempt {
+    batches: Vec<(u64, Batch)>,
+    entry: Entry,
+}
+
+impl Attempt {
+    /// The next entry: every batch queued (none: a refresh, the owner's liveness signal).
+    fn next(unwritten: &mut Vec<(u64, Batch)>, summary: &mut Summary) -> Self {
+        if let Some((_, b)) = unwritten.last() {
+            *summary = b.summary.clone();
+        }
+        let batches = std::mem::take(unwritten);
+        let entry = entry_of(&batches, summary);
+        Self { batches, entry }
+    }
+}
+
 impl Writer {
     /// Starts the task; `first` (version 1, a compaction) is written at once. `budget` bounds
     /// how long writes retry an unavailable store before the coordinator gives up.
@@ -150,6 +171,7 @@ impl Writer {
         let (q, w, c) = (queue.clone(), wake.clone(), compact.clone());
         let task = tokio::spawn(async move {
             let mut unwritten: Vec<(u64, Batch)> = Vec::new();
+            let mut attempt: Option<Attempt> = None;
             let mut summary = Summary::default();
             let mut last_write = Instant::now();
             let mut backoff = Duration::from_millis(100);
@@ -161,23 +183,22 @@ impl Writer {
                     unwritten.extend(q.batches.drain(..));
                     q.closed
                 };
-                if unwritten.is_empty() && closed {
-                    return;
-                }
-                if unwritten.is_empty() && last_write.elapsed() < REFRESH {
-                    let wait = REFRESH.saturating_sub(last_write.elapsed());
-                    tokio::select! {
-                        _ = w.notified() => {}
-                        _ = tokio::time::sleep(wait) => {}
+                let a = match attempt.take() {
+                    Some(a) => a,
+                    None if unwritten.is_empty() && closed => return,
+                    None if unwritten.is_empty() && last_write.elapsed() < REFRESH => {
+                        let wait = REFRESH.saturating_sub(last_write.elapsed());
+                        tokio::select! {
+                            _ = w.notified() => {}
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                if let Some((_, b)) = unwritten.last() {
-                    summary = b.summary.clone();
-                }
-                let entry = entry_of(&unwritten, &summary);
+                    None => Attempt::next(&mut unwritten, &mut summary),
+                };
+                let entry = &a.entry;
                 // Faults are injected into writes of new state only (refreshes are timing).
-                let action = if unwritten.is_empty() {
+                let action = if a.batches.is_empty() {
                     crate::fault::Action::Proceed
                 } else {
                     crate::fault::at("journal")
@@ -193,9 +214,9 @@ impl Writer {
                     }),
                     crate::fault::Action::Stall(d) => {
                         tokio::time::sleep(d).await;
-                        journal.save(&entry).await
+                        journal.save(entry).await
                     }
-                    crate::fault::Action::Proceed => journal.save(&entry).await,
+                    crate::fault::Action::Proceed => journal.save(entry).await,
                 };
                 let mut p = tx.borrow().clone();
                 match r {
@@ -213,10 +234,9 @@ impl Writer {
                         {
                             c.store(true, Ordering::Relaxed);
                         }
-                        if let Some((v, _)) = unwritten.last() {
+                        if let Some((v, _)) = a.batches.last() {
                             p.durable = *v;
                         }
-                        unwritten.clear();
                         last_write = Instant::now();
                         backoff = Duration::from_millis(100);
                         p.failing_since = None;
@@ -242,6 +262,7 @@ impl Writer {
                         if stop {
                             return;
                         }
+                        attempt = Some(a);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
@@ -370,5 +391,27 @@ mod tests {
         let e = entry_of(&queued[..1], &Summary::default());
         assert!(e.snapshot.is_none());
         assert_eq!(e.records, vec![Record::Committed { step: 1 }]);
+    }
+
+    #[test]
+    fn an_entry_is_retried_as_first_written_and_later_batches_wait_for_the_next() {
+        let mut summary = Summary::default();
+        let mut unwritten = vec![(1, batch(&[1], false)), (2, batch(&[2], false))];
+        let first = Attempt::next(&mut unwritten, &mut summary);
+        assert!(unwritten.is_empty(), "the attempt holds every queued batch");
+        // The write fails; meanwhile more is queued. The retry is `first` itself (the loop
+        // keeps it); what came later is the next entry's.
+        unwritten.push((3, batch(&[3], false)));
+        let records = |a: &Attempt| a.entry.records.clone();
+        assert_eq!(
+            records(&first),
+            vec![Record::Committed { step: 1 }, Record::Committed { step: 2 }]
+        );
+        assert_eq!(first.batches.last().map(|(v, _)| *v), Some(2));
+        let second = Attempt::next(&mut unwritten, &mut summary);
+        assert_eq!(records(&second), vec![Record::Committed { step: 3 }]);
+        // Nothing queued: a refresh.
+        let refresh = Attempt::next(&mut unwritten, &mut summary);
+        assert!(refresh.batches.is_empty() && refresh.entry.records.is_empty());
     }
 }
