@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod ports;
 pub mod stagger;
 pub mod tls;
 pub mod token;

@@ -209,9 +209,7 @@ heartbeat_timeout_s = {hb_timeout}
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(ferroclip_proto::ports::spare_loopback_port()?)
 }
 
 /// Moves every thread of this process (the simulated workers) to the cores the coordinator is

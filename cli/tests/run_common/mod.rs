@@ -17,10 +17,7 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    ferroclip_proto::ports::spare_loopback_port().expect("free port")
 }
 
 /// A child process killed (if still running) when dropped.

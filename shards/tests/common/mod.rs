@@ -1,7 +1,6 @@
 //! Test support: input data generators, the real CLI binary, and a real S3 server (s3s-fs).
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -118,11 +117,7 @@ pub fn text(o: &Output) -> String {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ferroclip_proto::ports::spare_loopback_port().expect("free port")
 }
 
 pub const ACCESS_KEY: &str = "ferroclip-test";

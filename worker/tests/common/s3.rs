@@ -34,10 +34,7 @@ impl S3Server {
             .expect("s3s-fs is not installed: run scripts/setup-test-tools");
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join(BUCKET)).expect("bucket dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = ferroclip_proto::ports::spare_loopback_port().expect("free port");
         let child = Command::new(bin)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
