@@ -145,7 +145,8 @@ fn authed<T>(msg: T) -> tonic::Request<T> {
 async fn a_failed_journal_write_answers_unavailable_and_its_retry_succeeds() {
     let (tmp, data, _run_dir, cfg) = setup(200);
     let (grpc, http) = (free_port(), free_port());
-    // Writes of new state: #1 the start, #2 the first generation, #3 step 1's assignment.
+    // Writes of new state: #1 the start, #2 the first generation, #3 the assignments of its
+    // first steps, which the Join's answer carries.
     let env = [("FERROCLIP_COORDINATOR_FAULT", "journal:fail:3")];
     let mut coord = coordinator_with(&cfg, grpc, http, &[], &env);
     let url = format!("http://127.0.0.1:{grpc}");
@@ -155,34 +156,36 @@ async fn a_failed_journal_write_answers_unavailable_and_its_retry_succeeds() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let place = c
-        .join(authed(v1::JoinRequest {
+    let join = || {
+        authed(v1::JoinRequest {
             worker_id: "w-a".into(),
             host: "h".into(),
             device: "cpu".into(),
             collective_addr: "127.0.0.1:1".into(),
             last_generation: 0,
             last_applied_step: 0,
-        }))
-        .await
-        .expect("join")
-        .into_inner();
-    let next = || {
-        authed(v1::NextStepRequest {
-            worker_id: "w-a".into(),
-            generation: place.generation,
-            step: 1,
         })
     };
-    let e = c.next_step(next()).await.expect_err("the write fails");
+    let e = c.join(join()).await.expect_err("the write fails");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     assert!(e.message().contains("journal"), "{e}");
-    let r = c
-        .next_step(next())
+    let place = c
+        .join(join())
         .await
         .expect("the retry succeeds")
         .into_inner();
-    assert_eq!(r.samples.len(), BATCH as usize);
+    let first = place.first_steps.first().expect("step 1 rides on the Join");
+    assert_eq!((first.step, first.samples.len()), (1, BATCH as usize));
+    let r = c
+        .next_step(authed(v1::NextStepRequest {
+            worker_id: "w-a".into(),
+            generation: place.generation,
+            step: 1,
+        }))
+        .await
+        .expect("NextStep")
+        .into_inner();
+    assert_eq!(r.samples, first.samples, "NextStep answers what the Join carried");
     // What the retry answered is durable: a restarted coordinator has step 1 assigned.
     coord.0.kill().expect("kill");
     let _ = coord.0.wait();

@@ -451,10 +451,16 @@ impl Coordinator for CoordinatorService {
                 }));
             }
             if let Some(p) = run.placed_again(&info, r.last_generation) {
+                let first =
+                    run.first_steps(&info.worker_id, p.generation, p.next_step, Instant::now());
                 let version = self.shared.stage(&mut run);
                 drop(run);
                 self.shared.durable(version).await?;
-                return Ok(answer(wire::join_response(p, &self.shared.config_toml)));
+                return Ok(answer(wire::join_response(
+                    p,
+                    first,
+                    &self.shared.config_toml,
+                )));
             }
             run.join(info, Instant::now());
         }
@@ -475,14 +481,25 @@ impl Coordinator for CoordinatorService {
                     // Its heartbeat clock starts as its answer goes out: answering thousands
                     // of Joins takes seconds, which is no silence of the worker's.
                     run.members.touch(&guard.worker_id, Instant::now());
-                    (p, self.shared.stage(&mut run))
+                    let first = run.first_steps(
+                        &guard.worker_id,
+                        p.generation,
+                        p.next_step,
+                        Instant::now(),
+                    );
+                    (p, first, self.shared.stage(&mut run))
                 })
             };
-            if let Some((p, version)) = placed {
+            if let Some((p, first, version)) = placed {
                 guard.done = true;
-                // The generation is journaled before anyone trains in it.
+                // The generation (and its first steps' assignments) is journaled before
+                // anyone trains in it.
                 self.shared.durable(version).await?;
-                return Ok(answer(wire::join_response(p, &self.shared.config_toml)));
+                return Ok(answer(wire::join_response(
+                    p,
+                    first,
+                    &self.shared.config_toml,
+                )));
             }
             tokio::select! {
                 _ = notified => {}

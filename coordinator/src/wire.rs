@@ -16,7 +16,11 @@ pub fn status_of(r: Refusal) -> Status {
 
 /// A placement, with the run's whole config (the worker's one source of truth); the member's
 /// session secret is added by the service.
-pub fn join_response(p: Placement, run_config_toml: &str) -> v1::JoinResponse {
+pub fn join_response(
+    p: Placement,
+    first_steps: Vec<(u64, StepPlan)>,
+    run_config_toml: &str,
+) -> v1::JoinResponse {
     v1::JoinResponse {
         generation: p.generation,
         rank: p.rank,
@@ -38,6 +42,10 @@ pub fn join_response(p: Placement, run_config_toml: &str) -> v1::JoinResponse {
         session: String::new(),
         resume_checkpoint: p.resume_checkpoint.unwrap_or_default(),
         total_steps: p.total_steps,
+        first_steps: first_steps
+            .into_iter()
+            .map(|(step, plan)| next_step_response(step, plan))
+            .collect(),
     }
 }
 
@@ -155,13 +163,13 @@ mod tests {
             total_steps: 10,
         };
         for (rank, right) in [(0, 1), (1, 2), (2, 0)] {
-            let r = join_response(place(rank, 3), "");
+            let r = join_response(place(rank, 3), vec![], "");
             assert_eq!(r.world_size, 3);
             assert_eq!(r.peers.len(), 1);
             assert_eq!(r.peers[0].rank, right);
             assert_eq!(r.peers[0].collective_addr, format!("10.0.0.{right}:7000"));
         }
-        assert!(join_response(place(0, 1), "").peers.is_empty());
+        assert!(join_response(place(0, 1), vec![], "").peers.is_empty());
     }
 
     #[test]

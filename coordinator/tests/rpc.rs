@@ -139,6 +139,10 @@ async fn rejects_bad_calls_and_commits_good_steps() {
     assert_eq!((place.generation, place.rank, place.world_size), (1, 0, 1));
     assert_eq!(place.next_step, 1);
     assert!(RunConfig::parse(&place.run_config_toml, "join").is_ok());
+    // The Join carries the generation's first two steps (a new world does not ask NextStep
+    // all at once); NextStep answers them the same below.
+    let first: Vec<_> = place.first_steps.iter().map(|r| r.step).collect();
+    assert_eq!(first, [1, 2]);
 
     // Stale generation and unknown workers are FAILED_PRECONDITION.
     let hb = |id: &str, g| {
@@ -178,6 +182,10 @@ async fn rejects_bad_calls_and_commits_good_steps() {
             .into_inner();
         assert_eq!(r.samples.len(), 8);
         assert_eq!(r.global_batch, 8);
+        if let Some(carried) = place.first_steps.iter().find(|c| c.step == step) {
+            assert_eq!(carried.samples, r.samples, "step {step}: the Join's answer");
+            assert_eq!(carried.prefetch_blocks, r.prefetch_blocks);
+        }
         assert!(
             r.rank_batches.is_empty(),
             "an even split is not spelled out"

@@ -1,6 +1,7 @@
 //! One simulated worker: the real protocol of `ferroclip-worker join` without the training.
 //! Join (with its ring address), heartbeats at the configured rate (skipped, as the worker
-//! skips them, when a step call was answered within the period), NextStep → the step's
+//! skips them, when a step call was answered within the period), the step's samples (carried
+//! by the Join answer for a generation's first two steps, else asked with NextStep) → the step's
 //! barrier (where the all-reduce would be) → CommitStep with the worker's metric payload and
 //! the step after next's NextStep riding on it, sent off the step loop after the rank's delay
 //! (`ferroclip_proto::stagger`) and answered during the next step, rank 0's checkpoint commits,
@@ -273,6 +274,13 @@ impl Member<'_> {
         let mut step = first;
         // This step's samples as the report of step - 2 answered them.
         let mut answered: Option<v1::NextStepResponse> = None;
+        // The first steps' samples, answered with the Join (as the worker takes them).
+        // (`--separate-next`, the old protocol's baseline, asks NextStep for every step.)
+        let mut carried = if self.cfg.separate_next {
+            Vec::new()
+        } else {
+            self.p.first_steps.clone()
+        };
         // The previous step's report, in flight (sent off the step loop, as the worker does).
         let mut report: Option<Report> = None;
         loop {
@@ -282,9 +290,13 @@ impl Member<'_> {
                 generation,
                 step,
             };
-            let plan = match answered.take() {
-                Some(plan) if plan.step == step => plan,
-                _ => match call(self.lat, Rpc::NextStep, &self.client, |mut c| {
+            let from_join = carried
+                .iter()
+                .position(|r| r.step == step)
+                .map(|i| carried.swap_remove(i));
+            let plan = match answered.take().filter(|p| p.step == step).or(from_join) {
+                Some(plan) => plan,
+                None => match call(self.lat, Rpc::NextStep, &self.client, |mut c| {
                     let r = req(ask.clone(), &self.p.session);
                     async move { c.next_step(r).await }
                 })

@@ -117,6 +117,35 @@ impl Run {
         })
     }
 
+    /// The first steps of a rank's generation, answered with its Join: the step it starts at
+    /// and the one after (the report of step s carries s + 2), so a newly formed world of N
+    /// ranks does not ask NextStep 2N times at once. Only what NextStep would answer now;
+    /// nothing when a regroup or stop is pending (that answer ends the generation, which is
+    /// NextStep's to do once every rank has its place), and up to the first non-sample plan.
+    pub fn first_steps(
+        &mut self,
+        worker_id: &str,
+        generation: u64,
+        from: u64,
+        now: Instant,
+    ) -> Vec<(u64, StepPlan)> {
+        let mut plans = Vec::new();
+        if self.stop_requested || self.members.regroup_requested {
+            return plans;
+        }
+        for step in from..from + 2 {
+            match self.next_step(worker_id, generation, step, now) {
+                Ok(plan @ StepPlan::Samples { .. }) => plans.push((step, plan)),
+                Ok(plan) => {
+                    plans.push((step, plan));
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        plans
+    }
+
     /// Blocks of the chunks a rank holds after the step: what it reads next.
     fn prefetch_blocks(&mut self, held: &[ChunkId]) -> Vec<u32> {
         let mut blocks = Vec::new();

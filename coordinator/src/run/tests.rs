@@ -331,6 +331,39 @@ fn a_step_limited_run_repeats_its_data_and_ends_at_the_limit() {
 }
 
 #[test]
+fn a_joins_first_steps_are_what_next_step_answers_and_none_when_a_regroup_or_stop_waits() {
+    let mut sim = Sim::new(config(1, 8, 3), vec![16; 4]);
+    sim.form(&["a", "b"]);
+    let (g, from) = (sim.place["a"].generation, sim.place["a"].next_step);
+    let first = sim.run.first_steps("a", g, from, sim.now);
+    let steps: Vec<u64> = first.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, [from, from + 1]);
+    for (step, plan) in &first {
+        assert_eq!(plan, &sim.next("a", *step), "step {step}");
+    }
+    // The other rank's first steps come from the same assignments, its own part of them.
+    let theirs = sim.run.first_steps("b", g, from, sim.now);
+    for ((_, a), (_, b)) in first.iter().zip(&theirs) {
+        let (StepPlan::Samples { samples: a, .. }, StepPlan::Samples { samples: b, .. }) = (a, b)
+        else {
+            panic!("samples: {a:?} {b:?}");
+        };
+        assert_eq!((a.len(), b.len()), (4, 4));
+        assert!(a.iter().all(|s| !b.contains(s)), "ranks share a sample");
+    }
+    // A joiner waits for the next step boundary: that answer (regroup) is NextStep's to give.
+    sim.run.join(info("c", 0), sim.now);
+    assert!(sim.run.first_steps("a", g, from, sim.now).is_empty());
+    // The same with a stop: nothing is carried, the run is not ended by a Join.
+    let mut sim = Sim::new(config(1, 8, 2), vec![16; 4]);
+    sim.form(&["a"]);
+    sim.run.request_stop();
+    let (g, from) = (sim.place["a"].generation, sim.place["a"].next_step);
+    assert!(sim.run.first_steps("a", g, from, sim.now).is_empty());
+    assert_eq!(sim.run.phase_name(), "training");
+}
+
+#[test]
 fn a_retried_join_gets_the_same_place_and_a_rejoin_ends_the_generation() {
     let mut sim = Sim::new(config(1, 8, 2), vec![16; 4]);
     sim.form(&["a", "b"]);

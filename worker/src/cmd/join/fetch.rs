@@ -87,12 +87,21 @@ impl Ahead {
         Ahead(None)
     }
 
-    /// Starts fetching `step` on a thread: loading what the coordinator answers to the report
-    /// in flight (which asks for `step`), or asking for it when the answer could not carry it.
-    /// A report refused as stale ends the generation here; its other errors are the step
-    /// loop's to raise (this does not ask a coordinator that just failed a call again).
-    pub fn start(fetcher: Fetcher, step: u64, report: Option<Commit>) -> Self {
+    /// Starts fetching `step` on a thread: loading the answer the Join carried for it, or what
+    /// the coordinator answers to the report in flight (which asks for `step`), or asking for
+    /// it when the answer could not carry it. A report refused as stale ends the generation
+    /// here; its other errors are the step loop's to raise (this does not ask a coordinator
+    /// that just failed a call again).
+    pub fn start(
+        fetcher: Fetcher,
+        step: u64,
+        carried: Option<v1::NextStepResponse>,
+        report: Option<Commit>,
+    ) -> Self {
         Ahead(Some(std::thread::spawn(move || {
+            if let Some(resp) = carried {
+                return fetcher.load(resp);
+            }
             let answered = report.map(|c| c.wait(&fetcher.rt));
             match answered.as_deref() {
                 Some(Err(CallError::Stale(_))) => Ok(Next::Regroup),

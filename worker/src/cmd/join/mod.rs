@@ -343,6 +343,12 @@ impl Worker {
         let (gen, rank) = (place.generation, place.rank);
         let mut step = place.next_step;
         let mut ahead = Ahead::none();
+        // The first steps' samples, answered with the Join (where they were assignable).
+        let mut carried = place.first_steps.clone();
+        let mut carried_for = |step: u64| {
+            let i = carried.iter().position(|r| r.step == step)?;
+            Some(carried.swap_remove(i))
+        };
         // The previous step's report, in flight: its answer carries step + 1's samples.
         let mut report: Option<Commit> = None;
         loop {
@@ -360,9 +366,10 @@ impl Worker {
             let fetcher = self.fetcher(gen)?;
             // The batch the previous step loaded ahead, or (first step, or the lookahead was
             // refused because a slower rank had not committed yet) load it now.
-            let next = match ahead.take(step) {
-                Some(n) => n,
-                None => fetcher.fetch(step)?,
+            let next = match (ahead.take(step), carried_for(step)) {
+                (Some(n), _) => n,
+                (None, Some(resp)) => fetcher.load(resp)?,
+                (None, None) => fetcher.fetch(step)?,
             };
             let (global_batch, refs, batch) = match next {
                 // A regroup or the end answered for this step: every rank ran the steps
@@ -384,7 +391,7 @@ impl Worker {
             // The coordinator assigns steps ahead of the committed one: step + 1's samples are
             // fetched, decoded and copied to the device while this step computes, as soon as
             // the previous step's report is answered.
-            ahead = Ahead::start(fetcher, step + 1, report.clone());
+            ahead = Ahead::start(fetcher, step + 1, carried_for(step + 1), report.clone());
             let data_wait_s = started.elapsed().as_secs_f64();
             drop(data_span);
             let at = StepInfo {
