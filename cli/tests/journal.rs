@@ -185,7 +185,10 @@ async fn a_failed_journal_write_answers_unavailable_and_its_retry_succeeds() {
         .await
         .expect("NextStep")
         .into_inner();
-    assert_eq!(r.samples, first.samples, "NextStep answers what the Join carried");
+    assert_eq!(
+        r.samples, first.samples,
+        "NextStep answers what the Join carried"
+    );
     // What the retry answered is durable: a restarted coordinator has step 1 assigned.
     coord.0.kill().expect("kill");
     let _ = coord.0.wait();

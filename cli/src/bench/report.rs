@@ -75,12 +75,14 @@ impl Histogram {
 }
 
 /// Every call, and separately the calls made in the steady state: after the first committed
-/// step and before any simulated death (formation's Join and NextStep bursts excluded).
+/// step, before any simulated death and before the run's last step commits (formation's Join
+/// burst and the end's, every rank heartbeating for the final checkpoint and then leaving,
+/// excluded).
 #[derive(Default)]
 pub struct Latencies {
     by_rpc: [Mutex<Histogram>; 5],
     steady_by_rpc: [Mutex<Histogram>; 5],
-    /// 0 before the first commit, 1 steady, 2 after a death.
+    /// 0 before the first commit, 1 steady, 2 after a death or the last step's commit.
     phase: AtomicU8,
 }
 
@@ -96,6 +98,7 @@ impl Latencies {
             .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
     }
 
+    /// A death, or the run's last step committed: what follows is not the steady state.
     pub fn disturbed(&self) {
         self.phase.store(2, Ordering::Relaxed);
     }

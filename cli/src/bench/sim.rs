@@ -37,6 +37,8 @@ pub struct SimConfig {
     jitter: Duration,
     checkpoint_every: u64,
     verify: bool,
+    /// The run's last step: once it commits, the end's calls are not the steady state.
+    last_step: u64,
 }
 
 impl SimConfig {
@@ -52,6 +54,7 @@ impl SimConfig {
             jitter: Duration::from_secs_f64(b.jitter_ms.max(0.0) / 1000.0),
             checkpoint_every: b.checkpoint_every,
             verify: b.verify,
+            last_step: b.steps,
         }
     }
 }
@@ -384,7 +387,7 @@ impl Member<'_> {
             self.answered.clone(),
             self.p.session.clone(),
         );
-        let step = commit.step;
+        let (step, last) = (commit.step, self.cfg.last_step);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let r = call(&lat, Rpc::CommitStep, &client, |mut c| {
@@ -396,6 +399,9 @@ impl Member<'_> {
             if r.committed {
                 gate.committed_step(step);
                 lat.first_commit();
+                if step >= last {
+                    lat.disturbed();
+                }
             }
             Ok(r)
         })
