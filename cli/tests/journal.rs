@@ -164,6 +164,7 @@ async fn a_failed_journal_write_answers_unavailable_and_its_retry_succeeds() {
             collective_addr: "127.0.0.1:1".into(),
             last_generation: 0,
             last_applied_step: 0,
+            state_generation: 0,
         })
     };
     let e = c.join(join()).await.expect_err("the write fails");

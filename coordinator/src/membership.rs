@@ -13,6 +13,9 @@ pub struct WorkerInfo {
     pub collective_addr: String,
     /// Newest step whose optimizer update this worker applied (0 = none).
     pub last_applied: u64,
+    /// The generation its model is of (`JoinRequest.state_generation`; 0: a new process):
+    /// says which history its `last_applied` belongs to when a rollback re-ran steps since.
+    pub state_generation: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +269,7 @@ mod tests {
             device: "cpu".into(),
             collective_addr: format!("{id}:1"),
             last_applied: applied,
+            state_generation: 0,
         }
     }
 

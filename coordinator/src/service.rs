@@ -435,6 +435,12 @@ impl Coordinator for CoordinatorService {
             device: r.device.clone(),
             collective_addr: r.collective_addr.clone(),
             last_applied: r.last_applied_step,
+            // Workers from before the field: the generation they last joined.
+            state_generation: if r.state_generation > 0 {
+                r.state_generation
+            } else {
+                r.last_generation
+            },
         };
         let session = self.shared.session_for_join(&req, &r.worker_id)?;
         let answer = |mut a: v1::JoinResponse| {

@@ -373,6 +373,7 @@ mod tests {
                 pending: Vec::new(),
                 checkpoints: Vec::new(),
                 finished: false,
+                rollbacks: Vec::new(),
             }),
             ..Batch::default()
         }

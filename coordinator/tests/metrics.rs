@@ -70,6 +70,7 @@ async fn join_all(url: &str, last_generation: u64, last_applied_step: u64) -> Ra
                     collective_addr: "127.0.0.1:1".into(),
                     last_generation,
                     last_applied_step,
+                    state_generation: last_generation,
                 }))
                 .await
                 .expect("join")

@@ -77,6 +77,7 @@ fn join_req(id: &str, applied: u64) -> v1::JoinRequest {
         collective_addr: "127.0.0.1:1".into(),
         last_generation: 0,
         last_applied_step: applied,
+        state_generation: 0,
     }
 }
 

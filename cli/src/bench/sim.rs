@@ -156,6 +156,8 @@ pub async fn worker(
             collective_addr: format!("127.0.0.1:{}", 20000 + i % 40000),
             last_generation,
             last_applied_step: last_applied,
+            // A simulated worker always holds its generation's state.
+            state_generation: last_generation,
         };
         let sent = Instant::now();
         let p = call(&lat, Rpc::Join, &client, |mut c| {

@@ -15,6 +15,14 @@ pub struct CheckpointRecord {
     pub data: DataState,
 }
 
+/// A generation that rolled the run back to a checkpoint: steps after `step` applied before
+/// `generation` belong to a history the run abandoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    pub generation: u64,
+    pub step: u64,
+}
+
 /// What a journal belongs to: a coordinator refuses to resume another run's journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
@@ -152,6 +160,9 @@ pub struct Snapshot {
     pub pending: Vec<PendingStep>,
     pub checkpoints: Vec<CheckpointRecord>,
     pub finished: bool,
+    /// The run's rollbacks (absent in journals written before they were kept).
+    #[serde(default)]
+    pub rollbacks: Vec<Rollback>,
 }
 
 /// How a new generation's data starts.

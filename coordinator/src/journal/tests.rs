@@ -11,6 +11,7 @@ fn snapshot(step: u64) -> Snapshot {
         pending: Vec::new(),
         checkpoints: Vec::new(),
         finished: false,
+        rollbacks: Vec::new(),
     }
 }
 

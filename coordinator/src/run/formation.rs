@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Answer, Peer, Placement, Refusal, Run};
-use crate::journal::{Record, Settle};
+use crate::journal::{Record, Rollback, Settle};
 use crate::membership::{Member, Phase, WorkerInfo};
 
 impl Run {
@@ -86,12 +86,13 @@ impl Run {
         let next_step = self.ledger.committed_step() + 1;
         let (state_source, needs_state) = if resume_checkpoint.is_none() {
             let target = self.ledger.committed_step();
+            let holds = |m: &Member| m.info.last_applied == target && self.on_lineage(&m.info);
             let source = members
                 .iter()
-                .find(|m| m.info.last_applied == target)
+                .find(|m| holds(m))
                 .map(|m| m.rank)
                 .unwrap_or(0);
-            let needs = members.iter().any(|m| m.info.last_applied != target);
+            let needs = members.iter().any(|m| !holds(m));
             (source, needs)
         } else {
             (0, false)
@@ -150,6 +151,7 @@ impl Run {
     fn settle_the_data(&mut self, members: &[Member]) -> Option<String> {
         let lineage = members
             .iter()
+            .filter(|m| self.on_lineage(&m.info))
             .map(|m| m.info.last_applied)
             .max()
             .unwrap_or(0);
@@ -168,6 +170,7 @@ impl Run {
             generation,
             settle: Settle::Rollback { step },
         });
+        self.rollbacks.push(Rollback { generation, step });
         match self.checkpoints.last().cloned() {
             Some(c) => {
                 self.ledger.rollback(c.step, c.data.clone());
@@ -185,6 +188,17 @@ impl Run {
                 None
             }
         }
+    }
+
+    /// Whether a member's model is of the run's history: a rollback in a later generation
+    /// than its last re-ran the steps after its checkpoint, so a model past that checkpoint
+    /// from before it is another history's, whatever its step number (it receives the state,
+    /// never gives it, and commits nothing).
+    pub(super) fn on_lineage(&self, info: &WorkerInfo) -> bool {
+        self.rollbacks
+            .iter()
+            .filter(|r| r.generation > info.state_generation)
+            .all(|r| info.last_applied <= r.step)
     }
 
     pub fn report_failure(

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ferroclip_plan::{Bound, Ledger, Source};
 use ferroclip_proto::config::RunConfig;
 
-use crate::journal::{CheckpointRecord, Identity, Record, Snapshot, Summary};
+use crate::journal::{CheckpointRecord, Identity, Record, Rollback, Snapshot, Summary};
 use crate::membership::{Limits, Member, Membership, Phase};
 use crate::stats::{self, push_bounded, unix_now, EVENTS};
 pub use crate::stats::{Counters, Event, StepRecord, WorkerStats};
@@ -71,6 +71,8 @@ pub struct Run {
     generation_world: usize,
     /// Where checkpoints must be (`<run.dir>/checkpoints`): records elsewhere are refused.
     checkpoint_root: String,
+    /// Every rollback to a checkpoint, oldest first (journaled: `Formed` records, snapshots).
+    rollbacks: Vec<Rollback>,
 }
 
 impl Run {
@@ -130,6 +132,7 @@ impl Run {
             source_roots: named.into_iter().map(|(root, _)| root).collect(),
             stop_requested: false,
             generation_world: 0,
+            rollbacks: Vec::new(),
         }
     }
 
@@ -149,6 +152,7 @@ impl Run {
         self.ledger
             .restore_keys(snap.committed_step, snap.data, &snap.pending)?;
         self.checkpoints = snap.checkpoints;
+        self.rollbacks = snap.rollbacks;
         self.last_checkpoint_at = (!self.checkpoints.is_empty()).then(Instant::now);
         self.members = Membership::new(limits(&self.config), snap.generation);
         if snap.finished {
@@ -175,6 +179,7 @@ impl Run {
             pending: self.ledger.pending_keys(),
             checkpoints: self.checkpoints.clone(),
             finished: self.finished(),
+            rollbacks: self.rollbacks.clone(),
         }
     }
 

@@ -5,7 +5,7 @@
 use ferroclip_plan::DataState;
 
 use super::Run;
-use crate::journal::{CheckpointRecord, Record, Settle};
+use crate::journal::{CheckpointRecord, Record, Rollback, Settle};
 use crate::membership::{Membership, Phase};
 
 impl Run {
@@ -23,6 +23,12 @@ impl Run {
         match r {
             Record::Formed { generation, settle } => {
                 self.members = Membership::new(super::limits(&self.config), *generation);
+                if let Settle::Rollback { step } = *settle {
+                    self.rollbacks.push(Rollback {
+                        generation: *generation,
+                        step,
+                    });
+                }
                 match *settle {
                     Settle::Regroup { applied } => self.ledger.regroup(applied),
                     Settle::Rollback { step: 0 } => self.ledger.rollback(0, DataState::default()),

@@ -30,6 +30,7 @@ pub(super) fn info(id: &str, applied: u64) -> WorkerInfo {
         device: "cpu".into(),
         collective_addr: format!("{id}:1"),
         last_applied: applied,
+        state_generation: 0,
     }
 }
 
@@ -62,7 +63,9 @@ impl Sim {
     pub(super) fn form(&mut self, ids: &[&str]) {
         for id in ids {
             let applied = self.applied.get(*id).copied().unwrap_or(0);
-            self.run.join(info(id, applied), self.now);
+            let mut me = info(id, applied);
+            me.state_generation = self.place.get(*id).map_or(0, |p| p.generation);
+            self.run.join(me, self.now);
         }
         for _ in 0..20 {
             if self.run.tick(self.now) {
@@ -470,6 +473,58 @@ fn newcomers_without_state_or_checkpoint_start_over() {
     sim.run_to_the_end();
     assert_eq!(sim.sizes, vec![10; 4]);
     assert!(sim.run.finished());
+}
+
+#[test]
+fn a_model_from_a_history_a_rollback_abandoned_takes_the_state_and_commits_nothing() {
+    let mut sim = Sim::new(config(1, 10, 3), vec![10; 8]);
+    sim.form(&["a", "b"]);
+    for step in 1..=5 {
+        sim.step_all(step).expect("step");
+        if step == 2 {
+            sim.checkpoint("a", 2);
+        }
+    }
+    // "a" and "b" go silent; two new processes roll the run back to step 2's checkpoint and
+    // run steps 3 and 4 again (other ranks, other sums: another model than "b"'s).
+    sim.later(6.0);
+    sim.run.tick(sim.now);
+    sim.form(&["c", "d"]);
+    assert!(sim.place["c"].resume_checkpoint.is_some());
+    sim.step_all(3).expect("step 3");
+    sim.step_all(4).expect("step 4");
+    sim.next("c", 5);
+    // "b" was alive after all: it comes back with step 4 applied, the run's step number, and
+    // then with 5, a step the run assigned but nobody of its history applied.
+    for (b_applied, committed) in [(4, 4), (5, 4)] {
+        sim.applied.insert("b".into(), b_applied);
+        sim.form(&["c", "d", "b"]);
+        assert_eq!(
+            sim.run.ledger.committed_step(),
+            committed,
+            "b at {b_applied}: its steps are not the run's"
+        );
+        let b = &sim.place["b"];
+        assert!(b.needs_state, "b at {b_applied} must take the state");
+        assert_ne!(b.state_source_rank, b.rank, "nor give it");
+        assert_eq!(b.next_step, committed + 1);
+        // It leaves again before applying anything of this generation.
+        let g = b.generation;
+        sim.run.leave("b", g, "test", sim.now).expect("leave");
+        sim.place.remove("b");
+    }
+    // A restarted coordinator keeps the rollback: the same decision after a replay.
+    let snap = sim.run.snapshot();
+    let mut again = Run::new(config(1, 10, 3), vec![10; 8]);
+    again.restore(snap).expect("restore");
+    let mut b = info("b", 4);
+    b.state_generation = 1;
+    assert!(!again.on_lineage(&b));
+    b.last_applied = 2;
+    assert!(
+        again.on_lineage(&b),
+        "steps up to the checkpoint are shared"
+    );
 }
 
 #[test]

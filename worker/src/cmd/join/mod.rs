@@ -80,6 +80,17 @@ struct Worker {
     session: Option<Session>,
     last_applied: u64,
     generation: u64,
+    /// The generation its model is of (`JoinRequest.state_generation`).
+    state_generation: u64,
+}
+
+/// Stops a task when dropped: the generation's heartbeats end on every way out of it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The run as this worker trains it: built once and kept across generations (survivors keep
@@ -135,6 +146,7 @@ pub fn run(opts: JoinOptions) -> Result<()> {
         session: None,
         last_applied: 0,
         generation: 0,
+        state_generation: 0,
     };
     w.main_loop()
 }
@@ -174,6 +186,7 @@ impl Worker {
                 collective_addr: self.collective_addr.clone(),
                 last_generation: self.generation,
                 last_applied_step: self.last_applied,
+                state_generation: self.state_generation,
             };
             let place = self
                 .rt
@@ -224,6 +237,11 @@ impl Worker {
     fn generation_loop(&mut self, place: &v1::JoinResponse) -> Result<Exit> {
         let s = self.session.as_ref().context("session")?;
         let timeout = Duration::from_secs_f64(s.cfg.cluster.collective_timeout_s);
+        // Beats from the Join on: forming the ring or receiving the state can outlast the
+        // heartbeat timeout (a peer that does not answer is waited for up to `timeout`).
+        let every = Duration::from_secs_f64(s.cfg.cluster.heartbeat_interval_s);
+        let beat = Arc::new(Beat::default());
+        let _beats = AbortOnDrop(self.spawn_heartbeats(place.generation, every, beat.clone()));
         // The answer names only the peer this rank dials (its right neighbour); the ring's
         // other addresses are never used here.
         anyhow::ensure!(
@@ -283,14 +301,11 @@ impl Worker {
             self.last_applied = place.next_step.saturating_sub(1);
             tracing::info!(from = place.state_source_rank, "received the run's state");
         }
+        // The model is now this generation's (loaded, received, or already its state).
+        self.state_generation = place.generation;
         let s = self.session.as_mut().context("session")?;
         s.trainer.set_step(place.next_step.saturating_sub(1));
-        let every = Duration::from_secs_f64(s.cfg.cluster.heartbeat_interval_s);
-        let beat = Arc::new(Beat::default());
-        let hb = self.spawn_heartbeats(place.generation, every, beat.clone());
-        let result = self.step_loop(place, coll, &beat);
-        hb.abort();
-        result
+        self.step_loop(place, coll, &beat)
     }
 
     /// Heartbeats on the runtime: a stale answer ends the generation for the step loop, a
