@@ -136,6 +136,39 @@ fn killed_at(fault: &str) {
     assert_exactly_once(&data, &tmp.path().join("run"));
 }
 
+/// A rank that waits for a peer while forming the ring, longer than the heartbeat timeout, is
+/// alive: its heartbeats run from the Join on. Only the silent peer is declared dead.
+#[test]
+fn a_rank_waiting_to_form_the_ring_is_not_declared_dead() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), 300, 3);
+    let cfg = write_config(tmp.path(), &data, "");
+    // The wait for a peer (8 s) outlasts the heartbeat timeout (3 s).
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("collective_timeout_s = 5.0", "collective_timeout_s = 8.0");
+    std::fs::write(&cfg, text).expect("cfg");
+    let (grpc, http) = (free_port(), free_port());
+    let _coord = coordinator(&cfg, grpc, http);
+    let _a = worker(grpc, "w-a");
+    // "w-b" stops itself (SIGSTOP) once placed, before it dials its peer.
+    let _b = worker_with(grpc, "w-b", &[("FERROCLIP_FAULT", "ring:1:stop")]);
+    let s = wait_until(http, "the end", Duration::from_secs(240), |s| {
+        s["state"] == "finished"
+    });
+    let said = |text: &str| {
+        s["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.contains(text)))
+    };
+    assert!(said("w-b missed its heartbeats"), "{}", s["events"]);
+    assert!(!said("w-a missed its heartbeats"), "{}", s["events"]);
+    assert_eq!(s["counters"]["worker_deaths"], 1, "{}", s["counters"]);
+    assert_exactly_once(&data, &tmp.path().join("run"));
+}
+
 #[test]
 fn exactly_once_when_killed_during_data_loading() {
     killed_at("load:3");

@@ -4,7 +4,8 @@
 //! makes it SIGSTOP itself there instead (the test then acts on the paused run and SIGCONTs
 //! it). Off unless set.
 //!
-//! Points: `load` (samples leased, batch not yet fed), `allreduce` (between gradient buckets),
+//! Points: `ring` (placed in a generation, its ring not yet dialled), `load` (samples leased,
+//! batch not yet fed), `allreduce` (between gradient buckets),
 //! `applied` (optimizer step done, CommitStep not sent), `checkpoint` (a checkpoint's files
 //! written, its COMMIT not). A layer-level module: the gradient buckets, the overlapped reducer
 //! and the checkpoint store reach points as well as `cmd::join`.

@@ -265,6 +265,7 @@ impl Worker {
         };
         let use_nccl = s.gpu.nccl;
         let listener = self.listener.try_clone()?;
+        crate::fault::point("ring");
         let mut ring =
             match RingCollective::connect(place.rank as usize, &peers, listener, ring_opts) {
                 Ok(r) => r,
