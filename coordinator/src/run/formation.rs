@@ -193,12 +193,15 @@ impl Run {
     /// Whether a member's model is of the run's history: a rollback in a later generation
     /// than its last re-ran the steps after its checkpoint, so a model past that checkpoint
     /// from before it is another history's, whatever its step number (it receives the state,
-    /// never gives it, and commits nothing).
+    /// never gives it, and commits nothing). A generation the run has not reached yet is no
+    /// claim to trust (a journal lost, a confused client): that model holds nothing either.
     pub(super) fn on_lineage(&self, info: &WorkerInfo) -> bool {
-        self.rollbacks
-            .iter()
-            .filter(|r| r.generation > info.state_generation)
-            .all(|r| info.last_applied <= r.step)
+        info.state_generation <= self.members.generation()
+            && self
+                .rollbacks
+                .iter()
+                .filter(|r| r.generation > info.state_generation)
+                .all(|r| info.last_applied <= r.step)
     }
 
     pub fn report_failure(

@@ -525,6 +525,8 @@ fn a_model_from_a_history_a_rollback_abandoned_takes_the_state_and_commits_nothi
         again.on_lineage(&b),
         "steps up to the checkpoint are shared"
     );
+    b.state_generation = 1_000;
+    assert!(!again.on_lineage(&b), "a generation the run never had");
 }
 
 #[test]
