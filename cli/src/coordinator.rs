@@ -17,6 +17,11 @@ pub struct CoordinatorArgs {
     /// HTTP listen address (probes, /metrics, dashboard).
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
+    /// Heartbeat listen address: Heartbeat served on a thread of its own, so a beat is not
+    /// queued behind a step's reports (Join answers name the port). Default: the gRPC
+    /// address's IP and any free port; set it where a Service must expose the port.
+    #[arg(long)]
+    pub heartbeat_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub token: TokenArgs,
     #[command(flatten)]
@@ -129,6 +134,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<u8> {
         config,
         grpc_addr: args.grpc_addr,
         http_addr: Some(args.http_addr),
+        heartbeat_addr: args.heartbeat_addr,
         token,
         viewer_token,
         tls,

@@ -55,7 +55,20 @@ enum Command {
 /// Exit codes: 0 done, 1 failed, 2 a usage or config error (retrying cannot help; a Job's
 /// podFailurePolicy fails at once on it), 128 + n stopped by signal n before the work was done.
 fn main() -> ExitCode {
-    match run() {
+    let cli = Cli::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    // The coordinator's step path yields to its heartbeat thread (`liveness`); the load
+    // generator's simulated workers to theirs. Only the runtime's own threads are lowered:
+    // the main thread (which starts the benchmark's coordinator process) keeps its priority.
+    if matches!(cli.command, Command::Coordinator(_) | Command::Bench(_)) {
+        rt.on_thread_start(ferroclip_coordinator::liveness::yield_to_heartbeats);
+    }
+    let result = match rt.build() {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
+    };
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("Error: {e:?}");
@@ -67,9 +80,7 @@ fn main() -> ExitCode {
     }
 }
 
-#[tokio::main]
-async fn run() -> Result<u8> {
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> Result<u8> {
     let service = match cli.command {
         Command::Coordinator(_) => "ferroclip-coordinator",
         _ => "ferroclip",

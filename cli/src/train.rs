@@ -125,6 +125,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         config: config.clone(),
         grpc_addr: "127.0.0.1:0".parse()?,
         http_addr: Some(args.http_addr),
+        heartbeat_addr: None,
         token: token.clone(),
         viewer_token: None,
         tls,

@@ -140,6 +140,19 @@ fn killed_at(fault: &str) {
 /// alive: its heartbeats run from the Join on. Only the silent peer is declared dead.
 #[test]
 fn a_rank_waiting_to_form_the_ring_is_not_declared_dead() {
+    ring_wait_outlasts_the_heartbeat_timeout(&[]);
+}
+
+/// The same with the coordinator's heartbeat port out of the worker's reach (as behind a
+/// Service that does not expose it): the worker's beats go to the main port instead.
+#[test]
+fn a_worker_that_cannot_reach_the_heartbeat_port_beats_on_the_main_port() {
+    // Bound on 127.0.0.2: the worker, which reached the coordinator at 127.0.0.1, is refused.
+    let unreachable = format!("127.0.0.2:{}", free_port());
+    ring_wait_outlasts_the_heartbeat_timeout(&["--heartbeat-addr", &unreachable]);
+}
+
+fn ring_wait_outlasts_the_heartbeat_timeout(coordinator_args: &[&str]) {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = synth(tmp.path(), 300, 3);
     let cfg = write_config(tmp.path(), &data, "");
@@ -149,7 +162,7 @@ fn a_rank_waiting_to_form_the_ring_is_not_declared_dead() {
         .replace("collective_timeout_s = 5.0", "collective_timeout_s = 8.0");
     std::fs::write(&cfg, text).expect("cfg");
     let (grpc, http) = (free_port(), free_port());
-    let _coord = coordinator(&cfg, grpc, http);
+    let _coord = coordinator_with(&cfg, grpc, http, coordinator_args, &[]);
     let _a = worker(grpc, "w-a");
     // "w-b" stops itself (SIGSTOP) once placed, before it dials its peer.
     let _b = worker_with(grpc, "w-b", &[("FERROCLIP_FAULT", "ring:1:stop")]);

@@ -357,7 +357,10 @@ fn network_policies_admit_workers_to_the_coordinator_and_each_other_only() {
             );
             assert_eq!(
                 coord["ingress"][0]["ports"],
-                json!([{ "protocol": "TCP", "port": 50051 }])
+                json!([
+                    { "protocol": "TCP", "port": 50051 },
+                    { "protocol": "TCP", "port": 50052 },
+                ])
             );
             assert_eq!(
                 coord["ingress"][1]["ports"],

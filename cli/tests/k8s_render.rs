@@ -132,6 +132,8 @@ fn gpu_run_has_an_indexed_job_with_gpus_and_a_probed_coordinator() {
             "/etc/ferroclip/run.toml",
             "--grpc-addr",
             "0.0.0.0:50051",
+            "--heartbeat-addr",
+            "0.0.0.0:50052",
             "--http-addr",
             "0.0.0.0:8080",
             "--token-file",
@@ -158,7 +160,7 @@ fn gpu_run_has_an_indexed_job_with_gpus_and_a_probed_coordinator() {
         .iter()
         .filter_map(|p| p["port"].as_u64())
         .collect();
-    assert_eq!(svc_ports, [50051, 8080]);
+    assert_eq!(svc_ports, [50051, 50052, 8080]);
 
     let cfg = run_config(&docs, "ferroclip");
     assert_eq!(cfg.data.root.as_deref(), Some("s3://bucket/laion"));
@@ -257,7 +259,7 @@ fn run_name_namespace_images_and_fresh_reach_every_object() {
         .filter_map(Value::as_str)
         .collect();
     assert_eq!(
-        &args[9..],
+        &args[args.len() - 3..],
         ["--journal", "gs://b/runs/exp7/journal", "--fresh"]
     );
     assert_eq!(run_config(&docs, "exp7").run.dir, "gs://b/runs/exp7/");

@@ -4,6 +4,7 @@
 pub mod fault;
 pub mod http;
 pub mod journal;
+pub mod liveness;
 pub mod login;
 pub mod membership;
 pub mod metrics;
@@ -48,6 +49,23 @@ fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
 /// and a SYN dropped from a full queue is retried only after a second or more.
 const ACCEPT_BACKLOG: u32 = 4096;
 
+/// Accepted connections without Nagle: an answer written in several segments otherwise waits
+/// for the client's delayed ACK (40 ms) before its last one leaves.
+fn no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            conn.inspect(|s| {
+                if let Err(e) = s.set_nodelay(true) {
+                    tracing::debug!("TCP_NODELAY: {e}");
+                }
+            })
+        },
+    )
+}
+
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -65,6 +83,8 @@ pub struct ServeOptions {
     pub config: RunConfig,
     pub grpc_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
+    /// The heartbeat port's address (`liveness`); None: the gRPC address's IP, any free port.
+    pub heartbeat_addr: Option<SocketAddr>,
     /// The worker token: Join and every member RPC.
     pub token: String,
     /// The read-only viewer token (`/`, `/metrics`, `/api/status`, Status). Without one the
@@ -83,6 +103,7 @@ pub struct ServeOptions {
 /// A running coordinator.
 pub struct Handle {
     pub grpc_addr: SocketAddr,
+    pub heartbeat_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -283,18 +304,7 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
     }
     let mut stop = rx.clone();
     tasks.push(tokio::spawn(async move {
-        // No Nagle: an answer written in several segments otherwise waits for the client's
-        // delayed ACK (40 ms) before its last one leaves.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |conn| {
-                conn.inspect(|s| {
-                    if let Err(e) = s.set_nodelay(true) {
-                        tracing::debug!("TCP_NODELAY: {e}");
-                    }
-                })
-            },
-        );
+        let incoming = no_delay(listener);
         let r = builder
             .trace_fn(rpc_span)
             .add_service(svc)
@@ -306,6 +316,18 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
             tracing::error!("gRPC server stopped: {e}");
         }
     }));
+
+    let heartbeat_addr = opts
+        .heartbeat_addr
+        .unwrap_or_else(|| SocketAddr::new(grpc_addr.ip(), 0));
+    let (heartbeat_addr, task) = liveness::serve(
+        heartbeat_addr,
+        shared.clone(),
+        opts.tls.as_ref(),
+        rx.clone(),
+    )
+    .await?;
+    tasks.push(task);
 
     let http_addr = match opts.http_addr {
         Some(addr) => {
@@ -327,9 +349,10 @@ pub async fn serve(opts: ServeOptions) -> Result<Handle> {
             }
         }
     }));
-    tracing::info!(%grpc_addr, ?http_addr, tls = opts.tls.is_some(), "coordinator serving");
+    tracing::info!(%grpc_addr, %heartbeat_addr, ?http_addr, tls = opts.tls.is_some(), "coordinator serving");
     Ok(Handle {
         grpc_addr,
+        heartbeat_addr,
         http_addr,
         shared,
         shutdown,

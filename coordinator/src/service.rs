@@ -5,7 +5,7 @@
 //! heartbeats never wait on the store.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,12 @@ pub struct Shared {
     /// A member silent this long (`cluster.heartbeat_timeout_s`) no longer holds its id.
     session_ttl: Duration,
     pub rejected: AtomicU64,
+    /// The heartbeat port (`crate::liveness`) Join answers name; 0 while there is none.
+    pub heartbeat_port: std::sync::atomic::AtomicU32,
+    /// Beats that arrived while the run was locked, to apply before the next silence check.
+    deferred: std::sync::Mutex<Vec<Beat>>,
+    /// Whether the run is finished, as of the last staged change (a deferred beat's answer).
+    finished: AtomicBool,
     /// How to reach object stores (deleting old checkpoints).
     pub store: ferroclip_shards::StoreOptions,
 }
@@ -58,6 +64,7 @@ impl Shared {
         store: ferroclip_shards::StoreOptions,
     ) -> Arc<Self> {
         let session_ttl = Duration::from_secs_f64(run.config.cluster.heartbeat_timeout_s.max(1.0));
+        let run_finished = run.finished();
         Arc::new(Self {
             config_toml: run.config.to_toml(),
             run: Mutex::new(run),
@@ -71,6 +78,9 @@ impl Shared {
             sessions: std::sync::Mutex::new(HashMap::new()),
             session_ttl,
             rejected: AtomicU64::new(0),
+            heartbeat_port: Default::default(),
+            deferred: Default::default(),
+            finished: AtomicBool::new(run_finished),
             store,
         })
     }
@@ -237,6 +247,7 @@ impl Shared {
 
     /// `final_entry`: only a version for the final compaction, which covers the records.
     fn stage_with(&self, run: &mut Run, final_entry: bool) -> u64 {
+        self.finished.store(run.finished(), Ordering::Relaxed);
         let records = run.take_records();
         let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
         if final_entry {
@@ -303,12 +314,29 @@ impl Shared {
     /// background; Join callers wait for it to be durable).
     pub async fn tick(&self) {
         let mut run = self.run.lock().await;
+        self.apply_beats(&mut run);
         if run.tick(Instant::now()) {
             self.stage(&mut run);
             drop(run);
             self.formed.notify_waiters();
         } else {
             self.stage(&mut run);
+        }
+    }
+
+    fn defer(&self, beat: Beat) {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(beat);
+    }
+
+    /// Applies the deferred beats, each as of its arrival. A beat of a generation that ended
+    /// meanwhile changes nothing (its worker hears so at its next beat or step call).
+    pub fn apply_beats(&self, run: &mut Run) {
+        let beats = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+        for b in beats {
+            let _ = run.heartbeat(&b.worker_id, b.generation, b.store_wait_s, b.at);
         }
     }
 
@@ -322,6 +350,14 @@ impl Shared {
             }
         }
     }
+}
+
+/// A heartbeat, kept to apply later when it arrived while the run was locked.
+struct Beat {
+    worker_id: String,
+    generation: u64,
+    store_wait_s: f64,
+    at: Instant,
 }
 
 /// Shorter session values are ignored (treated as absent).
@@ -445,6 +481,7 @@ impl Coordinator for CoordinatorService {
         let session = self.shared.session_for_join(&req, &r.worker_id)?;
         let answer = |mut a: v1::JoinResponse| {
             a.session = session.clone();
+            a.heartbeat_port = self.shared.heartbeat_port.load(Ordering::Relaxed);
             Response::new(a)
         };
         {
@@ -521,8 +558,21 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
-        let mut run = self.shared.run.lock().await;
-        let out = run.heartbeat(&r.worker_id, r.generation, r.store_wait_s, Instant::now());
+        let beat = Beat {
+            worker_id: r.worker_id.clone(),
+            generation: r.generation,
+            store_wait_s: r.store_wait_s,
+            at: Instant::now(),
+        };
+        // A beat never waits for the run: while another call holds it, the beat is noted and
+        // applied, with its arrival time, before the next look for silent members (`tick`).
+        let Ok(mut run) = self.shared.run.try_lock() else {
+            self.shared.defer(beat);
+            let stop = self.shared.finished.load(Ordering::Relaxed);
+            return Ok(Response::new(v1::HeartbeatResponse { stop }));
+        };
+        self.shared.apply_beats(&mut run);
+        let out = run.heartbeat(&beat.worker_id, beat.generation, beat.store_wait_s, beat.at);
         drop(run);
         let stop = self.counted(out)?;
         Ok(Response::new(v1::HeartbeatResponse { stop }))
@@ -589,6 +639,7 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         self.check(&req, &r.worker_id)?;
         let mut run = self.shared.run.lock().await;
+        self.shared.apply_beats(&mut run);
         let out = run.report_failure(
             &r.worker_id,
             r.generation,

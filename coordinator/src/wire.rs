@@ -46,6 +46,7 @@ pub fn join_response(
             .into_iter()
             .map(|(step, plan)| next_step_response(step, plan))
             .collect(),
+        heartbeat_port: 0,
     }
 }
 

@@ -128,6 +128,7 @@ async fn committed_figures_become_metrics() {
         config: cfg,
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: Some("127.0.0.1:0".parse().expect("addr")),
+        heartbeat_addr: None,
         token: TOKEN.into(),
         viewer_token: None,
         tls: None,

@@ -89,6 +89,7 @@ async fn start(
         config: cfg,
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: Some("127.0.0.1:0".parse().expect("addr")),
+        heartbeat_addr: None,
         token: TOKEN.into(),
         viewer_token: None,
         tls: None,
@@ -356,6 +357,7 @@ async fn a_restarted_coordinator_resumes_from_its_journal() {
         config: other,
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: None,
+        heartbeat_addr: None,
         token: TOKEN.into(),
         viewer_token: None,
         tls: None,
@@ -399,6 +401,96 @@ async fn a_restarted_coordinator_resumes_from_its_journal() {
             "sample repeated after restart"
         );
     }
+    h.shutdown().await;
+}
+
+/// Heartbeats are served on a port of their own (named by the Join answer) by a thread of
+/// their own, and never wait for the run: a beat arriving while another call holds the run
+/// is answered at once and applied, as of its arrival, before the next check for silent
+/// members.
+#[tokio::test]
+async fn heartbeats_have_their_own_port_and_are_answered_while_the_run_is_locked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path()).await;
+    let (h, mut c) = start(config(&data, &tmp.path().join("run")), false).await;
+    let place = c
+        .join(authed(join_req("a", 0), Some(TOKEN)))
+        .await
+        .expect("join")
+        .into_inner();
+    assert_eq!(place.heartbeat_port, u32::from(h.heartbeat_addr.port()));
+    assert_ne!(h.heartbeat_addr.port(), h.grpc_addr.port());
+    let mut lane = CoordinatorClient::connect(format!("http://{}", h.heartbeat_addr))
+        .await
+        .expect("connect to the heartbeat port");
+    let hb = |g| {
+        authed(
+            v1::HeartbeatRequest {
+                worker_id: "a".into(),
+                generation: g,
+                store_wait_s: 0.0,
+            },
+            Some(TOKEN),
+        )
+    };
+    // The same rules as on the main port: the token, the member's generation.
+    let e = lane
+        .heartbeat(authed(
+            v1::HeartbeatRequest {
+                worker_id: "a".into(),
+                generation: place.generation,
+                store_wait_s: 0.0,
+            },
+            Some("wrong-token-xxxx"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = lane.heartbeat(hb(place.generation + 1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        !lane
+            .heartbeat(hb(place.generation))
+            .await
+            .expect("beat")
+            .into_inner()
+            .stop
+    );
+
+    let seen = |run: &ferroclip_coordinator::run::Run| {
+        run.members
+            .members()
+            .iter()
+            .find(|m| m.info.worker_id == "a")
+            .map(|m| m.last_seen)
+            .expect("a is a member")
+    };
+    let held = h.shared.run.lock().await;
+    let before = seen(&held);
+    let sent = std::time::Instant::now();
+    let within = std::time::Duration::from_secs(5);
+    // On either port, with the run held by another call: answered, not waiting for it.
+    for (port, r) in [
+        (
+            "heartbeat",
+            tokio::time::timeout(within, lane.heartbeat(hb(place.generation))).await,
+        ),
+        (
+            "main",
+            tokio::time::timeout(within, c.heartbeat(hb(place.generation))).await,
+        ),
+    ] {
+        let r = r.unwrap_or_else(|_| panic!("a beat on the {port} port waited for the run"));
+        assert!(!r.expect("beat").into_inner().stop, "{port} port");
+    }
+    assert_eq!(seen(&held), before, "applied only once the run is free");
+    drop(held);
+    h.shared.tick().await;
+    let after = seen(&*h.shared.run.lock().await);
+    assert!(
+        after >= sent && after > before,
+        "the deferred beats count as of their arrival"
+    );
     h.shutdown().await;
 }
 

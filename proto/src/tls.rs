@@ -147,6 +147,18 @@ pub fn coordinator_url(url: &str, tls: bool) -> Result<String, String> {
     }
 }
 
+/// The coordinator URL `url` (as `coordinator_url` made it) with the port `port`: the
+/// heartbeat port a Join answer names is on the host the worker reached.
+pub fn with_port(url: &str, port: u32) -> Result<String, String> {
+    let uri: tonic::codegen::http::Uri = url
+        .parse()
+        .map_err(|e| format!("coordinator URL {url:?}: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some(scheme), Some(host)) => Ok(format!("{scheme}://{host}:{port}")),
+        _ => Err(format!("coordinator URL {url:?} has no scheme or host")),
+    }
+}
+
 /// A status's message followed by its causes (a TLS refusal is in the causes: "invalid peer
 /// certificate: certificate expired …", "… not valid for name …", "UnknownIssuer").
 pub fn describe(status: &tonic::Status) -> String {
@@ -184,6 +196,20 @@ mod tests {
         assert_eq!(coordinator_url("http://h:1", false).unwrap(), "http://h:1");
         assert!(coordinator_url("https://h:1", false).is_err());
         assert!(coordinator_url("ftp://h:1", false).is_err());
+    }
+
+    #[test]
+    fn the_heartbeat_port_is_on_the_host_the_worker_reached() {
+        let cases = [
+            ("http://coordinator:50051", "http://coordinator:50052"),
+            ("https://c.example.org:443/", "https://c.example.org:50052"),
+            ("http://10.0.0.1", "http://10.0.0.1:50052"),
+            ("http://[fd00::1]:50051", "http://[fd00::1]:50052"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(with_port(url, 50052).unwrap(), want, "{url}");
+        }
+        assert!(with_port("coordinator:50051", 1).is_err());
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct CoordinatorBench {
     /// (`ferroclip_proto::stagger`, as workers do): the baseline of that change.
     #[arg(long)]
     pub burst: bool,
+    /// Beat on the main gRPC port, as before the heartbeat port (the Join answer's
+    /// `heartbeat_port`, served on a thread of its own): the baseline of that change.
+    #[arg(long)]
+    pub heartbeat_main: bool,
     /// `cluster.heartbeat_timeout_s` of the run.
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_timeout_s: f64,
@@ -164,7 +168,7 @@ pub async fn coordinator(b: &CoordinatorBench) -> Result<Report> {
 
     let lat = Arc::new(Latencies::default());
     let gate = Arc::new(Gate::new(b.kill_at));
-    let cfg = Arc::new(SimConfig::new(b, endpoint, world.run_dir.clone()));
+    let cfg = Arc::new(SimConfig::new(b, endpoint, world.run_dir.clone())?);
     let t0 = Instant::now();
     let mut sims = tokio::task::JoinSet::new();
     for i in 0..b.workers {

@@ -34,6 +34,11 @@ pub struct SimConfig {
     heartbeat_always: bool,
     separate_next: bool,
     burst: bool,
+    /// Where the heartbeat tasks run: a thread of their own, as each worker process's beats
+    /// are its own (on the load generator's shared runtime a beat would queue behind
+    /// thousands of simulated workers' step calls, and that wait would be in its latency).
+    /// None: beat from the shared runtime on the main port (`--heartbeat-main`).
+    beats: Option<tokio::runtime::Handle>,
     jitter: Duration,
     checkpoint_every: u64,
     verify: bool,
@@ -42,8 +47,8 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
-    pub fn new(b: &CoordinatorBench, endpoint: String, run_dir: String) -> Self {
-        Self {
+    pub fn new(b: &CoordinatorBench, endpoint: String, run_dir: String) -> Result<Self> {
+        Ok(Self {
             endpoint,
             checkpoints: ferroclip_shards::checkpoints::root_url(&run_dir),
             step_period: (b.step_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / b.step_hz)),
@@ -51,15 +56,35 @@ impl SimConfig {
             heartbeat_always: b.heartbeat_always,
             separate_next: b.separate_next,
             burst: b.burst,
+            beats: if b.heartbeat_main {
+                None
+            } else {
+                Some(beat_runtime()?)
+            },
             jitter: Duration::from_secs_f64(b.jitter_ms.max(0.0) / 1000.0),
             checkpoint_every: b.checkpoint_every,
             verify: b.verify,
             last_step: b.steps,
-        }
+        })
     }
 }
 
 type Client = CoordinatorClient<Channel>;
+
+/// A single-threaded runtime on a thread of its own that lives as long as the process, made
+/// from the main thread: it keeps the priority the simulated workers' threads give up.
+fn beat_runtime() -> Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("sim-heartbeats".into())
+        .spawn(move || {
+            rt.block_on(std::future::pending::<()>());
+        })?;
+    Ok(handle)
+}
 
 /// When a worker's last step call was answered (µs since the first use), which its heartbeat
 /// task reads as the real worker's `Client::answered_within` does.
@@ -148,6 +173,8 @@ pub async fn worker(
     let (mut last_generation, mut last_applied) = (0, 0);
     let mut session = String::new();
     let answered = Arc::new(Answered::default());
+    // The heartbeat port and its client, made on the heartbeat runtime at a Join naming it.
+    let mut lane: Option<(u32, Client)> = None;
     loop {
         let join = v1::JoinRequest {
             worker_id: id.clone(),
@@ -181,7 +208,20 @@ pub async fn worker(
             generation: p.generation,
             store_wait_s: 0.0,
         };
-        let beats = tokio::spawn(heartbeats(
+        // On the heartbeat port, from the heartbeat runtime, where the Join names the port.
+        let on_lane = match (&cfg.beats, p.heartbeat_port) {
+            (Some(rt), port) if port > 0 => {
+                if lane.as_ref().map(|l| l.0) != Some(port) {
+                    lane = connect_lane(rt, &cfg.endpoint, port)
+                        .await
+                        .map(|c| (port, c));
+                }
+                lane.as_ref().map(|l| (rt, l.1.clone()))
+            }
+            _ => None,
+        };
+        let beats = heartbeats(
+            on_lane.as_ref().map(|l| l.1.clone()),
             client.clone(),
             beat,
             session.clone(),
@@ -189,7 +229,11 @@ pub async fn worker(
             (!cfg.heartbeat_always).then(|| answered.clone()),
             lat.clone(),
             stop_rx,
-        ));
+        );
+        let beats = match on_lane {
+            Some((rt, _)) => rt.spawn(beats),
+            None => tokio::spawn(beats),
+        };
         let mut at = Member {
             client: client.clone(),
             id: &id,
@@ -227,8 +271,28 @@ pub async fn worker(
     }
 }
 
+/// A client of the heartbeat port, connected now on the heartbeat runtime (a connection
+/// belongs to the runtime that polls its calls, and a first beat would otherwise pay for the
+/// handshake); None if it cannot be reached: beats then go to the main port.
+async fn connect_lane(rt: &tokio::runtime::Handle, endpoint: &str, port: u32) -> Option<Client> {
+    let url = ferroclip_proto::tls::with_port(endpoint, port).ok()?;
+    let made = rt.spawn(async move {
+        Endpoint::from_shared(url)?
+            .connect_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+    });
+    made.await.ok()?.ok().map(CoordinatorClient::new)
+}
+
+/// Beats on `lane` (the heartbeat port), or on `main` where there is none or once it fails,
+/// as the worker does (a coordinator restarted on the same main port may have another
+/// heartbeat port).
+#[allow(clippy::too_many_arguments)]
 async fn heartbeats(
-    mut client: Client,
+    mut lane: Option<Client>,
+    mut main: Client,
     beat: v1::HeartbeatRequest,
     session: String,
     period: Duration,
@@ -248,7 +312,17 @@ async fn heartbeats(
             continue;
         }
         let (t, steady) = (Instant::now(), lat.steady());
-        let r = client.heartbeat(req(beat.clone(), &session)).await;
+        let mut r = match lane.as_mut() {
+            Some(l) => l.heartbeat(req(beat.clone(), &session)).await,
+            None => main.heartbeat(req(beat.clone(), &session)).await,
+        };
+        if lane.is_some()
+            && r.as_ref()
+                .is_err_and(|s| s.code() != Code::FailedPrecondition)
+        {
+            lane = None;
+            r = main.heartbeat(req(beat.clone(), &session)).await;
+        }
         lat.record(Rpc::Heartbeat, t.elapsed(), steady);
         if r.is_ok_and(|r| r.into_inner().stop) {
             return;

@@ -26,6 +26,8 @@ const LAUNCHER_DIR: &str = "/opt/ferroclip";
 pub const COORDINATOR_JOB: &str = "coordinator";
 pub const WORKERS_JOB: &str = "workers";
 pub const GRPC_PORT: u16 = 50051;
+/// The coordinator's heartbeat port (`--heartbeat-addr`): beats on a thread of their own.
+pub const HEARTBEAT_PORT: u16 = 50052;
 pub const HTTP_PORT: u16 = 8080;
 pub const COLLECTIVE_PORT_BASE: u16 = 29500;
 
@@ -145,6 +147,7 @@ fn service(spec: &RunSpec) -> Value {
             "selector": spec.selector("coordinator"),
             "ports": [
                 { "name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc" },
+                { "name": "heartbeat", "port": HEARTBEAT_PORT, "targetPort": "heartbeat", "appProtocol": "grpc" },
                 { "name": "http", "port": HTTP_PORT, "targetPort": "http", "appProtocol": "http" },
             ],
         },

@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 
-use super::{RunSpec, COLLECTIVE_PORT_BASE, GRPC_PORT, HTTP_PORT};
+use super::{RunSpec, COLLECTIVE_PORT_BASE, GRPC_PORT, HEARTBEAT_PORT, HTTP_PORT};
 
 pub fn policies(spec: &RunSpec) -> Vec<Value> {
     let workers = json!({ "podSelector": { "matchLabels": spec.selector("worker") } });
@@ -28,8 +28,11 @@ pub fn policies(spec: &RunSpec) -> Vec<Value> {
                 "podSelector": { "matchLabels": spec.selector("coordinator") },
                 "policyTypes": ["Ingress"],
                 "ingress": [
-                    // Members' RPCs: the run's workers only.
-                    { "from": [workers.clone()], "ports": [{ "protocol": "TCP", "port": GRPC_PORT }] },
+                    // Members' RPCs and heartbeats: the run's workers only.
+                    { "from": [workers.clone()], "ports": [
+                        { "protocol": "TCP", "port": GRPC_PORT },
+                        { "protocol": "TCP", "port": HEARTBEAT_PORT },
+                    ] },
                     // Probes come from the kubelet (not subject to policies); the dashboard and
                     // Prometheus from this namespace (k8s/README.md: a scraper elsewhere).
                     { "from": [namespace], "ports": [{ "protocol": "TCP", "port": HTTP_PORT }] },

@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use super::{
-    RunSpec, COLLECTIVE_PORT_BASE, CONFIG_DIR, GRPC_PORT, HTTP_PORT, LAUNCHER_DIR, TLS_DIR,
-    TOKEN_DIR,
+    RunSpec, COLLECTIVE_PORT_BASE, CONFIG_DIR, GRPC_PORT, HEARTBEAT_PORT, HTTP_PORT, LAUNCHER_DIR,
+    TLS_DIR, TOKEN_DIR,
 };
 
 /// Read-only root, no privileges: the pods pass the "restricted" Pod Security Standard.
@@ -74,6 +74,8 @@ pub fn coordinator_template(spec: &RunSpec) -> Value {
         format!("{CONFIG_DIR}/run.toml"),
         "--grpc-addr".into(),
         format!("0.0.0.0:{GRPC_PORT}"),
+        "--heartbeat-addr".into(),
+        format!("0.0.0.0:{HEARTBEAT_PORT}"),
         "--http-addr".into(),
         format!("0.0.0.0:{HTTP_PORT}"),
         "--token-file".into(),
@@ -112,6 +114,7 @@ pub fn coordinator_template(spec: &RunSpec) -> Value {
             "envFrom": s3_env_from(spec),
             "ports": [
                 { "name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP" },
+                { "name": "heartbeat", "containerPort": HEARTBEAT_PORT, "protocol": "TCP" },
                 { "name": "http", "containerPort": HTTP_PORT, "protocol": "TCP" },
             ],
             // Resuming from a journal in object storage may take a while.

@@ -30,6 +30,23 @@ pub enum CallError {
     },
 }
 
+/// The coordinator's endpoint at `url`: short connect timeout, no Nagle, keepalive pings.
+fn endpoint(url: &str, tls: Option<&ferroclip_proto::tls::ClientTls>) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| anyhow::anyhow!("coordinator URL {url:?} is not valid: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.config())
+            .map_err(|e| anyhow::anyhow!("TLS configuration for {url}: {e}"))?;
+    }
+    Ok(endpoint)
+}
+
 /// Longest a call other than Join may take (a slow journal write included).
 pub const RPC_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -47,7 +64,25 @@ pub struct Client {
     /// When a step call (NextStep, CommitStep) or a Join was last answered: the coordinator
     /// counts it as a heartbeat, so the heartbeat task skips a beat that would follow one.
     answered: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// For the heartbeat port's channel.
+    tls: Option<ferroclip_proto::tls::ClientTls>,
+    /// The coordinator's heartbeat port (its Join answer's `heartbeat_port`), where beats go.
+    lane: std::sync::Arc<std::sync::Mutex<Option<Lane>>>,
 }
+
+/// The heartbeat port's channel. A beat it fails goes to the main port, and the lane rests
+/// for `LANE_REST` (a Service that does not expose the port costs one connect timeout, not
+/// one per beat).
+struct Lane {
+    port: u32,
+    client: CoordinatorClient<Channel>,
+    rest_until: Option<std::time::Instant>,
+}
+
+const LANE_REST: Duration = Duration::from_secs(30);
+
+/// A lane's beat: its own short deadline, as the main port is there to fall back on.
+const LANE_DEADLINE: Duration = Duration::from_secs(2);
 
 impl Client {
     pub fn new(
@@ -58,18 +93,7 @@ impl Client {
     ) -> anyhow::Result<Self> {
         let url = &ferroclip_proto::tls::coordinator_url(url, tls.is_some())
             .map_err(anyhow::Error::msg)?;
-        let mut endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| anyhow::anyhow!("coordinator URL {url:?} is not valid: {e}"))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
-        if let Some(tls) = tls {
-            endpoint = endpoint
-                .tls_config(tls.config())
-                .map_err(|e| anyhow::anyhow!("TLS configuration for {url}: {e}"))?;
-        }
+        let endpoint = endpoint(url, tls)?;
         Ok(Self {
             url: url.to_string(),
             token: token.to_string(),
@@ -78,6 +102,8 @@ impl Client {
             joiner: CoordinatorClient::new(endpoint.connect_lazy()),
             patience,
             answered: Default::default(),
+            tls: tls.cloned(),
+            lane: Default::default(),
         })
     }
 
@@ -185,6 +211,7 @@ impl Client {
         if !r.session.is_empty() {
             *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.session.clone());
         }
+        self.use_heartbeat_port(r.heartbeat_port);
         // A generation's members are seen when it forms: the first beat would tell nothing,
         // and at thousands of ranks it would land on formation's burst of first steps.
         self.answered_now();
@@ -201,10 +228,66 @@ impl Client {
         *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
     }
 
+    /// Beats go to `port` from now on (0: the main port). A channel is made (lazily) only
+    /// when the port changes: a re-Join to the same coordinator keeps its connection.
+    fn use_heartbeat_port(&self, port: u32) {
+        let mut lane = self.lane.lock().unwrap_or_else(|p| p.into_inner());
+        if lane.as_ref().map(|l| l.port) == Some(port) {
+            return;
+        }
+        *lane = None;
+        if port == 0 {
+            return;
+        }
+        let made = ferroclip_proto::tls::with_port(&self.url, port)
+            .map_err(anyhow::Error::msg)
+            .and_then(|url| endpoint(&url, self.tls.as_ref()));
+        match made {
+            Ok(e) => {
+                *lane = Some(Lane {
+                    port,
+                    client: CoordinatorClient::new(e.timeout(LANE_DEADLINE).connect_lazy()),
+                    rest_until: None,
+                })
+            }
+            Err(e) => tracing::warn!("heartbeat port {port}: {e:#}; beating on the main port"),
+        }
+    }
+
+    /// The heartbeat port's client, unless there is none or it is resting after a failure.
+    fn lane(&self) -> Option<CoordinatorClient<Channel>> {
+        let lane = self.lane.lock().unwrap_or_else(|p| p.into_inner());
+        let l = lane.as_ref()?;
+        match l.rest_until {
+            Some(t) if std::time::Instant::now() < t => None,
+            _ => Some(l.client.clone()),
+        }
+    }
+
+    /// One beat: on the heartbeat port where there is one (a beat there is not queued behind
+    /// the coordinator's step work), else, or when that fails, on the main port with its
+    /// retries.
     pub async fn heartbeat(
         &self,
         msg: v1::HeartbeatRequest,
     ) -> Result<v1::HeartbeatResponse, CallError> {
+        if let Some(mut lane) = self.lane() {
+            match lane.heartbeat(self.request(msg.clone())?).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    return Err(CallError::Stale(s.message().into()))
+                }
+                Err(s) => {
+                    tracing::info!(
+                        "heartbeat port unanswered ({}): beating on the main port for {LANE_REST:?}",
+                        describe(&s)
+                    );
+                    if let Some(l) = self.lane.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        l.rest_until = Some(std::time::Instant::now() + LANE_REST);
+                    }
+                }
+            }
+        }
         self.retry(msg, |mut c, r| async move { c.heartbeat(r).await })
             .await
     }
