@@ -19,6 +19,8 @@ struct State {
     arrived: HashMap<(u64, u64), u32>,
     /// generation → newest step whose barrier opened.
     released: HashMap<u64, u64>,
+    /// generation → when its first barrier opened: the world's common clock.
+    opened: HashMap<u64, tokio::time::Instant>,
     /// generation → the rank that died in it, and whether its failure was reported.
     dead: HashMap<u64, (u32, bool)>,
     /// Generations a rank left to join again (its ring is broken for the others).
@@ -104,6 +106,9 @@ impl Gate {
             if *n >= world {
                 s.arrived.remove(&(generation, step));
                 s.released.insert(generation, step);
+                s.opened
+                    .entry(generation)
+                    .or_insert_with(tokio::time::Instant::now);
                 drop(s);
                 self.notify.notify_waiters();
                 return Barrier::Passed;
@@ -127,6 +132,12 @@ impl Gate {
             }
             woken.await;
         }
+    }
+
+    /// When `generation`'s first barrier opened (every rank left it then, as all leave an
+    /// all-reduce at once).
+    pub fn opened(&self, generation: u64) -> Option<tokio::time::Instant> {
+        self.lock().opened.get(&generation).copied()
     }
 
     /// A rank leaves `generation` to join again: the others' collectives fail, as a ring

@@ -174,7 +174,7 @@ pub async fn worker(
     let mut session = String::new();
     let answered = Arc::new(Answered::default());
     // The heartbeat port and its client, made on the heartbeat runtime at a Join naming it.
-    let mut lane: Option<(u32, Client)> = None;
+    let mut lane: Option<(u32, Lane, String)> = None;
     loop {
         let join = v1::JoinRequest {
             worker_id: id.clone(),
@@ -212,16 +212,16 @@ pub async fn worker(
         let on_lane = match (&cfg.beats, p.heartbeat_port) {
             (Some(rt), port) if port > 0 => {
                 if lane.as_ref().map(|l| l.0) != Some(port) {
-                    lane = connect_lane(rt, &cfg.endpoint, port)
-                        .await
-                        .map(|c| (port, c));
+                    let url = ferroclip_proto::tls::with_port(&cfg.endpoint, port)
+                        .map_err(anyhow::Error::msg)?;
+                    lane = Some((port, Lane::default(), url));
                 }
-                lane.as_ref().map(|l| (rt, l.1.clone()))
+                lane.as_ref().map(|l| (rt, l.1.clone(), l.2.clone()))
             }
             _ => None,
         };
         let beats = heartbeats(
-            on_lane.as_ref().map(|l| l.1.clone()),
+            on_lane.as_ref().map(|l| (l.1.clone(), l.2.clone())),
             client.clone(),
             beat,
             session.clone(),
@@ -231,7 +231,7 @@ pub async fn worker(
             stop_rx,
         );
         let beats = match on_lane {
-            Some((rt, _)) => rt.spawn(beats),
+            Some((rt, _, _)) => rt.spawn(beats),
             None => tokio::spawn(beats),
         };
         let mut at = Member {
@@ -271,19 +271,23 @@ pub async fn worker(
     }
 }
 
-/// A client of the heartbeat port, connected now on the heartbeat runtime (a connection
-/// belongs to the runtime that polls its calls, and a first beat would otherwise pay for the
-/// handshake); None if it cannot be reached: beats then go to the main port.
-async fn connect_lane(rt: &tokio::runtime::Handle, endpoint: &str, port: u32) -> Option<Client> {
-    let url = ferroclip_proto::tls::with_port(endpoint, port).ok()?;
-    let made = rt.spawn(async move {
-        Endpoint::from_shared(url)?
-            .connect_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-    });
-    made.await.ok()?.ok().map(CoordinatorClient::new)
+/// A worker's client of the heartbeat port, connected once by its first heartbeat task (on
+/// the heartbeat runtime: a connection belongs to the runtime that polls its calls); None if
+/// it could not be reached.
+type Lane = Arc<tokio::sync::OnceCell<Option<Client>>>;
+
+/// Connected at once, before the first beat is due (which would otherwise pay for the
+/// handshake), but off the step loop: at formation, 4,096 handshakes would delay the first
+/// steps (the step loop then catches up faster than its reports come back).
+async fn connect_lane(url: String) -> Option<Client> {
+    Endpoint::from_shared(url)
+        .ok()?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .ok()
+        .map(CoordinatorClient::new)
 }
 
 /// Beats on `lane` (the heartbeat port), or on `main` where there is none or once it fails,
@@ -291,7 +295,7 @@ async fn connect_lane(rt: &tokio::runtime::Handle, endpoint: &str, port: u32) ->
 /// heartbeat port).
 #[allow(clippy::too_many_arguments)]
 async fn heartbeats(
-    mut lane: Option<Client>,
+    lane: Option<(Lane, String)>,
     mut main: Client,
     beat: v1::HeartbeatRequest,
     session: String,
@@ -300,6 +304,10 @@ async fn heartbeats(
     lat: Arc<Latencies>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut lane = match lane {
+        Some((cell, url)) => cell.get_or_init(|| connect_lane(url)).await.clone(),
+        None => None,
+    };
     // Workers start at different instants: spread the beats over the period.
     let offset = period.mul_f64(rand::random::<f64>());
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
@@ -348,7 +356,11 @@ struct Member<'a> {
 impl Member<'_> {
     async fn steps(&mut self) -> Result<Next> {
         let (generation, rank, world) = (self.p.generation, self.p.rank, self.p.world_size);
-        let start = tokio::time::Instant::now();
+        // The world's clock: its first barrier's opening, the same instant for every rank
+        // (from each rank's own Join, ranks answered early in a slow formation ran their first
+        // steps without the step time, as no real rank can, and asked NextStep for steps their
+        // reports had not brought yet).
+        let mut start = None;
         let first = self.p.next_step;
         let mut step = first;
         // This step's samples as the report of step - 2 answered them.
@@ -415,6 +427,11 @@ impl Member<'_> {
                 Barrier::Failed { dead } => return self.collective_failed(dead).await,
                 Barrier::Broken => return Ok(Next::Rejoin),
             }
+            let start = *start.get_or_insert_with(|| {
+                self.gate
+                    .opened(generation)
+                    .unwrap_or_else(tokio::time::Instant::now)
+            });
             if let Some(period) = self.cfg.step_period {
                 let jitter = self.cfg.jitter.mul_f64(rand::random::<f64>());
                 let due = start + period * (step - first + 1) as u32 + jitter;
