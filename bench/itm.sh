@@ -4,6 +4,8 @@
 # on the val split, the ITM model with `--itm-rerank K`; then the step time of the two objectives
 # on random data (`bench-step`).
 #   bash bench/itm.sh [rows=12800] [steps=300] [batch=128] [k=16] [threads=2]
+# Env: BIN (the binaries' folder), CAPTIONS (`shards synth --captions`: varied, the default, or
+# plain), ONLY=itm (train and evaluate the ITM model only, no step-time rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows=${1:-12800}; steps=${2:-300}; batch=${3:-128}; k=${4:-16}; threads=${5:-2}
@@ -19,11 +21,13 @@ shards=$bin/ferroclip
 # libtorch as the build found it (cargo sets this for `cargo run`; a bare binary needs it).
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$PWD/.libtorch/lib"
 mkdir -p "$out"
-data="$out/data-$rows"
+captions=${CAPTIONS:-varied}
+sfx=${CAPTIONS:+-$captions} # plain's outputs apart; varied's where they always were
+data="$out/data-$rows$sfx"
 [ -f "$data/manifest.json" ] || "$shards" shards synth --out "$data" --rows "$rows" \
-  --image-size 32 --val-fraction 0.05 --no-progress
+  --image-size 32 --val-fraction 0.05 --captions "$captions" --no-progress
 run() { # name preset objectives
-  local dir="$out/$1"
+  local dir="$out/$1$sfx"
   rm -rf "$dir"; mkdir -p "$dir"
   cat > "$dir/run.toml" <<TOML
 [run]
@@ -49,16 +53,18 @@ TOML
   echo "$1: trained $steps steps in $(( $(date +%s) - t0 )) s"
 }
 run itm tiny-fusion $'contrastive = 1.0\nitm = 1.0'
+"$worker" eval --checkpoint "$out/itm$sfx/run/checkpoints" --data "$data" --split val \
+  --itm-rerank "$k" --json | tee "$out/itm$sfx/eval.json"
+"$worker" eval --checkpoint "$out/itm$sfx/run/checkpoints" --data "$data" --split val \
+  --itm-rerank "$k"
+[ "${ONLY:-}" = itm ] && exit 0
 run contrastive tiny 'contrastive = 1.0'
-"$worker" eval --checkpoint "$out/itm/run/checkpoints" --data "$data" --split val \
-  --itm-rerank "$k" --json | tee "$out/itm/eval.json"
-"$worker" eval --checkpoint "$out/itm/run/checkpoints" --data "$data" --split val --itm-rerank "$k"
-"$worker" eval --checkpoint "$out/contrastive/run/checkpoints" --data "$data" --split val \
-  --json | tee "$out/contrastive/eval.json"
+"$worker" eval --checkpoint "$out/contrastive$sfx/run/checkpoints" --data "$data" --split val \
+  --json | tee "$out/contrastive$sfx/eval.json"
 # Step time, random data, one process: the ITM objective's cost over InfoNCE alone on the same
 # towers (tiny-fusion carries its fusion encoder either way; it trains only with --itm).
 for round in 1 2; do
   "$worker" bench-step --preset tiny-fusion --batch "$batch" --steps 10 --threads "$threads"
   "$worker" bench-step --preset tiny-fusion --batch "$batch" --steps 10 --threads "$threads" --itm 1
   "$worker" bench-step --preset tiny --batch "$batch" --steps 10 --threads "$threads"
-done | tee "$out/step.jsonl"
+done | tee "$out/step$sfx.jsonl"

@@ -12,7 +12,7 @@ use crate::reader::get_all;
 use crate::source::webdataset::WdsFields;
 use crate::source::{ColumnNames, InputPlan};
 use crate::store::{Location, StoreArgs, StoreOptions};
-use crate::synth::SynthOptions;
+use crate::synth::{Captions, SynthOptions};
 use crate::validate::ValidateOptions;
 use crate::writer::Sizing;
 
@@ -154,6 +154,10 @@ pub struct SynthArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 64)]
     pub image_size: u32,
+    /// `varied`: paraphrased captions (a random lead and size word); `plain`: only what the
+    /// image shows, so same-content images share their caption.
+    #[arg(long, value_enum, default_value_t = Captions::Varied)]
+    pub captions: Captions,
     #[command(flatten)]
     pub sizing: SizingArgs,
 }
@@ -349,6 +353,7 @@ async fn run_synth(s: SynthArgs, store: StoreOptions) -> anyhow::Result<()> {
         rows: s.rows,
         seed: s.seed,
         image_size: s.image_size,
+        captions: s.captions,
     });
     let classes = serde_json::to_vec_pretty(&crate::synth::classes()).context("classes.json")?;
     let report = build(plan, &opts, vec![(CLASSES_FILE.to_string(), classes)]).await?;

@@ -29,6 +29,20 @@ pub struct SynthOptions {
     pub rows: u64,
     pub seed: u64,
     pub image_size: u32,
+    pub captions: Captions,
+}
+
+/// How a row's caption is worded. The images are the same either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Captions {
+    /// A random lead ("a photo of a", "an image of a", ...) and size word ("big", "large"):
+    /// paraphrases that say nothing about the image, as web captions vary.
+    #[default]
+    Varied,
+    /// Only what the image shows ("a red circle above a small blue square"): images with the
+    /// same content have the same caption, so retrieval measures telling contents apart.
+    Plain,
 }
 
 /// The 12 classes (colour × shape) and the zero-shot prompt templates.
@@ -60,8 +74,8 @@ struct Shape {
     r: f32,
 }
 
-/// One row, a pure function of (seed, index, size).
-pub fn generate(seed: u64, index: u64, size: u32) -> Result<SynthRow, String> {
+/// One row, a pure function of (seed, index, size, captions).
+pub fn generate(seed: u64, index: u64, size: u32, captions: Captions) -> Result<SynthRow, String> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index);
     let s = size as f32;
     let main_color = rng.gen_range(0..COLORS.len());
@@ -127,6 +141,11 @@ pub fn generate(seed: u64, index: u64, size: u32) -> Result<SynthRow, String> {
     let label = format!("{} {}", COLORS[main.color].0, SHAPES[main.kind]);
     let size_word = ["", "large ", "big "][rng.gen_range(0..3)];
     let lead = ["a", "a photo of a", "an image of a", "a picture of a"][rng.gen_range(0..4)];
+    // Drawn either way, so the two wordings caption the same images.
+    let (lead, size_word) = match captions {
+        Captions::Varied => (lead, size_word),
+        Captions::Plain => ("a", ""),
+    };
     let caption = match &second {
         Some(sec) => format!(
             "{lead} {size_word}{label} {} a small {} {}",
@@ -177,21 +196,44 @@ mod tests {
 
     #[test]
     fn rows_are_deterministic_and_labelled() {
-        let a = generate(7, 3, 64).unwrap();
-        let b = generate(7, 3, 64).unwrap();
+        let a = generate(7, 3, 64, Captions::Varied).unwrap();
+        let b = generate(7, 3, 64, Captions::Varied).unwrap();
         assert_eq!(a.jpeg, b.jpeg);
         assert_eq!(a.caption, b.caption);
         assert!(a.caption.contains(&a.label), "{} / {}", a.caption, a.label);
         assert!(classes().classes.contains(&a.label));
         let img = image::load_from_memory(&a.jpeg).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (64, 64));
-        assert_ne!(generate(8, 3, 64).unwrap().jpeg, a.jpeg);
+        assert_ne!(generate(8, 3, 64, Captions::Varied).unwrap().jpeg, a.jpeg);
+    }
+
+    #[test]
+    fn plain_captions_caption_the_same_images_with_only_their_content() {
+        for i in 0..40 {
+            let (v, p) = (
+                generate(5, i, 32, Captions::Varied).unwrap(),
+                generate(5, i, 32, Captions::Plain).unwrap(),
+            );
+            assert_eq!(v.jpeg, p.jpeg, "row {i}: the same image");
+            assert_eq!(v.label, p.label);
+            // The varied caption is the plain one with a lead and a size word added.
+            let content = p.caption.strip_prefix("a ").unwrap();
+            assert!(
+                content.starts_with(&p.label),
+                "row {i}: {:?} does not start with the label",
+                p.caption
+            );
+            assert!(v.caption.ends_with(content.strip_prefix(&p.label).unwrap()));
+            for noise in ["photo", "image", "picture", "big", "large"] {
+                assert!(!p.caption.contains(noise), "row {i}: {:?}", p.caption);
+            }
+        }
     }
 
     #[test]
     fn the_main_shape_has_its_colour_in_the_image() {
         for i in 0..20 {
-            let r = generate(1, i, 64).unwrap();
+            let r = generate(1, i, 64, Captions::Varied).unwrap();
             let color = COLORS
                 .iter()
                 .find(|(n, _)| r.label.starts_with(n))

@@ -42,11 +42,11 @@ pub(super) async fn produce(opts: SynthOptions, tx: &Sink) -> Result<(), ShardsE
     let mut start = 0u64;
     while start < opts.rows {
         let end = (start + BATCH_ROWS as u64 * 4).min(opts.rows);
-        let (seed, size) = (opts.seed, opts.image_size);
+        let (seed, size, captions) = (opts.seed, opts.image_size, opts.captions);
         let rows: Vec<SynthRow> = tokio::task::spawn_blocking(move || {
             (start..end)
                 .into_par_iter()
-                .map(|i| generate(seed, i, size))
+                .map(|i| generate(seed, i, size, captions))
                 .collect::<Result<Vec<_>, String>>()
         })
         .await
