@@ -128,6 +128,7 @@ pub fn evaluate_with(
     let (mut img, mut txt, mut labels, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // Re-ranking's inputs: image tokens, text hidden states (padded to the context), EOTs.
     let (mut img_tok, mut txt_hid, mut eots) = (Vec::new(), Vec::new(), Vec::new());
+    let mut tokens: Vec<Vec<i64>> = Vec::new();
     let mut firsts = std::collections::HashSet::new();
     for chunk in refs.chunks(256) {
         let batch = loader.load(chunk)?;
@@ -157,6 +158,9 @@ pub fn evaluate_with(
         } else {
             txt.push(model.text_features(&batch.tokens));
         }
+        if itm_rerank > 0 {
+            tokens.extend(Vec::<Vec<i64>>::try_from(&batch.tokens)?);
+        }
         ids.extend(batch.image_ids);
     }
     let img = Tensor::cat(&img, 0);
@@ -174,6 +178,7 @@ pub fn evaluate_with(
             image: Tensor::cat(&img_tok, 0),
             text: Tensor::cat(&txt_hid, 0),
             eot: Tensor::cat(&eots, 0),
+            group: text_groups(&tokens),
         };
         let (i2t, t2i) = rerank(model, &sims, &tokens, itm_rerank as i64)?;
         report.itm_rerank = Some(RerankReport {
@@ -200,6 +205,8 @@ struct ItmTokens {
     text: Tensor,
     /// [texts]
     eot: Tensor,
+    /// Each text's first text with the same token ids (`text_groups`).
+    group: Vec<i64>,
 }
 
 /// Above every dual-encoder similarity (cosines, in [-1, 1]): re-scored candidates rank first.
@@ -208,7 +215,8 @@ struct ItmTokens {
 const RERANKED: f64 = 1e6;
 
 /// Score matrices [images, texts] (f64) for image→text and for text→image recall: each image's
-/// top `k` texts (first) and each text's top `k` images (second) by `sims` re-scored as
+/// top `k` distinct texts, with every copy of each (first), and each text's top `k` images
+/// (second) by `sims` re-scored as
 /// `RERANKED` + ITM log-odds + the contrastive logit (logit scale × cosine); other entries keep
 /// `sims`. Both terms are log-odds, so their sum weighs the two models as a product of
 /// experts: an undecided ITM head leaves the dual encoder's order, a confident one overrides
@@ -225,18 +233,31 @@ fn rerank(model: &Clip, sims: &Tensor, t: &ItmTokens, k: i64) -> Result<(Tensor,
     let (n_img, n_txt) = (sims.size()[0], sims.size()[1]);
     let i2t = sims.copy();
     let t2i = sims.copy();
-    // Image → text: row i's best texts.
-    let (_, cand) = sims.topk(k.min(n_txt), 1, true, true);
+    // Image → text: row i's best k distinct texts, each scored once and its score given to
+    // every copy of it (the ITM score is a function of the image and the tokens). Re-scoring
+    // k columns instead would lift k copies of a caption over the image's own copy of it,
+    // which the dual encoder ties with them (bench/README-itm.md).
+    let mut copies: std::collections::HashMap<i64, Vec<i64>> = Default::default();
+    for (j, &g) in t.group.iter().enumerate() {
+        copies.entry(g).or_default().push(j as i64);
+    }
+    let (_, cand) = sims.topk((CANDIDATE_POOL * k).min(n_txt), 1, true, true);
     let cand: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(cand)?;
     let pairs: Vec<(i64, i64)> = cand
         .iter()
         .enumerate()
-        .flat_map(|(i, row)| row.iter().map(move |&j| (i as i64, j)))
+        .flat_map(|(i, row)| {
+            distinct_top(row, &t.group, k as usize)
+                .into_iter()
+                .map(move |g| (i as i64, g))
+        })
         .collect();
     let scores = itm_log_odds(model, t, &pairs)?;
-    for (&(i, j), s) in pairs.iter().zip(scores) {
-        let v = RERANKED + s + scale * sims.double_value(&[i, j]);
-        let _ = i2t.get(i).get(j).fill_(v);
+    for (&(i, g), s) in pairs.iter().zip(scores) {
+        for &j in copies.get(&g).map(Vec::as_slice).unwrap_or(&[g]) {
+            let v = RERANKED + s + scale * sims.double_value(&[i, j]);
+            let _ = i2t.get(i).get(j).fill_(v);
+        }
     }
     // Text → image: column j's best images.
     let (_, cand) = sims.topk(k.min(n_img), 0, true, true);
@@ -252,6 +273,35 @@ fn rerank(model: &Clip, sims: &Tensor, t: &ItmTokens, k: i64) -> Result<(Tensor,
         let _ = t2i.get(i).get(j).fill_(v);
     }
     Ok((i2t, t2i))
+}
+
+/// How many of a row's best columns are searched for its k distinct texts: a row whose best
+/// 4k columns hold fewer than k distinct texts re-ranks those it found.
+const CANDIDATE_POOL: i64 = 4;
+
+/// Each text's group: the index of the first text with the same token ids.
+fn text_groups(tokens: &[Vec<i64>]) -> Vec<i64> {
+    let mut first = std::collections::HashMap::new();
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(j, t)| *first.entry(t.as_slice()).or_insert(j as i64))
+        .collect()
+}
+
+/// The groups of the first `k` distinct texts among `best` (columns, best first).
+fn distinct_top(best: &[i64], group: &[i64], k: usize) -> Vec<i64> {
+    let mut out: Vec<i64> = Vec::with_capacity(k);
+    for &j in best {
+        let g = group.get(j as usize).copied().unwrap_or(j);
+        if !out.contains(&g) {
+            out.push(g);
+            if out.len() == k {
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// ITM log-odds (match − no match) of (image, text) pairs, in batches.
@@ -508,6 +558,19 @@ pub fn run(args: EvalArgs) -> Result<EvalReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn re_ranking_takes_the_best_k_distinct_texts_and_scores_each_once() {
+        // Texts 0, 2 and 5 are one caption; 1 and 4 another; 3 is alone.
+        let t = |x: i64| vec![49406, x, 49407, 0];
+        let group = text_groups(&[t(7), t(8), t(7), t(9), t(8), t(7)]);
+        assert_eq!(group, [0, 1, 0, 3, 1, 0]);
+        // A row whose best columns are 2, 5, 0 (copies), then 4, 3: its 2 best distinct texts
+        // are the first caption and the second, each once, by its first copy.
+        assert_eq!(distinct_top(&[2, 5, 0, 4, 3, 1], &group, 2), [0, 1]);
+        assert_eq!(distinct_top(&[3, 2, 5], &group, 3), [3, 0]);
+        assert_eq!(distinct_top(&[4, 1, 3, 0], &group, 1), [1]);
+    }
 
     #[test]
     fn recall_counts_an_image_hit_when_any_of_its_captions_ranks_within_k() {
