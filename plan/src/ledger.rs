@@ -2,10 +2,16 @@
 //! committed. Exactly-once rests here: a step's samples leave the pool only when the step is
 //! committed; an abandoned step's samples go back at the committed cursors.
 //!
-//! Chunks (see `epoch`) are leased to ranks within a generation, so a rank mostly reads its own
-//! blocks. Every step feeds exactly the global batch while samples remain: at the tail of the
-//! data, when every open chunk is leased to someone else, a rank reads from another rank's chunk
-//! (without taking its lease). So only the very last step of an epoch-limited run can be short.
+//! Chunks (see `epoch`) are leased to *lanes*, and each lane feeds its share of every step from
+//! its own chunks. By default a lane is a rank of the current generation, so a rank mostly reads
+//! its own blocks, and leases end with the generation. With `lanes` set (`data.lanes`), the
+//! lanes are a fixed number of the run's, independent of the world size (MosaicML Streaming's
+//! canonical nodes): a step's global batch is the lanes' shares concatenated in lane order, cut
+//! into the ranks' parts, and leases outlive regroups, so every step feeds the same samples in
+//! the same order at any world size and across changes of it.
+//! Every step feeds exactly the global batch while samples remain: at the tail of the data, when
+//! every open chunk is leased to another lane, a lane reads from another lane's chunk (without
+//! taking its lease). So only the very last step of an epoch-limited run can be short.
 //! Assignments are computed for all ranks of a step at once, which makes them a pure function of
 //! (committed state, pending steps, world size) and easy to journal.
 
@@ -35,7 +41,8 @@ pub struct DataState {
     /// Serialised as a list: JSON maps need string keys.
     #[serde(with = "open_chunks")]
     pub open: BTreeMap<ChunkId, u32>,
-    /// Lease holders within the current generation (rank → chunks, oldest first).
+    /// Lease holders (lane → chunks, oldest first): ranks of the current generation, or the
+    /// run's fixed lanes (`Ledger::with_lanes`).
     pub leases: BTreeMap<u32, Vec<ChunkId>>,
     /// Samples used by the steps up to this state.
     pub consumed: u64,
@@ -132,6 +139,8 @@ impl Bound {
 pub struct Ledger {
     seed: u64,
     window: u32,
+    /// Fixed lanes (`with_lanes`); 0: one lane per rank of the current generation.
+    lanes: u32,
     sources: Vec<Source>,
     blocks: Blocks,
     bound: Bound,
@@ -154,6 +163,7 @@ impl Ledger {
         Self {
             seed,
             window,
+            lanes: 0,
             blocks: Blocks::of(&sources),
             sources,
             bound,
@@ -163,6 +173,17 @@ impl Ledger {
             committed: DataState::default(),
             pending: BTreeMap::new(),
         }
+    }
+
+    /// Feeds every step from `lanes` fixed lanes (0: one per rank, the default): the steps'
+    /// samples and their order no longer depend on the world size (see the module doc).
+    pub fn with_lanes(mut self, lanes: u32) -> Self {
+        self.lanes = lanes;
+        self
+    }
+
+    pub fn lanes(&self) -> u32 {
+        self.lanes
     }
 
     /// Restores a journaled position. Err (naming the field) when `state` cannot come from this
@@ -379,11 +400,21 @@ impl Ledger {
             None => self.committed.clone(),
         };
         let mut free = free_open(&state);
-        let mut ranks = Vec::with_capacity(world as usize);
-        for rank in 0..world {
-            let want = global_batch / world + u32::from(rank < global_batch % world);
-            ranks.push(self.take(&mut state, &mut free, rank, want));
-        }
+        let ranks = if self.lanes == 0 {
+            let mut ranks = Vec::with_capacity(world as usize);
+            for rank in 0..world {
+                let want = share(global_batch, world, rank);
+                ranks.push(self.take(&mut state, &mut free, rank, want));
+            }
+            ranks
+        } else {
+            let mut fed = Vec::new();
+            for lane in 0..self.lanes {
+                let want = share(global_batch, self.lanes, lane);
+                fed.extend(self.take(&mut state, &mut free, lane, want));
+            }
+            cut(&fed, world)
+        };
         let fed: u32 = ranks.iter().flatten().map(|s| s.to - s.from).sum();
         if fed == 0 {
             return None;
@@ -400,6 +431,22 @@ impl Ledger {
         };
         self.pending.insert(step, assignment);
         self.pending.get(&step)
+    }
+
+    /// The chunks `rank` reads next after assignment `a` (what it prefetches): its leases, or
+    /// with fixed lanes those of the lanes whose shares its part of the global batch spans.
+    pub fn held_by(&self, a: &StepAssignment, rank: u32) -> Vec<ChunkId> {
+        if self.lanes == 0 {
+            return a.after.leases.get(&rank).cloned().unwrap_or_default();
+        }
+        let world = (a.ranks.len() as u32).max(1);
+        let (from, to) = (start(a.batch, world, rank), start(a.batch, world, rank + 1));
+        (0..self.lanes)
+            .filter(|&l| {
+                start(a.batch, self.lanes, l) < to && start(a.batch, self.lanes, l + 1) > from
+            })
+            .flat_map(|l| a.after.leases.get(&l).cloned().unwrap_or_default())
+            .collect()
     }
 
     /// The global block numbering of the sources.
@@ -447,20 +494,20 @@ impl Ledger {
         !self.take(&mut state, &mut free, 0, 1).is_empty()
     }
 
-    /// Takes up to `want` samples for `rank`: from its leases first, then from the pool, and at
-    /// the tail from other ranks' chunks.
+    /// Takes up to `want` samples for `lane`: from its leases first, then from the pool,
+    /// and at the tail from other lanes' chunks.
     /// `free` is the open chunks nobody leases (`free_open`), kept up to date here, so a step
     /// of N ranks costs O(N log N), not O(N²).
     fn take(
         &mut self,
         state: &mut DataState,
         free: &mut BTreeSet<ChunkId>,
-        rank: u32,
+        lane: u32,
         mut want: u32,
     ) -> Vec<Span> {
         let mut spans = Vec::new();
         while want > 0 {
-            let Some(id) = self.source_for(state, free, rank) else {
+            let Some(id) = self.source_for(state, free, lane) else {
                 break;
             };
             let rows = self.chunk_rows(id);
@@ -475,7 +522,7 @@ impl Ledger {
             if to == rows {
                 state.open.remove(&id);
                 free.remove(&id);
-                release(state, rank, id);
+                release(state, lane, id);
             } else {
                 state.open.insert(id, to);
             }
@@ -483,17 +530,17 @@ impl Ledger {
         spans
     }
 
-    /// The chunk `rank` reads next: its oldest lease, else an unleased open chunk, else a fresh
+    /// The chunk `lane` reads next: its oldest lease, else an unleased open chunk, else a fresh
     /// one (both then leased to it), else the open chunk with the most samples left, leased to
-    /// another rank (read without taking the lease: the tail of the data, where a rank would
+    /// another lane (read without taking the lease: the tail of the data, where a lane would
     /// otherwise feed less than its share).
     fn source_for(
         &mut self,
         state: &mut DataState,
         free: &mut BTreeSet<ChunkId>,
-        rank: u32,
+        lane: u32,
     ) -> Option<ChunkId> {
-        if let Some(id) = state.leases.get(&rank).and_then(|held| held.first()) {
+        if let Some(id) = state.leases.get(&lane).and_then(|held| held.first()) {
             return Some(*id);
         }
         let fresh = match free.pop_first() {
@@ -501,7 +548,7 @@ impl Ledger {
             None => self.open_fresh(state),
         };
         if let Some(id) = fresh {
-            state.leases.entry(rank).or_default().push(id);
+            state.leases.entry(lane).or_default().push(id);
             return Some(id);
         }
         let mut best: Option<(u32, ChunkId)> = None;
@@ -558,8 +605,8 @@ impl Ledger {
     }
 
     /// A generation ended: pending steps up to `applied` were applied by a surviving rank and
-    /// are committed; later ones are abandoned and their samples return to the pool. Leases
-    /// are dropped so the next generation re-leases open chunks.
+    /// are committed; later ones are abandoned and their samples return to the pool. A rank's
+    /// leases are dropped so the next generation re-leases open chunks; fixed lanes keep theirs.
     pub fn regroup(&mut self, applied: u64) {
         if applied > self.committed_step {
             let upto = self.pending.keys().copied().filter(|s| *s <= applied).max();
@@ -568,19 +615,63 @@ impl Ledger {
             }
         }
         self.pending.clear();
-        self.committed.leases.clear();
+        if self.lanes == 0 {
+            self.committed.leases.clear();
+        }
     }
 
     /// Rolls the whole data position back to a journaled one (resume from a checkpoint).
     pub fn rollback(&mut self, step: u64, mut state: DataState) {
-        state.leases.clear();
+        if self.lanes == 0 {
+            state.leases.clear();
+        }
         self.committed_step = step;
         self.committed = state;
         self.pending.clear();
     }
 }
 
-/// The open chunks no rank leases, in chunk order (what `source_for` hands out first).
+/// Part `i` of `n` split into `parts` as evenly as possible (the first `n % parts` get one more).
+fn share(n: u32, parts: u32, i: u32) -> u32 {
+    n / parts + u32::from(i < n % parts)
+}
+
+/// Where part `i` of `share(n, parts, ·)` starts (`start(n, parts, parts) == n`).
+fn start(n: u32, parts: u32, i: u32) -> u32 {
+    i * (n / parts) + i.min(n % parts)
+}
+
+/// The lanes' spans, in feed order, cut into `world` ranks' parts of `share` of their total
+/// (a span split where a part ends).
+fn cut(spans: &[Span], world: u32) -> Vec<Vec<Span>> {
+    let total: u32 = spans.iter().map(|s| s.to - s.from).sum();
+    let mut ranks = Vec::with_capacity(world as usize);
+    let mut rest = spans.iter().copied();
+    let mut carry: Option<Span> = None;
+    for rank in 0..world {
+        let mut want = share(total, world, rank);
+        let mut part = Vec::new();
+        while want > 0 {
+            let Some(mut s) = carry.take().or_else(|| rest.next()) else {
+                break;
+            };
+            let n = (s.to - s.from).min(want);
+            part.push(Span {
+                to: s.from + n,
+                ..s
+            });
+            want -= n;
+            s.from += n;
+            if s.from < s.to {
+                carry = Some(s);
+            }
+        }
+        ranks.push(part);
+    }
+    ranks
+}
+
+/// The open chunks no lane leases, in chunk order (what `source_for` hands out first).
 fn free_open(state: &DataState) -> BTreeSet<ChunkId> {
     let leased: HashSet<ChunkId> = state.leases.values().flatten().copied().collect();
     state

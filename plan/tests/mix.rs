@@ -25,9 +25,42 @@ fn source_of(blocks: &Blocks, s: &SampleRef) -> usize {
 
 /// Runs epoch-limited steps with `world` ranks; per step, the samples of its ranks concatenated.
 fn steps(sources: &[Source], world: u32, batch: u32, epochs: u32) -> Vec<Vec<SampleRef>> {
-    let mut l = Ledger::mixed(7, 4, sources.to_vec(), Bound::Epochs(epochs));
-    let mut out = Vec::new();
-    while let Some(a) = l.assign_next(world, batch).cloned() {
+    steps_on(sources, 0, &[world], batch, epochs)
+}
+
+/// `steps` with `lanes` fixed lanes (0: one per rank), the world size changing after step k
+/// to `worlds[k]` (the last one kept). A change is a regroup as the coordinator makes it: a step
+/// already assigned at the old size (the lookahead) is abandoned and its samples go back.
+/// Asserts exactly-once (per epoch, and the ledger's per-source counts) and balanced parts.
+fn steps_on(
+    sources: &[Source],
+    lanes: u32,
+    worlds: &[u32],
+    batch: u32,
+    epochs: u32,
+) -> Vec<Vec<SampleRef>> {
+    let mut l = Ledger::mixed(7, 4, sources.to_vec(), Bound::Epochs(epochs)).with_lanes(lanes);
+    let world_at = |k: usize| worlds[k.min(worlds.len() - 1)];
+    let mut out: Vec<Vec<SampleRef>> = Vec::new();
+    loop {
+        let world = world_at(out.len());
+        if !out.is_empty() && world != world_at(out.len() - 1) {
+            let _abandoned = l.assign_next(world_at(out.len() - 1), batch);
+            l.regroup(l.committed_step());
+        }
+        let Some(a) = l.assign_next(world, batch).cloned() else {
+            break;
+        };
+        let parts = a.rank_batches();
+        let total: u32 = parts.iter().sum();
+        // Fixed lanes cut even the last, short step evenly; one lane per rank feeds it from
+        // whoever still holds samples.
+        let even = lanes > 0 || total == batch;
+        assert!(
+            !even || parts.iter().all(|&p| p.abs_diff(total / world) <= 1),
+            "step {}: unbalanced parts {parts:?}",
+            a.step
+        );
         let samples: Vec<SampleRef> = a
             .ranks
             .iter()
@@ -37,6 +70,9 @@ fn steps(sources: &[Source], world: u32, batch: u32, epochs: u32) -> Vec<Vec<Sam
         assert!(l.commit(a.step));
         out.push(samples);
     }
+    let all: Vec<&SampleRef> = out.iter().flatten().collect();
+    let unique: HashSet<&SampleRef> = all.iter().copied().collect();
+    assert_eq!(unique.len(), all.len(), "a sample fed twice");
     let counts = l.source_samples(l.committed_state());
     let per_epoch: Vec<u64> = sources.iter().map(|s| s.rows() * epochs as u64).collect();
     assert_eq!(counts, per_epoch, "the ledger's per-source counts");
@@ -123,6 +159,29 @@ fn steps_at_world_1_and_3_keep_the_mix() {
         println!("world {world}: worst step deviation {worst} of 40");
         assert!(worst <= 20, "world {world}: {worst}");
     }
+}
+
+/// With fixed lanes (`data.lanes`) a step's samples, in order, are the same at world 1 and 3,
+/// and when the world changes mid-epoch (3 → 2 → 1 → 3, each change a regroup): the global
+/// batch is the lanes' shares in lane order, cut into the ranks' parts. Exactly-once and the
+/// per-source counts are asserted by `steps_on`, full batches here.
+#[test]
+fn with_fixed_lanes_every_step_is_the_same_at_any_world_size() {
+    let sources = three_to_one(10);
+    for lanes in [1u32, 3, 4, 7] {
+        let one = steps_on(&sources, lanes, &[1], 24, 2);
+        assert_eq!(one.len(), 34, "lanes {lanes}: 800 samples in steps of 24");
+        assert!(one[..33].iter().all(|s| s.len() == 24), "full batches");
+        for worlds in [&[3u32][..], &[3, 3, 2, 2, 1, 3, 3, 2]] {
+            let other = steps_on(&sources, lanes, worlds, 24, 2);
+            assert_eq!(one, other, "lanes {lanes}, worlds {worlds:?}");
+        }
+    }
+    // One lane per rank (the default) reads each rank's own chunks: world 3 differs.
+    assert_ne!(
+        steps_on(&sources, 0, &[1], 24, 2),
+        steps_on(&sources, 0, &[3], 24, 2)
+    );
 }
 
 #[test]

@@ -156,7 +156,7 @@ pub fn train_keys(data: &str, opts: &ferroclip_shards::StoreOptions) -> Vec<Stri
 #[derive(Debug, Clone)]
 pub struct AuditedStep {
     pub generation: u64,
-    /// Every key fed into the step, by all ranks.
+    /// Every key fed into the step, by all ranks, in rank order (the global batch's order).
     pub keys: Vec<String>,
     /// The parameter checksum of every rank that applied it.
     pub checksums: Vec<f64>,
@@ -197,7 +197,8 @@ pub fn audited_steps(
         }
         out
     });
-    let mut fed: HashMap<(u64, u64), Vec<String>> = HashMap::new();
+    // Per (generation, step), each rank's keys: concatenated in rank order, the global batch's.
+    let mut fed: HashMap<(u64, u64), BTreeMap<u64, Vec<String>>> = HashMap::new();
     let mut applied: BTreeMap<(u64, u64), Vec<f64>> = BTreeMap::new();
     for v in records {
         let key = (
@@ -205,13 +206,18 @@ pub fn audited_steps(
             v["step"].as_u64().unwrap_or(0),
         );
         match v["event"].as_str() {
-            Some("fed") => fed.entry(key).or_default().extend(
-                v["keys"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|k| k.as_str().map(String::from)),
-            ),
+            Some("fed") => fed
+                .entry(key)
+                .or_default()
+                .entry(v["rank"].as_u64().unwrap_or(0))
+                .or_default()
+                .extend(
+                    v["keys"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| k.as_str().map(String::from)),
+                ),
             Some("applied") => applied
                 .entry(key)
                 .or_default()
@@ -226,7 +232,12 @@ pub fn audited_steps(
             step,
             AuditedStep {
                 generation,
-                keys: fed.remove(&(generation, step)).unwrap_or_default(),
+                keys: fed
+                    .remove(&(generation, step))
+                    .unwrap_or_default()
+                    .into_values()
+                    .flatten()
+                    .collect(),
                 checksums,
             },
         );

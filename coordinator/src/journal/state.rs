@@ -35,6 +35,13 @@ pub struct Identity {
     pub blocks: u32,
     pub rows: u64,
     pub layout_hash: u64,
+    /// `data.shuffle_window_blocks` (the chunks) and `data.lanes` (who feeds what): the ledger's
+    /// positions mean something only under the settings that made them. A journal from before
+    /// they were kept has no window (not compared) and lanes 0 (the only lanes there were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
+    #[serde(default)]
+    pub lanes: u32,
 }
 
 impl Identity {
@@ -60,6 +67,17 @@ impl Identity {
             blocks: block_rows.len() as u32,
             rows: block_rows.iter().map(|&r| r as u64).sum(),
             layout_hash: h,
+            window: None,
+            lanes: 0,
+        }
+    }
+
+    /// This identity with the sample order's settings (`window`, `lanes`).
+    pub fn with_order(self, window: u32, lanes: u32) -> Self {
+        Self {
+            window: Some(window),
+            lanes,
+            ..self
         }
     }
 
@@ -117,6 +135,19 @@ impl Identity {
                 "it trains on {} split {:?} ({} blocks, {} rows), this config on {} split {:?} ({} blocks, {} rows)",
                 other.data_root, other.train_split, other.blocks, other.rows,
                 self.data_root, self.train_split, self.blocks, self.rows
+            ));
+        }
+        if let (Some(ours), Some(theirs)) = (self.window, other.window) {
+            if ours != theirs {
+                return Some(format!(
+                    "it was started with data.shuffle_window_blocks = {theirs}, this config has {ours} (the epoch plan's chunks differ)"
+                ));
+            }
+        }
+        if self.lanes != other.lanes {
+            return Some(format!(
+                "it was started with data.lanes = {}, this config has {} (steps would feed other samples)",
+                other.lanes, self.lanes
             ));
         }
         None

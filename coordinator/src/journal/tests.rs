@@ -207,3 +207,30 @@ async fn compactions_delete_what_the_previous_one_covers() {
     assert_eq!(loaded.snapshot.committed_step, 30);
     assert_eq!(loaded.records.len(), 5);
 }
+
+/// A journal is another run's when its sample-order settings differ: the window changes the
+/// chunks, the lanes who feeds which samples. One written before they were kept (no window,
+/// lanes 0) resumes a config with lanes 0 and any window.
+#[test]
+fn the_window_and_the_lanes_are_part_of_a_runs_identity() {
+    let base = Identity::new("r", 1, "/d", "train", &[3, 4]);
+    let ours = base.clone().with_order(4, 8);
+    assert_eq!(ours.mismatch(&base.clone().with_order(4, 8)), None);
+    let why = ours
+        .mismatch(&base.clone().with_order(2, 8))
+        .expect("window");
+    assert!(why.contains("data.shuffle_window_blocks = 2"), "{why}");
+    let why = ours
+        .mismatch(&base.clone().with_order(4, 0))
+        .expect("lanes");
+    assert!(why.contains("data.lanes = 0, this config has 8"), "{why}");
+    // An old journal's identity, as serde reads it without the new fields.
+    let mut json = serde_json::to_value(&base).expect("json");
+    json.as_object_mut().expect("object").remove("lanes");
+    let old: Identity = serde_json::from_value(json).expect("old identity");
+    assert_eq!(base.clone().with_order(4, 0).mismatch(&old), None);
+    assert!(
+        ours.mismatch(&old).is_some(),
+        "lanes 8 cannot resume lanes 0"
+    );
+}

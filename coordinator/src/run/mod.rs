@@ -95,14 +95,16 @@ impl Run {
             &named,
             &config.data.train_split,
             &sources,
-        );
+        )
+        .with_order(config.data.shuffle_window_blocks, config.data.lanes);
         let block_count = sources.iter().map(|s| s.block_rows.len() as u32).sum();
         let mut ledger = Ledger::mixed(
             config.run.seed,
             config.data.shuffle_window_blocks,
             sources,
             Bound::of(config.run.steps, config.run.epochs),
-        );
+        )
+        .with_lanes(config.data.lanes);
         let epoch_len = ledger.epoch_len();
         let total_steps = ledger.total_steps(config.optim.global_batch);
         let limits = limits(&config);

@@ -96,7 +96,7 @@ impl Run {
             return Err(Refusal::Invalid(format!("step {step} has no assignment")));
         };
         let spans = a.ranks.get(rank as usize).cloned().unwrap_or_default();
-        let held = a.after.leases.get(&rank).cloned().unwrap_or_default();
+        let held = self.ledger.held_by(a, rank);
         let shape = match self.rank_batches.get(&step) {
             Some(s) => s.clone(),
             None => {

@@ -255,3 +255,42 @@ fn a_restored_state_must_fit_the_plan() {
         assert_eq!(l.committed_step(), 0, "{what}");
     }
 }
+
+/// With fixed lanes a rank prefetches the chunks of the lanes its part of the global batch
+/// spans, and a regroup or a rollback keeps the lanes' leases (one lane per rank drops them).
+#[test]
+fn fixed_lanes_prefetch_the_lanes_a_rank_reads_and_keep_their_leases() {
+    // 4 lanes of 3 samples each (batch 12), world 3: rank 0 reads lane 0 and one sample of
+    // lane 1, rank 1 the rest of lane 1 and two of lane 2, rank 2 the rest of lane 2 and lane 3.
+    let mut l = Ledger::new(0, 1, vec![10; 8], Bound::Steps(100)).with_lanes(4);
+    let a = l.assign_next(3, 12).cloned().expect("step");
+    assert_eq!(a.rank_batches(), vec![4, 4, 4]);
+    let lease = |lane: u32| a.after.leases[&lane].clone();
+    assert_eq!(l.held_by(&a, 0), [lease(0), lease(1)].concat());
+    assert_eq!(l.held_by(&a, 1), [lease(1), lease(2)].concat());
+    assert_eq!(l.held_by(&a, 2), [lease(2), lease(3)].concat());
+    // Every lane reads a chunk of its own, so each rank's spans lie in its lanes' chunks.
+    for (rank, spans) in a.ranks.iter().enumerate() {
+        let held = l.held_by(&a, rank as u32);
+        assert!(spans.iter().all(|s| held.contains(&s.chunk)), "rank {rank}");
+    }
+    let leases = a.after.leases.clone();
+    assert!(l.commit(1));
+    l.assign_next(3, 12).expect("step 2 (abandoned)");
+    l.regroup(1);
+    assert_eq!(
+        l.committed_state().leases,
+        leases,
+        "a regroup keeps lanes' leases"
+    );
+    let state = l.committed_state().clone();
+    l.rollback(1, state);
+    assert_eq!(l.committed_state().leases, leases, "a rollback keeps them");
+
+    let mut per_rank = Ledger::new(0, 1, vec![10; 8], Bound::Steps(100));
+    let a = per_rank.assign_next(3, 12).cloned().expect("step");
+    assert_eq!(per_rank.held_by(&a, 1), a.after.leases[&1]);
+    assert!(per_rank.commit(1));
+    per_rank.regroup(1);
+    assert!(per_rank.committed_state().leases.is_empty());
+}

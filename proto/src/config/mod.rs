@@ -71,6 +71,11 @@ pub struct DataSection {
     pub val_split: String,
     /// Blocks (row groups) whose samples are shuffled together in the epoch plan.
     pub shuffle_window_blocks: u32,
+    /// Fixed lanes feeding every step (`ferroclip_plan::ledger`): with N > 0 a step's samples and
+    /// their order are the same at any world size and across regroups (set it to the largest
+    /// world the run will have: a rank reads about N / world lanes' chunks). 0: one lane per
+    /// rank, each reading its own chunks.
+    pub lanes: u32,
     /// Blocks a worker reads ahead of the step it trains.
     pub prefetch_blocks: u32,
     /// Threads decoding and augmenting images (0 = all cores).
@@ -373,6 +378,7 @@ impl Default for DataSection {
             train_split: "train".into(),
             val_split: "val".into(),
             shuffle_window_blocks: 4,
+            lanes: 0,
             prefetch_blocks: 4,
             decode_threads: 0,
             crop_scale: [0.9, 1.0],

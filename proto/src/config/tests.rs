@@ -69,6 +69,10 @@ fn numbers_that_reach_durations_and_indices_are_checked_naming_the_key() {
         ("[store]\nretry_budget_s = nan\n", "store.retry_budget_s"),
         ("[data]\ncrop_scale = [nan, 1.0]\n", "data.crop_scale"),
         ("[data]\ncrop_scale = [0.5, nan]\n", "data.crop_scale"),
+        (
+            "[data]\nlanes = 9\n[optim]\nglobal_batch = 8\n",
+            "data.lanes",
+        ),
         ("[optim]\nlr = nan\n", "optim.lr"),
         ("[optim]\neps = 0.0\n", "optim.eps"),
         ("[optim]\nbeta2 = 1.0\n", "optim.beta2"),
@@ -91,6 +95,8 @@ fn numbers_that_reach_durations_and_indices_are_checked_naming_the_key() {
             "{text:?}: {err}"
         );
     }
+    RunConfig::parse("[data]\nlanes = 8\n[optim]\nglobal_batch = 8\n", "ok.toml")
+        .expect("as many lanes as samples");
     // A step-limited run may say epochs = 0.
     RunConfig::parse("[run]\nsteps = 10\nepochs = 0\n", "ok.toml").expect("valid");
 }

@@ -138,6 +138,17 @@ impl RunConfig {
             }
         }
         self.validate_sources(origin)?;
+        if self.data.lanes > self.optim.global_batch {
+            // A lane feeds global_batch / lanes samples a step: more lanes than samples would
+            // leave some feeding nothing, every step.
+            return Err(bad(
+                "data.lanes",
+                format!(
+                    "is {}, more than optim.global_batch ({}): each lane feeds a share of every step",
+                    self.data.lanes, self.optim.global_batch
+                ),
+            ));
+        }
         let [lo, hi] = self.data.crop_scale;
         // Written so that NaN fails every comparison into the error.
         if !(lo > 0.0 && lo <= hi && hi <= 1.0) {

@@ -136,7 +136,8 @@ pub fn train(cfg: &RunConfig, args: &TrainArgs) -> Result<Summary> {
         cfg.data.shuffle_window_blocks,
         sources,
         Bound::of(cfg.run.steps, cfg.run.epochs),
-    );
+    )
+    .with_lanes(cfg.data.lanes);
     let gb = cfg.optim.global_batch.max(1);
     let total = ledger.total_steps(gb);
     let mut trainer = Trainer::new(cfg, total)?;
