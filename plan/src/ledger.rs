@@ -441,10 +441,15 @@ impl Ledger {
         }
         let world = (a.ranks.len() as u32).max(1);
         let (from, to) = (start(a.batch, world, rank), start(a.batch, world, rank + 1));
-        (0..self.lanes)
-            .filter(|&l| {
-                start(a.batch, self.lanes, l) < to && start(a.batch, self.lanes, l + 1) > from
-            })
+        if from >= to {
+            return Vec::new();
+        }
+        // O(lanes it spans), not O(lanes): every rank asks, every step.
+        let (first, last) = (
+            part_of(a.batch, self.lanes, from),
+            part_of(a.batch, self.lanes, to - 1),
+        );
+        (first..=last)
             .flat_map(|l| a.after.leases.get(&l).cloned().unwrap_or_default())
             .collect()
     }
@@ -639,6 +644,17 @@ fn share(n: u32, parts: u32, i: u32) -> u32 {
 /// Where part `i` of `share(n, parts, ·)` starts (`start(n, parts, parts) == n`).
 fn start(n: u32, parts: u32, i: u32) -> u32 {
     i * (n / parts) + i.min(n % parts)
+}
+
+/// The part of `share(n, parts, ·)` that offset `x` (< n) falls in.
+fn part_of(n: u32, parts: u32, x: u32) -> u32 {
+    let (q, r) = (n / parts, n % parts);
+    let long = r * (q + 1);
+    if x < long {
+        x / (q + 1)
+    } else {
+        r + (x - long) / q.max(1)
+    }
 }
 
 /// The lanes' spans, in feed order, cut into `world` ranks' parts of `share` of their total

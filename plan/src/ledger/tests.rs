@@ -294,3 +294,17 @@ fn fixed_lanes_prefetch_the_lanes_a_rank_reads_and_keep_their_leases() {
     per_rank.regroup(1);
     assert!(per_rank.committed_state().leases.is_empty());
 }
+
+#[test]
+fn part_of_inverts_start() {
+    for n in [1u32, 7, 12, 13, 100] {
+        for parts in 1..=n.min(9) {
+            for i in 0..parts {
+                for x in start(n, parts, i)..start(n, parts, i + 1) {
+                    assert_eq!(part_of(n, parts, x), i, "n {n} parts {parts} x {x}");
+                }
+            }
+            assert_eq!(start(n, parts, parts), n);
+        }
+    }
+}
