@@ -126,9 +126,12 @@ impl Membership {
         self.members = members;
     }
 
+    /// A sign of life at `now`. Keeps the newest: a beat deferred past the run lock is applied
+    /// with its arrival time, which may be older than a step call answered since.
     pub fn touch(&mut self, worker_id: &str, now: Instant) {
         if let Some(&i) = self.index.get(worker_id) {
-            self.members[i].last_seen = now;
+            let m = &mut self.members[i];
+            m.last_seen = m.last_seen.max(now);
         }
     }
 
@@ -297,6 +300,22 @@ mod tests {
         let members = m.try_form(t0).expect("full");
         assert_eq!(members.len(), 2);
         assert_eq!(members[1].info.worker_id, "b");
+    }
+
+    /// A deferred beat applied after a newer sign of life does not make the member look
+    /// silent for longer than it was.
+    #[test]
+    fn an_older_sign_of_life_does_not_set_last_seen_back() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(limits(1, 1), 0);
+        m.join(info("a", 0), t0);
+        m.try_form(t0).expect("formed");
+        let (beat, step_call) = (t0 + Duration::from_secs(4), t0 + Duration::from_secs(5));
+        m.touch("a", step_call);
+        m.touch("a", beat);
+        let timeout = Duration::from_secs(3);
+        assert!(m.silent(timeout, t0 + Duration::from_millis(7_500)).is_empty());
+        assert_eq!(m.silent(timeout, t0 + Duration::from_secs(9)), ["a"]);
     }
 
     #[test]
