@@ -314,7 +314,9 @@ mod tests {
         m.touch("a", step_call);
         m.touch("a", beat);
         let timeout = Duration::from_secs(3);
-        assert!(m.silent(timeout, t0 + Duration::from_millis(7_500)).is_empty());
+        assert!(m
+            .silent(timeout, t0 + Duration::from_millis(7_500))
+            .is_empty());
         assert_eq!(m.silent(timeout, t0 + Duration::from_secs(9)), ["a"]);
     }
 
