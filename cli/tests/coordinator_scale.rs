@@ -74,6 +74,30 @@ fn simulated_workers_get_full_batches_exactly_once_through_a_death() {
     }
 }
 
+/// The same with `data.lanes = 8` (fewer lanes than the 32 ranks: ranks share lanes' chunks):
+/// the lanes' leases outlive the regroup after the death.
+#[test]
+fn with_fixed_lanes_simulated_workers_get_full_batches_exactly_once_through_a_death() {
+    let r = bench(&[
+        "--workers",
+        "32",
+        "--steps",
+        "30",
+        "--checkpoint-every",
+        "10",
+        "--kill-at",
+        "12",
+        "--lanes",
+        "8",
+        "--verify",
+    ]);
+    assert_eq!(r["steps"], 30, "{r}");
+    assert!(
+        r["recovery_s"].as_f64().is_some(),
+        "a death was recovered: {r}"
+    );
+}
+
 #[test]
 fn a_coordinator_killed_mid_run_loses_no_acknowledged_step_and_skips_a_torn_entry() {
     // A different point of the run each time: the kill lands wherever the RPCs are.

@@ -80,6 +80,9 @@ pub struct CoordinatorBench {
     /// Samples per rank per step (global batch = workers × this).
     #[arg(long, default_value_t = 32)]
     pub per_rank_batch: u32,
+    /// `data.lanes` of the run (0: one lane per rank, the default).
+    #[arg(long, default_value_t = 0)]
+    pub lanes: u32,
     /// Rank 0 commits a checkpoint every this many steps.
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: u64,

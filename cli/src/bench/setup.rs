@@ -180,6 +180,7 @@ audit = false
 [data]
 root = "{data}"
 shuffle_window_blocks = 4
+lanes = {lanes}
 [optim]
 global_batch = {batch}
 warmup_steps = 0
@@ -196,6 +197,7 @@ heartbeat_timeout_s = {hb_timeout}
         steps = b.steps,
         data = data.display(),
         batch = n * b.per_rank_batch,
+        lanes = b.lanes,
         ckpt = b.checkpoint_every,
         hb = 1.0 / b.heartbeat_hz.max(0.01),
         hb_timeout = b.heartbeat_timeout_s,
