@@ -131,20 +131,15 @@ fn laned_run(
 }
 
 /// `data.lanes`: the same mixed epoch trained by one worker and by three, one of which is
-/// SIGKILLed after applying its 4th step (the others regroup as two), feeds the same samples
-/// in the same order at every step: the global batches are world-size independent.
+/// SIGKILLed (after applying its 4th step; or with its 6th step's samples leased, that step
+/// abandoned) and the others regroup as two, feeds the same samples in the same order at every
+/// step: the global batches are world-size independent.
 #[test]
 fn with_fixed_lanes_one_worker_and_three_then_two_feed_the_same_steps() {
     let tmp = tempfile::tempdir().expect("tmp");
     let big = synth_into(&tmp.path().join("big"), 330, 5);
     let small = synth_into(&tmp.path().join("small"), 110, 6);
     let one = laned_run(&tmp.path().join("one"), &big, &small, &[("w-a", "")]);
-    let three = laned_run(
-        &tmp.path().join("three"),
-        &big,
-        &small,
-        &[("w-a", ""), ("w-b", "applied:4"), ("w-c", "")],
-    );
     let opts = Default::default();
     let total = train_keys(&big, &opts).len() + train_keys(&small, &opts).len();
     assert_eq!(one.len(), total.div_ceil(16), "steps at world 1");
@@ -152,17 +147,32 @@ fn with_fixed_lanes_one_worker_and_three_then_two_feed_the_same_steps() {
         one.values().take(total / 16).all(|s| s.keys.len() == 16),
         "full batches"
     );
-    assert_eq!(one.len(), three.len(), "steps at world 1 and 3 → 2");
-    for (step, a) in &one {
-        assert_eq!(a.keys, three[step].keys, "step {step}'s samples, in order");
+    for fault in ["applied:4", "load:6"] {
+        let three = laned_run(
+            &tmp.path().join(fault.replace(':', "-")),
+            &big,
+            &small,
+            &[("w-a", ""), ("w-b", fault), ("w-c", "")],
+        );
+        assert_eq!(
+            one.len(),
+            three.len(),
+            "{fault}: steps at world 1 and 3 → 2"
+        );
+        for (step, a) in &one {
+            assert_eq!(
+                a.keys, three[step].keys,
+                "{fault}: step {step}'s samples, in order"
+            );
+        }
+        assert!(
+            three.values().any(|s| s.checksums.len() == 2),
+            "{fault}: a step applied by two ranks (after the kill)"
+        );
+        let used: usize = three.values().map(|s| s.keys.len()).sum();
+        assert_eq!(
+            used, total,
+            "{fault}: every sample once (the multiset: two_sources_… above)"
+        );
     }
-    assert!(
-        three.values().any(|s| s.checksums.len() == 2),
-        "a step applied by two ranks (after the kill)"
-    );
-    let used: usize = three.values().map(|s| s.keys.len()).sum();
-    assert_eq!(
-        used, total,
-        "every sample once (the multiset: two_sources_… above)"
-    );
 }
