@@ -23,6 +23,26 @@ fn source_samples(page: &str, source: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The real-run config (`run_config`, global batch 16) over `big` (weight 3) and `small`
+/// (weight 1), with `data_extra` added to its `[data]` section.
+fn three_to_one_config(
+    dir: &std::path::Path,
+    run_dir: &str,
+    big: &str,
+    small: &str,
+    data_extra: &str,
+) -> std::path::PathBuf {
+    let cfg = run_config(dir, run_dir, big, 16, "");
+    let text = std::fs::read_to_string(&cfg).expect("config").replace(
+        &format!("root = \"{big}\""),
+        &format!(
+            "sources = [{{ root = \"{big}\", weight = 3.0 }}, {{ root = \"{small}\", weight = 1.0 }}]\n{data_extra}"
+        ),
+    );
+    std::fs::write(&cfg, text).expect("config");
+    cfg
+}
+
 #[test]
 fn two_sources_are_each_used_once_and_counted_in_metrics() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -32,14 +52,7 @@ fn two_sources_are_each_used_once_and_counted_in_metrics() {
     let opts = Default::default();
     let (big_keys, small_keys) = (train_keys(&big, &opts), train_keys(&small, &opts));
     let run_dir = tmp.path().join("run").display().to_string();
-    let cfg = run_config(tmp.path(), &run_dir, &big, 16, "");
-    let text = std::fs::read_to_string(&cfg).expect("config").replace(
-        &format!("root = \"{big}\""),
-        &format!(
-            "sources = [{{ root = \"{big}\", weight = 3.0 }}, {{ root = \"{small}\", weight = 1.0 }}]"
-        ),
-    );
-    std::fs::write(&cfg, text).expect("config");
+    let cfg = three_to_one_config(tmp.path(), &run_dir, &big, &small, "");
     let (grpc, http) = (free_port(), free_port());
     let _coord = coordinator(&cfg, grpc, http);
     let _w: Vec<Proc> = ["w-a", "w-b"].iter().map(|id| worker(grpc, id)).collect();
@@ -99,16 +112,7 @@ fn laned_run(
 ) -> BTreeMap<u64, AuditedStep> {
     std::fs::create_dir_all(root).expect("mkdir");
     let run_dir = root.join("run").display().to_string();
-    let cfg = run_config(root, &run_dir, big, 16, "");
-    let text = std::fs::read_to_string(&cfg)
-        .expect("config")
-        .replace(
-            &format!("root = \"{big}\""),
-            &format!(
-                "sources = [{{ root = \"{big}\", weight = 3.0 }}, {{ root = \"{small}\", weight = 1.0 }}]\nlanes = 3"
-            ),
-        );
-    std::fs::write(&cfg, text).expect("config");
+    let cfg = three_to_one_config(root, &run_dir, big, small, "lanes = 3");
     let (grpc, http) = (free_port(), free_port());
     let _coord = coordinator(&cfg, grpc, http);
     let _w: Vec<Proc> = workers
