@@ -75,6 +75,27 @@ fn unlocked_groups_of_a_locked_text_tower_train() {
     }
 }
 
+/// ITM as a re-ranker on trained towers (bench/README-itm.md, "ITM on locked towers"): both
+/// towers locked and the contrastive weight 0, only the fusion encoder and the ITM head train;
+/// the dual encoder (towers, projections, logit scale) stays bit-identical, so its recall is the
+/// one re-ranking is compared with.
+#[test]
+fn itm_on_locked_towers_trains_the_fusion_encoder_alone() {
+    let mut cfg = tiny_config();
+    cfg.optim.lr = 1e-2;
+    cfg.optim.warmup_steps = 1;
+    cfg.model.fusion_layers = Some(1);
+    (cfg.model.lock_image, cfg.model.lock_text) = (true, true);
+    (cfg.objectives.contrastive, cfg.objectives.itm) = (0.0, 1.0);
+    let mut trained = 0;
+    for (name, same) in unchanged_after_training(&cfg) {
+        let fusion = name.starts_with("fusion.") || name.starts_with("itm_head.");
+        assert_eq!(same, !fusion, "{name}");
+        trained += usize::from(fusion);
+    }
+    assert!(trained > 10, "{trained} fusion tensors");
+}
+
 /// The elements the plain all-reduce sends per step on 2 ranks (rank 0's buckets; rank 1 must
 /// send the same).
 fn allreduce_elements(cfg: &RunConfig) -> usize {
