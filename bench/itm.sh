@@ -5,7 +5,10 @@
 # on random data (`bench-step`).
 #   bash bench/itm.sh [rows=12800] [steps=300] [batch=128] [k=16] [threads=2]
 # Env: BIN (the binaries' folder), CAPTIONS (`shards synth --captions`: varied, the default, or
-# plain), ONLY=itm (train and evaluate the ITM model only, no step-time rounds).
+# plain), ONLY=itm (train and evaluate the ITM model only, no step-time rounds), LOCKED=N (instead:
+# ITM on locked towers, ALBEF's start from trained towers: tiny-fusion trained `steps` with
+# InfoNCE alone, then N steps of ITM alone with both towers locked, evaluated with re-ranking),
+# SEED (run.seed, default 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows=${1:-12800}; steps=${2:-300}; batch=${3:-128}; k=${4:-16}; threads=${5:-2}
@@ -26,17 +29,19 @@ sfx=${CAPTIONS:+-$captions} # plain's outputs apart; varied's where they always 
 data="$out/data-$rows$sfx"
 [ -f "$data/manifest.json" ] || "$shards" shards synth --out "$data" --rows "$rows" \
   --image-size 32 --val-fraction 0.05 --captions "$captions" --no-progress
-run() { # name preset objectives
-  local dir="$out/$1$sfx"
+run() { # name preset objectives [model lines] [steps]
+  local dir="$out/$1$sfx" n=${5:-$steps}
   rm -rf "$dir"; mkdir -p "$dir"
   cat > "$dir/run.toml" <<TOML
 [run]
 dir = "$dir/run"
-steps = $steps
+steps = $n
+seed = ${SEED:-0}
 [data]
 root = "$data"
 [model]
 preset = "$2"
+${4:-}
 [objectives]
 $3
 [optim]
@@ -44,14 +49,24 @@ global_batch = $batch
 lr = 5e-4
 warmup_steps = 20
 [checkpoint]
-every_steps = $steps
+every_steps = $n
 [eval]
-every_steps = $steps
+every_steps = $n
 TOML
   local t0=$(date +%s)
   "$worker" train --config "$dir/run.toml" --threads "$threads" --no-progress > "$dir/train.log" 2>&1
-  echo "$1: trained $steps steps in $(( $(date +%s) - t0 )) s"
+  echo "$1: trained $n steps in $(( $(date +%s) - t0 )) s"
 }
+if [ -n "${LOCKED:-}" ]; then
+  run towers tiny-fusion 'contrastive = 1.0'
+  run itm-locked tiny-fusion $'contrastive = 0.0\nitm = 1.0' \
+    "init = \"$out/towers$sfx/run/checkpoints/step-$(printf %08d "$steps")\"
+lock_image = true
+lock_text = true" "$LOCKED"
+  "$worker" eval --checkpoint "$out/itm-locked$sfx/run/checkpoints" --data "$data" --split val \
+    --itm-rerank "$k" --json | tee "$out/itm-locked$sfx/eval.json"
+  exit 0
+fi
 run itm tiny-fusion $'contrastive = 1.0\nitm = 1.0'
 "$worker" eval --checkpoint "$out/itm$sfx/run/checkpoints" --data "$data" --split val \
   --itm-rerank "$k" --json | tee "$out/itm$sfx/eval.json"
