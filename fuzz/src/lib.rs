@@ -7,8 +7,10 @@
 //!
 //! - Budget: `FERROCLIP_FUZZ_SECS` seconds per target (default 2, so the normal test suite
 //!   stays fast; CI sets 30). The executions are printed (`fuzz <target>: N executions ...`)
-//!   and appended to the file `FERROCLIP_FUZZ_REPORT` names, if set.
+//!   and appended to the file `FERROCLIP_FUZZ_REPORT` names, if set, with any slow input.
 //! - Reproduction: the run's seed is printed; `FERROCLIP_FUZZ_SEED` replays it.
+//! - A slow input (longer than [`SLOW`]) is saved as `slow-<hash>` next to the findings and
+//!   named on stderr and in the report, without failing: a slow path shows before it hangs.
 //! - A finding (a panic, an input running longer than [`HANG`], or, under [`LimitAlloc`], one
 //!   allocation beyond the target's limit) writes the input to
 //!   `$FERROCLIP_FUZZ_FINDINGS/<target>/` (default `target/fuzz-findings/`) and fails the test
@@ -27,6 +29,11 @@ use std::time::{Duration, Instant};
 /// Longer than this on one input is a hang (a finding). Not a speed check: real inputs take
 /// milliseconds; only a loop that never ends reaches it.
 pub const HANG: Duration = Duration::from_secs(60);
+
+/// Longer than this on one input is slow: not a failure, but the input is saved (`slow-<hash>`
+/// in the findings folder) and named on stderr, so that a slow path is found before it turns
+/// into a hang (libFuzzer's `-report_slow_units`).
+pub const SLOW: Duration = Duration::from_secs(5);
 
 /// The default per-target budget when `FERROCLIP_FUZZ_SECS` is unset.
 pub const DEFAULT_SECS: f64 = 2.0;
@@ -104,6 +111,8 @@ pub struct Fuzzer {
     corpus_dirs: Vec<PathBuf>,
     /// With [`LimitAlloc`] installed: the largest single allocation allowed while an input runs.
     alloc_limit: usize,
+    /// An input running longer is saved as slow ([`SLOW`]).
+    slow: Duration,
 }
 
 /// What a run did.
@@ -129,7 +138,14 @@ impl Fuzzer {
             max_len: 1 << 20,
             corpus_dirs: Vec::new(),
             alloc_limit: 1 << 30,
+            slow: SLOW,
         }
+    }
+
+    /// Overrides [`SLOW`] (tests of the harness itself).
+    pub fn slow_after(mut self, d: Duration) -> Self {
+        self.slow = d;
+        self
     }
 
     pub fn dict(mut self, tokens: &[&[u8]]) -> Self {
@@ -200,9 +216,27 @@ impl Fuzzer {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone_from(&self.name);
             ARMED.store(true, Ordering::SeqCst);
+            let t0 = Instant::now();
             let out = catch_unwind(AssertUnwindSafe(|| target(input)));
             ARMED.store(false, Ordering::SeqCst);
             watchdog.end();
+            let took = t0.elapsed();
+            if took > self.slow {
+                let file = save_input(&self.name, "slow", input);
+                eprintln!(
+                    "fuzz {}: {origin} input took {:.1} s (slow); saved as {} ({} bytes)",
+                    self.name,
+                    took.as_secs_f64(),
+                    file.display(),
+                    input.len()
+                );
+                report_line(&format!(
+                    "{}\tslow input: {:.1} s, saved as {}\n",
+                    self.name,
+                    took.as_secs_f64(),
+                    file.display()
+                ));
+            }
             *executions += 1;
             if let Err(p) = out {
                 let msg = p
@@ -240,18 +274,10 @@ impl Fuzzer {
             "fuzz {}: {} executions in {:.1} s ({} seeds and regression inputs; FERROCLIP_FUZZ_SEED={})",
             self.name, report.executions, report.seconds, report.corpus, report.seed
         );
-        if let Some(path) = std::env::var_os("FERROCLIP_FUZZ_REPORT") {
-            // One line per target (test runners capture stdout): CI prints the file at the end.
-            let line = format!(
-                "{}\t{} executions\t{:.1} s\tseed {}\n",
-                self.name, report.executions, report.seconds, report.seed
-            );
-            let _ = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
-        }
+        report_line(&format!(
+            "{}\t{} executions\t{:.1} s\tseed {}\n",
+            self.name, report.executions, report.seconds, report.seed
+        ));
         report
     }
 
@@ -404,6 +430,18 @@ impl Rng {
     }
 }
 
+/// Appends a line to the file `FERROCLIP_FUZZ_REPORT` names, if set (test runners capture
+/// stdout; CI prints the file at the end).
+fn report_line(line: &str) {
+    if let Some(path) = std::env::var_os("FERROCLIP_FUZZ_REPORT") {
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    }
+}
+
 fn findings_dir() -> PathBuf {
     std::env::var_os("FERROCLIP_FUZZ_FINDINGS")
         .map(PathBuf::from)
@@ -417,10 +455,14 @@ fn findings_dir() -> PathBuf {
 }
 
 fn save_finding(target: &str, input: &[u8]) -> PathBuf {
+    save_input(target, "crash", input)
+}
+
+fn save_input(target: &str, kind: &str, input: &[u8]) -> PathBuf {
     let mut h = DefaultHasher::new();
     input.hash(&mut h);
     let dir = findings_dir().join(target);
-    let file = dir.join(format!("crash-{:016x}", h.finish()));
+    let file = dir.join(format!("{kind}-{:016x}", h.finish()));
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(&file, input);
     file
@@ -589,6 +631,27 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(saved.len(), 1);
+        // A slow input is saved and named, and the run goes on.
+        let r = Fuzzer::new("harness-slow")
+            .budget(Duration::ZERO)
+            .slow_after(Duration::from_millis(20))
+            .run(&[b"quick".to_vec(), b"slow".to_vec()], |b| {
+                if b == b"slow" {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        assert_eq!(r.executions, 2);
+        let saved: Vec<PathBuf> = std::fs::read_dir(dir.join("harness-slow"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(saved.len(), 1, "{saved:?}");
+        assert!(saved[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("slow-"));
+        assert_eq!(std::fs::read(&saved[0]).unwrap(), b"slow");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod head;
 pub mod jpeg;
 pub mod manifest;
+mod page_headers;
 mod pq;
 pub mod reader;
 #[cfg(feature = "build")]

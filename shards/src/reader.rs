@@ -250,6 +250,9 @@ impl Dataset {
             .get_range(&loc.path, range.clone())
             .await
             .map_err(|e| ShardsError::store(&url, e))?;
+        // parquet 60.1 can spin for seconds on a corrupt page header (`page_headers`).
+        crate::page_headers::check_row_group(meta.metadata(), rg, &data, range.start)
+            .map_err(|m| ShardsError::bad_input(&url, format!("corrupt Parquet: {m}")))?;
         let reader = RangeReader {
             base: range.start,
             data,

@@ -151,6 +151,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// `waiting_s` is process-wide: tests that retry take turns (`cargo test` runs them on
+    /// threads of one process).
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     fn generic(msg: &str) -> object_store::Error {
         object_store::Error::Generic {
             store: "test",
@@ -160,6 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn transient_errors_are_retried_until_success_and_counted_as_waiting() {
+        let _turn = SERIAL.lock().await;
         let calls = AtomicUsize::new(0);
         let r = store_retry("get x", Duration::from_secs(30), || async {
             let n = calls.fetch_add(1, Ordering::SeqCst);
@@ -177,6 +182,7 @@ mod tests {
 
     #[tokio::test]
     async fn permanent_errors_return_at_once_and_the_budget_ends_retrying() {
+        let _turn = SERIAL.lock().await;
         let calls = AtomicUsize::new(0);
         let r: object_store::Result<()> = store_retry("get y", Duration::from_secs(30), || async {
             calls.fetch_add(1, Ordering::SeqCst);

@@ -83,8 +83,13 @@ async fn check(loc: &Location, shard: &ShardInfo) -> Result<u64, String> {
 }
 
 fn decode_all(url: &str, bytes: bytes::Bytes) -> Result<(u64, Vec<u64>), String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
         .map_err(|e| format!("unreadable Parquet: {e}"))?;
+    // parquet 60.1 can spin for seconds on a corrupt page header (`page_headers`).
+    for rg in 0..builder.metadata().num_row_groups() {
+        crate::page_headers::check_row_group(builder.metadata(), rg, &bytes, 0)
+            .map_err(|m| format!("unreadable Parquet: {m}"))?;
+    }
     let rgs: Vec<u64> = builder
         .metadata()
         .row_groups()

@@ -275,3 +275,44 @@ fn a_dictionary_page_of_zero_values_is_an_error_naming_the_shard() {
         report.bad
     );
 }
+
+/// Found by `fuzz_shard_reader` (slow, not yet a hang): a deletion shifts a page header onto
+/// bytes that read as an unknown field holding a list of ~2^31 booleans, which parquet 60.1
+/// skips at no byte per element (39.7 s in a debug build). Both readers now walk the headers
+/// first (`page_headers`): this one gives a field the crate knows another Thrift type, where the
+/// crate's reading parts from the bytes' own, and is rejected there, naming the shard.
+#[test]
+fn a_page_header_of_billions_of_booleans_is_an_error_naming_the_shard() {
+    let (fx, _) = ShardFixture::new();
+    let bad = std::fs::read(corpus("shard").join("page-header-list-of-2g-booleans")).unwrap();
+    fx.install(&bad);
+    let rt = rt();
+    let url = fx.url();
+    let errors: Vec<String> = rt.block_on(async {
+        let ds = Dataset::open(&url, &opts()).await.unwrap();
+        let mut errors = Vec::new();
+        for b in ds.blocks("train").unwrap() {
+            if let Err(e) = ds.read_block("train", b.index).await {
+                errors.push(e.to_string());
+            }
+        }
+        errors
+    });
+    assert!(
+        errors.iter().any(|e| e.contains("page header")),
+        "{errors:?}"
+    );
+    for e in &errors {
+        assert!(e.contains(&fx.shard), "{e}");
+    }
+    let report = rt
+        .block_on(ferroclip_shards::verify::verify(&url, &opts()))
+        .unwrap();
+    assert_eq!(report.bad.len(), 1, "{:?}", report.bad);
+    assert_eq!(report.bad[0].path, fx.shard);
+    assert!(
+        report.bad[0].problem.contains("page header"),
+        "{:?}",
+        report.bad
+    );
+}
