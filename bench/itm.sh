@@ -7,8 +7,8 @@
 # Env: BIN (the binaries' folder), CAPTIONS (`shards synth --captions`: varied, the default, or
 # plain), ONLY=itm (train and evaluate the ITM model only, no step-time rounds), LOCKED=N (instead:
 # ITM on locked towers, ALBEF's start from trained towers: tiny-fusion trained `steps` with
-# InfoNCE alone, then N steps of ITM alone with both towers locked, evaluated with re-ranking),
-# SEED (run.seed, default 0).
+# InfoNCE alone, then N steps of ITM alone with both towers locked, evaluated with re-ranking;
+# LOCKED_LR, default 1e-3, the peak lr of those N steps), SEED (run.seed, default 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows=${1:-12800}; steps=${2:-300}; batch=${3:-128}; k=${4:-16}; threads=${5:-2}
@@ -29,8 +29,8 @@ sfx=${CAPTIONS:+-$captions} # plain's outputs apart; varied's where they always 
 data="$out/data-$rows$sfx"
 [ -f "$data/manifest.json" ] || "$shards" shards synth --out "$data" --rows "$rows" \
   --image-size 32 --val-fraction 0.05 --captions "$captions" --no-progress
-run() { # name preset objectives [model lines] [steps]
-  local dir="$out/$1$sfx" n=${5:-$steps}
+run() { # name preset objectives [model lines] [steps] [lr]
+  local dir="$out/$1$sfx" n=${5:-$steps} lr=${6:-5e-4}
   rm -rf "$dir"; mkdir -p "$dir"
   cat > "$dir/run.toml" <<TOML
 [run]
@@ -46,7 +46,7 @@ ${4:-}
 $3
 [optim]
 global_batch = $batch
-lr = 5e-4
+lr = $lr
 warmup_steps = 20
 [checkpoint]
 every_steps = $n
@@ -62,9 +62,11 @@ if [ -n "${LOCKED:-}" ]; then
   run itm-locked tiny-fusion $'contrastive = 0.0\nitm = 1.0' \
     "init = \"$out/towers$sfx/run/checkpoints/step-$(printf %08d "$steps")\"
 lock_image = true
-lock_text = true" "$LOCKED"
+lock_text = true" "$LOCKED" "${LOCKED_LR:-1e-3}"
   "$worker" eval --checkpoint "$out/itm-locked$sfx/run/checkpoints" --data "$data" --split val \
     --itm-rerank "$k" --json | tee "$out/itm-locked$sfx/eval.json"
+  "$worker" eval --checkpoint "$out/itm-locked$sfx/run/checkpoints" --data "$data" --split val \
+    --itm-rerank "$k"
   exit 0
 fi
 run itm tiny-fusion $'contrastive = 1.0\nitm = 1.0'

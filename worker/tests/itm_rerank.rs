@@ -139,6 +139,25 @@ fn itm_trains_and_reranking_reports_recall_before_and_after() {
         // Re-ranking reorders each query's top 5 only: what is within 5 (and 10) stays.
         assert_eq!(before[1], after[1], "{way} R@5 changed: {report}");
         assert_eq!(before[2], after[2], "{way} R@10 changed: {report}");
+        // The R@1 change is the fixed queries less the broken ones, over the queries.
+        let queries = if way == "image_to_text" {
+            report["images"].as_f64()
+        } else {
+            report["samples"].as_f64()
+        }
+        .expect("counts");
+        let c = &rr[format!("{way}_changes")];
+        let (fixed, broken, p) = (
+            c["fixed"].as_f64().expect("fixed"),
+            c["broken"].as_f64().expect("broken"),
+            c["p"].as_f64().expect("p"),
+        );
+        let moved = after[0] - before[0];
+        assert!(
+            (moved - (fixed - broken) / queries).abs() < 1e-9,
+            "{way}: {report}"
+        );
+        assert!(p > 0.0 && p <= 1.0, "{report}");
     }
     // Without the flag no re-ranking is reported; the text report names both figures.
     let plain: serde_json::Value =
@@ -147,6 +166,7 @@ fn itm_trains_and_reranking_reports_recall_before_and_after() {
     assert_eq!(plain["image_to_text"], report["image_to_text"]);
     let text = eval(&[&base[..], &["--itm-rerank", "5"]].concat());
     assert!(text.contains("image→text retrieval: R@1"), "{text}");
+    assert!(text.contains("top-1 changed by re-ranking"), "{text}");
     assert!(
         text.contains("image→text retrieval, ITM re-ranking of the top 5: R@1"),
         "{text}"

@@ -3,7 +3,8 @@
 //! grouped by image where the dataset has several captions per image (`image_id`), as
 //! CLIP_benchmark computes it. With `--itm-rerank K` (a model with a fusion encoder) each query's
 //! top K candidates by the dual-encoder similarity are re-scored by the ITM head (BLIP's
-//! re-ranking: ITM log-odds + cosine similarity) and recall is reported before and after.
+//! re-ranking, scored as ITM log-odds + the contrastive logit) and recall is reported before and
+//! after, with the queries whose top-1 re-ranking changed and McNemar's test of those counts.
 
 use std::sync::Arc;
 
@@ -44,6 +45,45 @@ pub struct RerankReport {
     pub k: usize,
     pub image_to_text: [f64; 3],
     pub text_to_image: [f64; 3],
+    /// Image queries whose first text re-ranking made right / wrong, and McNemar's exact
+    /// two-sided p of those counts: whether the R@1 change is more than chance.
+    pub image_to_text_changes: TopOneChanges,
+    pub text_to_image_changes: TopOneChanges,
+}
+
+/// Queries whose top-1 hit re-ranking changed.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TopOneChanges {
+    /// Wrong before, right after.
+    pub fixed: usize,
+    /// Right before, wrong after.
+    pub broken: usize,
+    /// McNemar's exact test: the two-sided binomial p of `fixed` against `broken` at ½.
+    pub p: f64,
+}
+
+impl TopOneChanges {
+    fn between(before: &[bool], after: &[bool]) -> Self {
+        let fixed = before.iter().zip(after).filter(|&(&b, &a)| !b && a).count();
+        let broken = before.iter().zip(after).filter(|&(&b, &a)| b && !a).count();
+        TopOneChanges {
+            fixed,
+            broken,
+            p: mcnemar_p(fixed, broken),
+        }
+    }
+}
+
+/// McNemar's exact two-sided p: 2 P(X ≤ min(a, b)) for X ~ Binomial(a + b, ½), at most 1; the
+/// binomial terms in log space (n in the thousands underflows 2^-n).
+pub fn mcnemar_p(a: usize, b: usize) -> f64 {
+    let n = a + b;
+    let ln_fact = |k: usize| (1..=k).map(|i| (i as f64).ln()).sum::<f64>();
+    let ln_half_n = n as f64 * std::f64::consts::LN_2;
+    let tail: f64 = (0..=a.min(b))
+        .map(|k| (ln_fact(n) - ln_fact(k) - ln_fact(n - k) - ln_half_n).exp())
+        .sum();
+    (2.0 * tail).min(1.0)
 }
 
 impl EvalReport {
@@ -173,6 +213,7 @@ pub fn evaluate_with(
     };
     let sims = img.matmul(&txt.tr());
     (report.image_to_text, report.text_to_image) = recall(&sims, &text_image);
+    let (i2t_hits, t2i_hits) = top_one_hits(&sims, &text_image)?;
     if itm_rerank > 0 {
         let tokens = ItmTokens {
             image: Tensor::cat(&img_tok, 0),
@@ -181,10 +222,14 @@ pub fn evaluate_with(
             group: text_groups(&tokens),
         };
         let (i2t, t2i) = rerank(model, &sims, &tokens, itm_rerank as i64)?;
+        let after_i2t = top_one_hits(&i2t, &text_image)?.0;
+        let after_t2i = top_one_hits(&t2i, &text_image)?.1;
         report.itm_rerank = Some(RerankReport {
             k: itm_rerank,
             image_to_text: recall(&i2t, &text_image).0,
             text_to_image: recall(&t2i, &text_image).1,
+            image_to_text_changes: TopOneChanges::between(&i2t_hits, &after_i2t),
+            text_to_image_changes: TopOneChanges::between(&t2i_hits, &after_t2i),
         });
     }
     if let Some(classes) = classes {
@@ -356,6 +401,26 @@ fn image_of_each_text(ids: &[Option<i64>]) -> Vec<i64> {
 /// number of candidates scoring strictly higher than the true one.
 fn recall(sims: &Tensor, text_image: &[i64]) -> ([f64; 3], [f64; 3]) {
     let (n_img, n_txt) = (sims.size()[0], sims.size()[1]);
+    let (i2t_rank, t2i_rank) = ranks(sims, text_image);
+    let at = |rank: &Tensor, n: i64| {
+        [1, 5, 10].map(|k| rank.lt(k).sum(Kind::Int64).double_value(&[]) / n as f64)
+    };
+    (at(&i2t_rank, n_img), at(&t2i_rank, n_txt))
+}
+
+/// Per query, whether its first candidate is right (rank 0 in `ranks`): images, then texts.
+fn top_one_hits(sims: &Tensor, text_image: &[i64]) -> Result<(Vec<bool>, Vec<bool>)> {
+    let (i2t_rank, t2i_rank) = ranks(sims, text_image);
+    Ok((
+        Vec::<bool>::try_from(i2t_rank.eq(0))?,
+        Vec::<bool>::try_from(t2i_rank.eq(0))?,
+    ))
+}
+
+/// Each image's rank (texts scoring above its best caption) and each text's (images scoring
+/// above its own): ties count for the query.
+fn ranks(sims: &Tensor, text_image: &[i64]) -> (Tensor, Tensor) {
+    let n_img = sims.size()[0];
     let owner = Tensor::from_slice(text_image).to_device(sims.device());
     let positive = Tensor::arange(n_img, (Kind::Int64, sims.device()))
         .unsqueeze(1)
@@ -368,10 +433,7 @@ fn recall(sims: &Tensor, text_image: &[i64]) -> ([f64; 3], [f64; 3]) {
     // A caption's own image against every image.
     let own = sims.gather(0, &owner.unsqueeze(0), false);
     let t2i_rank = sims.gt_tensor(&own).sum_dim_intlist(0, false, Kind::Int64);
-    let at = |rank: &Tensor, n: i64| {
-        [1, 5, 10].map(|k| rank.lt(k).sum(Kind::Int64).double_value(&[]) / n as f64)
-    };
-    (at(&i2t_rank, n_img), at(&t2i_rank, n_txt))
+    (i2t_rank, t2i_rank)
 }
 
 /// Zero-shot accuracy over the images with a label in the class list.
@@ -551,6 +613,15 @@ pub fn run(args: EvalArgs) -> Result<EvalReport> {
             rr.k,
             pct(rr.text_to_image)
         );
+        for (dir, c) in [
+            ("image→text", &rr.image_to_text_changes),
+            ("text→image", &rr.text_to_image_changes),
+        ] {
+            println!(
+                "{dir} top-1 changed by re-ranking: {} fixed, {} broken (McNemar p {:.2e})",
+                c.fixed, c.broken, c.p
+            );
+        }
     }
     Ok(r)
 }
@@ -558,6 +629,45 @@ pub fn run(args: EvalArgs) -> Result<EvalReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mcnemar_p_is_the_exact_two_sided_binomial_tail() {
+        // Values from Python's exact integers: 2 Σ_{k ≤ min} C(n, k) / 2^n.
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.max(1e-300);
+        assert_eq!(mcnemar_p(0, 0), 1.0);
+        assert_eq!(mcnemar_p(17, 17), 1.0);
+        assert!(close(mcnemar_p(5, 0), 0.0625));
+        assert!(close(mcnemar_p(28, 14), 0.043_558_521_923_841_91));
+        assert!(close(mcnemar_p(14, 28), 0.043_558_521_923_841_91));
+        assert!(close(mcnemar_p(57, 7), 7.638_141_345_540_223e-11));
+        // Thousands of changes: 2^-2900 underflows f64; the log-space terms do not.
+        assert!(close(mcnemar_p(1500, 1400), 0.065_987_349_665_183_81));
+    }
+
+    #[test]
+    fn top_one_changes_count_fixed_and_broken_queries() {
+        // 2 images, texts 0 and 1 of image 0, text 2 of image 1.
+        let owner = [0, 0, 1];
+        let before = Tensor::from_slice(&[0.9f32, 0.1, 0.5, 0.8, 0.2, 0.7]).view([2, 3]);
+        let after = Tensor::from_slice(&[0.1f32, 0.2, 0.5, 0.1, 0.2, 0.9]).view([2, 3]);
+        let (bi, bt) = top_one_hits(&before, &owner).unwrap();
+        let (ai, at) = top_one_hits(&after, &owner).unwrap();
+        // Image 0: text 0 first (right) → text 2 first (wrong); image 1: text 0 → text 2.
+        assert_eq!(
+            (bi.clone(), ai.clone()),
+            (vec![true, false], vec![false, true])
+        );
+        let c = TopOneChanges::between(&bi, &ai);
+        assert_eq!((c.fixed, c.broken, c.p), (1, 1, 1.0));
+        // Texts: t0 0.9 vs 0.8 right → 0.1 vs 0.1 (a tie counts) right; t1 0.1 vs 0.2 wrong →
+        // 0.2 vs 0.2 right; t2 0.7 vs 0.5 right → 0.9 vs 0.5 right.
+        assert_eq!(
+            (bt.clone(), at.clone()),
+            (vec![true, false, true], vec![true, true, true])
+        );
+        let c = TopOneChanges::between(&bt, &at);
+        assert_eq!((c.fixed, c.broken), (1, 0));
+    }
 
     #[test]
     fn re_ranking_takes_the_best_k_distinct_texts_and_scores_each_once() {
