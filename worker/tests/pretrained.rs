@@ -119,6 +119,65 @@ fn model_init_of_the_hub_directory_starts_from_open_clips_loss_and_trains() {
     assert!(second.contrastive < first.contrastive - 1e-4, "{second:?}");
 }
 
+/// ALBEF/BLIP's start: an ITM re-ranker on pretrained towers. The hub directory has no fusion
+/// encoder; `[model]` asks for one (`tiny-fusion`, or `fusion_layers`), which starts fresh on
+/// top of the OpenCLIP weights, and with both towers locked only it and the ITM head train.
+#[test]
+fn model_init_without_a_fusion_encoder_gets_the_one_the_config_asks_for() {
+    let r = reference();
+    let mut cfg = init_config(&path("openclip_hub"));
+    cfg.model.preset = "tiny-fusion".into();
+    (cfg.model.lock_image, cfg.model.lock_text) = (true, true);
+    (cfg.objectives.contrastive, cfg.objectives.itm) = (0.0, 1.0);
+    cfg.optim.lr = 1e-2;
+    let mut t = trainer(&cfg).expect("trainer");
+    assert_eq!(t.model.config.fusion_layers, 2, "tiny-fusion's two layers");
+    assert!(
+        t.model.config.quick_gelu,
+        "the towers keep the hub's architecture"
+    );
+    let hub: HashMap<String, Tensor> =
+        Tensor::read_safetensors(data("openclip_hub/open_clip_model.safetensors"))
+            .expect("weights")
+            .into_iter()
+            .collect();
+    let before: Vec<(String, Tensor)> = t
+        .model
+        .params
+        .iter()
+        .map(|(n, p)| (n.clone(), p.detach().copy()))
+        .collect();
+    for (name, p) in &before {
+        if let Some(w) = hub.get(name) {
+            assert!(p.equal(w), "{name} is not the hub's");
+        } else {
+            let fresh = name.starts_with("fusion.") || name.starts_with("itm_head.");
+            assert!(fresh, "{name}: neither the hub's nor the fusion encoder's");
+        }
+    }
+    let (pixels, tokens) = (&r["pixels"], &r["tokens"]);
+    for _ in 0..2 {
+        let l = t
+            .compute_grads_tensors(pixels, tokens, 4, &mut Single)
+            .expect("grads");
+        assert!(l.itm.is_finite() && l.itm > 0.0, "{l:?}");
+        t.apply_update().expect("update");
+    }
+    let mut trained = 0;
+    for (name, was) in &before {
+        let now = t.model.params.get(name).expect("param");
+        let fusion = name.starts_with("fusion.") || name.starts_with("itm_head.");
+        assert_eq!(!now.equal(was), fusion, "{name}");
+        trained += usize::from(fusion);
+    }
+    assert!(trained > 10, "{trained} fusion tensors trained");
+    // Without the config asking, the hub's architecture stands: no fusion encoder, so ITM is
+    // refused by name.
+    cfg.model.preset = "tiny".into();
+    let err = trainer(&cfg).err().expect("no fusion encoder").to_string();
+    assert!(err.contains("fusion"), "{err}");
+}
+
 #[test]
 fn a_bare_safetensors_file_takes_the_presets_shape_and_mismatches_name_the_tensor() {
     // openclip_tiny.safetensors (gen_openclip_ref.py): GELU, 16-pixel images, vocab 1000.

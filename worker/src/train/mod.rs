@@ -140,10 +140,19 @@ impl Trainer {
             Some(crate::checkpoint::read_pretrained(&cfg.model.init, &opts)?)
         };
         // A checkpoint or hub directory brings its own architecture.
-        let mc = match init.as_ref().and_then(|p| p.config.clone()) {
+        let mut mc = match init.as_ref().and_then(|p| p.config.clone()) {
             Some(c) => c,
             None => ModelConfig::from_section(&cfg.model)?,
         };
+        // ALBEF/BLIP start ITM from trained towers: weights without a fusion encoder get the one
+        // `[model]` asks for (a `-fusion` preset or `fusion_layers`), freshly initialised.
+        if init.is_some() && mc.fusion_layers == 0 {
+            let asked = ModelConfig::from_section(&cfg.model).map_or(0, |c| c.fusion_layers);
+            if asked > 0 {
+                tracing::info!("model.init has no fusion encoder: adding {asked} fresh layers");
+                mc.fusion_layers = asked;
+            }
+        }
         let heads = Heads {
             siglip: cfg.objectives.siglip > 0.0,
             mlm: cfg.objectives.mlm > 0.0,
