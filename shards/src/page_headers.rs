@@ -6,8 +6,6 @@
 //! knows has the type the crate reads it as (else the two readings part ways), and stops when the
 //! booleans it counts exceed the bytes there are: a writer spends one byte on each.
 
-use std::ops::Range;
-
 use parquet::file::metadata::ParquetMetaData;
 
 /// The crate's skip depth (`ThriftCompactInputProtocol::skip`).
@@ -296,18 +294,13 @@ pub fn check_row_group(
     base: u64,
 ) -> Result<(), String> {
     for (c, col) in meta.row_group(rg).columns().iter().enumerate() {
-        let start = col
-            .dictionary_page_offset()
-            .unwrap_or_else(|| col.data_page_offset());
-        let range: Option<Range<usize>> = u64::try_from(start)
+        let chunk = crate::pq::chunk_range(col)
             .ok()
-            .and_then(|s| s.checked_sub(base))
-            .zip(u64::try_from(col.compressed_size()).ok())
-            .and_then(|(s, n)| {
-                Some(usize::try_from(s).ok()?..usize::try_from(s.checked_add(n)?).ok()?)
-            });
-        let chunk = range
-            .and_then(|r| data.get(r))
+            .and_then(|r| {
+                let s = usize::try_from(r.start.checked_sub(base)?).ok()?;
+                let e = usize::try_from(r.end.checked_sub(base)?).ok()?;
+                data.get(s..e)
+            })
             .ok_or_else(|| format!("row group {rg}, column {c}: byte range outside the file"))?;
         check_chunk(chunk).map_err(|m| format!("row group {rg}, column {c}: {m}"))?;
     }

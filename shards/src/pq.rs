@@ -12,7 +12,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::errors::{ParquetError, Result};
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::metadata::{ColumnChunkMetaData, ParquetMetaData, ParquetMetaDataReader};
 
 fn to_parquet_err(e: object_store::Error) -> ParquetError {
     ParquetError::External(Box::new(e))
@@ -135,24 +135,30 @@ pub fn row_group_range(
     let mut start = u64::MAX;
     let mut end = 0;
     for (c, col) in meta.row_group(rg).columns().iter().enumerate() {
-        // `ColumnChunkMetaData::byte_range` asserts these are non-negative.
-        let offset = col
-            .dictionary_page_offset()
-            .unwrap_or_else(|| col.data_page_offset());
-        let range = u64::try_from(offset)
-            .ok()
-            .zip(u64::try_from(col.compressed_size()).ok())
-            .and_then(|(s, len)| Some((s, s.checked_add(len)?)));
-        let Some((s, e)) = range else {
-            return Err(format!(
-                "row group {rg}, column {c}: invalid byte range (offset {offset}, size {}) in the footer",
-                col.compressed_size()
-            ));
-        };
-        start = start.min(s);
-        end = end.max(e);
+        let r = chunk_range(col).map_err(|m| format!("row group {rg}, column {c}: {m}"))?;
+        start = start.min(r.start);
+        end = end.max(r.end);
     }
     Ok(if start > end { 0..0 } else { start..end })
+}
+
+/// A column chunk's bytes in the file: from its first page (the dictionary's, if any) for its
+/// compressed size. `ColumnChunkMetaData::byte_range` asserts these are non-negative; a corrupt
+/// footer's negative or overflowing values are an error here.
+pub fn chunk_range(col: &ColumnChunkMetaData) -> std::result::Result<Range<u64>, String> {
+    let offset = col
+        .dictionary_page_offset()
+        .unwrap_or_else(|| col.data_page_offset());
+    u64::try_from(offset)
+        .ok()
+        .zip(u64::try_from(col.compressed_size()).ok())
+        .and_then(|(s, len)| Some(s..s.checked_add(len)?))
+        .ok_or_else(|| {
+            format!(
+                "invalid byte range (offset {offset}, size {}) in the footer",
+                col.compressed_size()
+            )
+        })
 }
 
 #[cfg(feature = "build")]

@@ -78,10 +78,16 @@ impl TopOneChanges {
 /// binomial terms in log space (n in the thousands underflows 2^-n).
 pub fn mcnemar_p(a: usize, b: usize) -> f64 {
     let n = a + b;
-    let ln_fact = |k: usize| (1..=k).map(|i| (i as f64).ln()).sum::<f64>();
+    // ln k! for k = 0..=n.
+    let ln_fact: Vec<f64> = std::iter::once(0.0)
+        .chain((1..=n).scan(0.0, |acc, i| {
+            *acc += (i as f64).ln();
+            Some(*acc)
+        }))
+        .collect();
     let ln_half_n = n as f64 * std::f64::consts::LN_2;
     let tail: f64 = (0..=a.min(b))
-        .map(|k| (ln_fact(n) - ln_fact(k) - ln_fact(n - k) - ln_half_n).exp())
+        .map(|k| (ln_fact[n] - ln_fact[k] - ln_fact[n - k] - ln_half_n).exp())
         .sum();
     (2.0 * tail).min(1.0)
 }
@@ -212,8 +218,8 @@ pub fn evaluate_with(
         ..Default::default()
     };
     let sims = img.matmul(&txt.tr());
-    (report.image_to_text, report.text_to_image) = recall(&sims, &text_image);
-    let (i2t_hits, t2i_hits) = top_one_hits(&sims, &text_image)?;
+    let (i2t_rank, t2i_rank) = ranks(&sims, &text_image);
+    (report.image_to_text, report.text_to_image) = (recall_at(&i2t_rank), recall_at(&t2i_rank));
     if itm_rerank > 0 {
         let tokens = ItmTokens {
             image: Tensor::cat(&img_tok, 0),
@@ -222,14 +228,13 @@ pub fn evaluate_with(
             group: text_groups(&tokens),
         };
         let (i2t, t2i) = rerank(model, &sims, &tokens, itm_rerank as i64)?;
-        let after_i2t = top_one_hits(&i2t, &text_image)?.0;
-        let after_t2i = top_one_hits(&t2i, &text_image)?.1;
+        let (i2t, t2i) = (ranks(&i2t, &text_image).0, ranks(&t2i, &text_image).1);
         report.itm_rerank = Some(RerankReport {
             k: itm_rerank,
-            image_to_text: recall(&i2t, &text_image).0,
-            text_to_image: recall(&t2i, &text_image).1,
-            image_to_text_changes: TopOneChanges::between(&i2t_hits, &after_i2t),
-            text_to_image_changes: TopOneChanges::between(&t2i_hits, &after_t2i),
+            image_to_text: recall_at(&i2t),
+            text_to_image: recall_at(&t2i),
+            image_to_text_changes: TopOneChanges::between(&top_one(&i2t_rank)?, &top_one(&i2t)?),
+            text_to_image_changes: TopOneChanges::between(&top_one(&t2i_rank)?, &top_one(&t2i)?),
         });
     }
     if let Some(classes) = classes {
@@ -399,22 +404,21 @@ fn image_of_each_text(ids: &[Option<i64>]) -> Vec<i64> {
 /// `text_image[t]` (CLIP_benchmark's definition). Image→text: an image is a hit at k when any of
 /// its captions ranks within k. Text→image: each caption's own image within k. A rank is the
 /// number of candidates scoring strictly higher than the true one.
+#[cfg(test)]
 fn recall(sims: &Tensor, text_image: &[i64]) -> ([f64; 3], [f64; 3]) {
-    let (n_img, n_txt) = (sims.size()[0], sims.size()[1]);
     let (i2t_rank, t2i_rank) = ranks(sims, text_image);
-    let at = |rank: &Tensor, n: i64| {
-        [1, 5, 10].map(|k| rank.lt(k).sum(Kind::Int64).double_value(&[]) / n as f64)
-    };
-    (at(&i2t_rank, n_img), at(&t2i_rank, n_txt))
+    (recall_at(&i2t_rank), recall_at(&t2i_rank))
 }
 
-/// Per query, whether its first candidate is right (rank 0 in `ranks`): images, then texts.
-fn top_one_hits(sims: &Tensor, text_image: &[i64]) -> Result<(Vec<bool>, Vec<bool>)> {
-    let (i2t_rank, t2i_rank) = ranks(sims, text_image);
-    Ok((
-        Vec::<bool>::try_from(i2t_rank.eq(0))?,
-        Vec::<bool>::try_from(t2i_rank.eq(0))?,
-    ))
+/// Recall@{1,5,10} of the queries' ranks.
+fn recall_at(rank: &Tensor) -> [f64; 3] {
+    let n = rank.size()[0] as f64;
+    [1, 5, 10].map(|k| rank.lt(k).sum(Kind::Int64).double_value(&[]) / n)
+}
+
+/// Per query, whether its first candidate is right (rank 0).
+fn top_one(rank: &Tensor) -> Result<Vec<bool>> {
+    Ok(Vec::<bool>::try_from(rank.eq(0))?)
 }
 
 /// Each image's rank (texts scoring above its best caption) and each text's (images scoring
@@ -650,8 +654,11 @@ mod tests {
         let owner = [0, 0, 1];
         let before = Tensor::from_slice(&[0.9f32, 0.1, 0.5, 0.8, 0.2, 0.7]).view([2, 3]);
         let after = Tensor::from_slice(&[0.1f32, 0.2, 0.5, 0.1, 0.2, 0.9]).view([2, 3]);
-        let (bi, bt) = top_one_hits(&before, &owner).unwrap();
-        let (ai, at) = top_one_hits(&after, &owner).unwrap();
+        let hits = |sims: &Tensor| {
+            let (i, t) = ranks(sims, &owner);
+            (top_one(&i).unwrap(), top_one(&t).unwrap())
+        };
+        let ((bi, bt), (ai, at)) = (hits(&before), hits(&after));
         // Image 0: text 0 first (right) → text 2 first (wrong); image 1: text 0 → text 2.
         assert_eq!(
             (bi.clone(), ai.clone()),
